@@ -1,0 +1,55 @@
+"""Shared CLI plumbing: error handling (exit 2, no traceback), --json output, consoles.
+
+Every command module uses `@user_errors` so a PeftDeployError becomes a one/two-line message on
+stderr (or a JSON object on stdout with --json) and exit code 2.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+from .errors import PeftDeployError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout.")
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def user_errors(fn: F) -> F:
+    """Turn PeftDeployError into exit 2 with a readable message (JSON when --json was given)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PeftDeployError as e:
+            if kwargs.get("as_json"):
+                emit_json({"ok": False, **e.to_dict()})
+            else:
+                click.echo(e.render(), err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(highlight=False)

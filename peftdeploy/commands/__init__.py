@@ -1,0 +1,1 @@
+"""Small CLI command modules (loaded lazily by peftdeploy.cli)."""

@@ -1,0 +1,429 @@
+"""Load a recipe file: YAML with positions, `extends` chains, ${VAR} interpolation, strict validation.
+
+Every problem becomes a `RecipeError` naming the file, line, column and field path, and what would
+be right. Values remember the file and position that wrote them, through `extends` deep merges, so
+an error in a parent recipe points into the parent, and relative paths resolve against the file
+that wrote them.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import Location, RecipeError
+from .schema import PATH_FIELDS, SECRET_FIELDS, Recipe, _FieldError
+
+_ENV_RE = re.compile(r"\$\{([^}]*)\}")
+_VAR_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.S)
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*://")
+
+
+# --------------------------------------------------------------------------------------------
+# A YAML tree whose every value knows where it came from.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Val:
+    value: Any  # dict[str, _Val] | list[_Val] | scalar
+    loc: Location
+    key_loc: Location | None = None  # for mapping values: where the key was written
+    base_dir: Path | None = None  # directory of the file that wrote it
+
+
+def _loc(file: str, mark: Any) -> Location:
+    return Location(file=file, line=mark.line + 1, column=mark.column + 1)
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    pass
+
+
+def _parse_file(path: Path, display: str) -> _Val:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {display}", fix="check the path")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe file {display}: {e}")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and e.problem and "<stream end>" in e.problem:
+            mark = e.context_mark  # an unclosed bracket/quote: point where it was opened
+        loc = _loc(display, mark) if mark else Location(file=display)
+        problem = (e.problem or "invalid YAML").strip()
+        ctx = f" ({e.context.strip()})" if e.context else ""
+        raise RecipeError(f"invalid YAML: {problem}{ctx}", location=loc,
+                          fix="fix the YAML syntax (indentation, quoting, ':' after keys)")
+    except yaml.YAMLError as e:  # pragma: no cover - non-marked errors are rare
+        raise RecipeError(f"invalid YAML: {e}", location=Location(file=display))
+    if node is None:
+        raise RecipeError("the recipe is empty", location=Location(file=display, line=1),
+                          fix="start with 'apiVersion: peftdeploy/v1' and 'name: ...'")
+    if not isinstance(node, yaml.MappingNode):
+        raise RecipeError(
+            f"the top level of a recipe must be a mapping of keys (apiVersion, name, backbone, ...), "
+            f"not a {_kind(node)}", location=_loc(display, node.start_mark),
+            fix="write 'key: value' lines at the top level")
+    return _convert(node, display, path.parent.resolve(), _Constructor())
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "list"
+    if isinstance(node, yaml.MappingNode):
+        return "mapping"
+    return "scalar"
+
+
+def _convert(node: yaml.Node, file: str, base_dir: Path, ctor: _Constructor) -> _Val:
+    loc = _loc(file, node.start_mark)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, _Val] = {}
+        for knode, vnode in node.value:
+            kloc = _loc(file, knode.start_mark)
+            if knode.tag == "tag:yaml.org,2002:merge":
+                raise RecipeError("YAML merge keys ('<<') are not supported in recipes", location=kloc,
+                                  fix="use 'extends: ./parent.yaml' to share settings")
+            if not isinstance(knode, yaml.ScalarNode):
+                raise RecipeError("mapping keys must be plain names", location=kloc)
+            key = ctor.construct_object(knode)
+            if not isinstance(key, str):
+                key = str(key)
+            if key in out:
+                first = out[key].key_loc
+                raise RecipeError(
+                    f"duplicate key {key!r} (first written at line {first.line if first else '?'})",
+                    location=kloc, fix="remove one of the two; YAML would silently keep only the last")
+            child = _convert(vnode, file, base_dir, ctor)
+            child.key_loc = kloc
+            out[key] = child
+        return _Val(out, loc, base_dir=base_dir)
+    if isinstance(node, yaml.SequenceNode):
+        return _Val([_convert(n, file, base_dir, ctor) for n in node.value], loc, base_dir=base_dir)
+    try:
+        value = ctor.construct_object(node)
+    except yaml.constructor.ConstructorError as e:
+        raise RecipeError(f"unsupported YAML value: {e.problem}", location=loc)
+    return _Val(value, loc, base_dir=base_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# extends + deep merge
+# --------------------------------------------------------------------------------------------
+def _display(path: Path) -> str:
+    """The path as the user would write it: relative to the working directory when under it."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # pragma: no cover - other drive on Windows
+        return str(path)
+    return str(path.resolve()) if rel.startswith("..") else rel
+
+
+def _load_chain(path: Path, chain: list[Path]) -> tuple[_Val, list[Path]]:
+    real = path.resolve()
+    display = _display(path)
+    tree = _parse_file(path, display)
+    files = [real]
+    ext = tree.value.pop("extends", None)
+    if ext is None:
+        return tree, files
+    if not isinstance(ext.value, str) or not ext.value.strip():
+        raise RecipeError("'extends' must be a path to a parent recipe file", location=ext.loc,
+                          fix="write e.g. 'extends: ./team-base.yaml' (relative to this file)")
+    parent = Path(_interpolate_str(ext.value, ext.loc, ("extends",)))
+    if not parent.is_absolute():
+        parent = (real.parent / parent)
+    parent_real = parent.resolve()
+    if parent_real in chain or parent_real == real:
+        cycle = " -> ".join(_display(p) for p in [*chain, real, parent_real])
+        raise RecipeError(f"'extends' forms a cycle: {cycle}", location=ext.loc,
+                          fix="remove the 'extends' that points back to a recipe already in the chain")
+    if not parent.is_file():
+        raise RecipeError(f"'extends' names {ext.value!r}, but {_display(parent)} does not exist",
+                          location=ext.loc, fix="fix the path; it is relative to the file that writes it")
+    base, base_files = _load_chain(parent, [*chain, real])
+    return _deep_merge(base, tree), [*base_files, *files]
+
+
+def _deep_merge(base: _Val, child: _Val) -> _Val:
+    """Mappings merge key by key; lists and scalars replace; child wins."""
+    if isinstance(base.value, dict) and isinstance(child.value, dict):
+        out = dict(base.value)
+        for k, v in child.value.items():
+            out[k] = _deep_merge(out[k], v) if k in out else v
+        return _Val(out, child.loc, child.key_loc, child.base_dir)
+    return child
+
+
+# --------------------------------------------------------------------------------------------
+# ${VAR} interpolation, path resolution, secrets
+# --------------------------------------------------------------------------------------------
+def _interpolate_str(s: str, loc: Location, path: tuple[Any, ...], env: Mapping[str, str] | None = None,
+                     refs: list[str] | None = None) -> str:
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match[str]) -> str:
+        vm = _VAR_RE.match(m.group(1))
+        if not vm:
+            raise RecipeError(f"bad variable reference {m.group(0)!r}",
+                              location=_with_path(loc, path),
+                              fix="write ${NAME} or ${NAME:-default} (NAME: letters, digits, '_')")
+        name, default = vm.group(1), vm.group(2)
+        if refs is not None:
+            refs.append(name)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise RecipeError(f"environment variable {name} is not set (referenced as {m.group(0)})",
+                          location=_with_path(loc, path),
+                          fix=f"export {name}=... before running, or write ${{{name}:-default}}")
+
+    return _ENV_RE.sub(sub, s)
+
+
+def _with_path(loc: Location, path: tuple[Any, ...]) -> Location:
+    return Location(loc.file, loc.line, loc.column, _fmt_path(path))
+
+
+def _fmt_path(path: tuple[Any, ...]) -> str:
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
+def _match(path: tuple[Any, ...], patterns: tuple[tuple[Any, ...], ...]) -> bool:
+    for pat in patterns:
+        if len(pat) == len(path) and all(p == "*" or p == q for p, q in zip(pat, path)):
+            return True
+    return False
+
+
+def is_local_path(s: str) -> bool:
+    return not _SCHEME_RE.match(s)
+
+
+@dataclass
+class _Walk:
+    env: Mapping[str, str]
+    locations: dict[tuple[Any, ...], Location] = field(default_factory=dict)
+    key_locations: dict[tuple[Any, ...], Location] = field(default_factory=dict)
+    env_refs: set[str] = field(default_factory=set)
+
+    def plain(self, v: _Val, path: tuple[Any, ...]) -> Any:
+        self.locations[path] = v.loc
+        if v.key_loc:
+            self.key_locations[path] = v.key_loc
+        if isinstance(v.value, dict):
+            return {k: self.plain(c, (*path, k)) for k, c in v.value.items()}
+        if isinstance(v.value, list):
+            return [self.plain(c, (*path, i)) for i, c in enumerate(v.value)]
+        value = v.value
+        if _match(path, SECRET_FIELDS):
+            return self._secret(value, v.loc, path)
+        if isinstance(value, str):
+            refs: list[str] = []
+            value = _interpolate_str(value, v.loc, path, self.env, refs)
+            self.env_refs.update(refs)
+            if _match(path, PATH_FIELDS) and value and is_local_path(value):
+                p = Path(os.path.expanduser(value))
+                if not p.is_absolute() and v.base_dir is not None:
+                    p = v.base_dir / p
+                value = str(p)
+        return value
+
+    def _secret(self, value: Any, loc: Location, path: tuple[Any, ...]) -> Any:
+        if value is None:
+            return {"env": None, "value": None}
+        if not isinstance(value, str) or not _ENV_RE.fullmatch(value.strip()):
+            raise RecipeError(
+                "secrets must come from the environment, not be written in the recipe",
+                location=_with_path(loc, path),
+                fix="write e.g. '${PEFTDEPLOY_API_KEY}' and export that variable")
+        refs: list[str] = []
+        resolved = _interpolate_str(value.strip(), loc, path, self.env, refs)
+        return {"env": refs[0], "value": resolved or None}
+
+
+# --------------------------------------------------------------------------------------------
+# pydantic errors -> positions
+# --------------------------------------------------------------------------------------------
+def _closest(word: str, choices: list[str]) -> str | None:
+    m = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def _allowed_keys(path: tuple[Any, ...]) -> list[str]:
+    from . import schema as S
+
+    model: Any = S.Recipe
+    for p in path:
+        if isinstance(p, int):
+            continue
+        f = getattr(model, "model_fields", {}).get(p)
+        if f is None:
+            return []
+        ann = f.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(cand, "__args__", None)
+            if isinstance(cand, type) and issubclass(cand, S.BaseModel):
+                model = cand
+                break
+            if inner:
+                sub = [a for a in inner if isinstance(a, type) and issubclass(a, S.BaseModel)]
+                if sub:
+                    model = sub[0]
+                    break
+        else:
+            return []
+    keys = list(getattr(model, "model_fields", {}))
+    if model is S.Recipe:
+        keys.append("extends")
+    return keys
+
+
+def _errors_from_validation(e: ValidationError, walk: _Walk) -> list[RecipeError]:
+    out: list[RecipeError] = []
+    for err in e.errors(include_url=False):
+        loc_path = tuple(err["loc"])
+        etype = err["type"]
+        ctx = err.get("ctx") or {}
+        exc = ctx.get("error")
+        msg = err["msg"]
+        fix = None
+        if isinstance(exc, _FieldError):
+            loc_path = (*loc_path, *exc.path)
+            msg = exc.message
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        # Secret is a sub-model after loading; report at the field itself.
+        if loc_path[:2] == ("serving", "api_key"):
+            loc_path = loc_path[:2]
+        if etype == "extra_forbidden":
+            key = str(loc_path[-1])
+            allowed = _allowed_keys(loc_path[:-1])
+            near = _closest(key, allowed)
+            msg = f"unknown key {key!r}"
+            fix = (f"did you mean {near!r}? " if near else "") + (
+                f"allowed keys here: {', '.join(allowed)}" if allowed else "remove it")
+            position = walk.key_locations.get(loc_path) or walk.locations.get(loc_path)
+        elif etype == "missing":
+            key = str(loc_path[-1])
+            msg = f"missing required key {key!r}"
+            fix = {
+                "apiVersion": "add 'apiVersion: peftdeploy/v1' at the top",
+                "name": "add 'name: my-deployment' (lowercase letters, digits, '-')",
+                "backbone": "add 'backbone:' with 'model: hf://org/repo' (or a local path)",
+                "model": "add 'model: hf://org/repo' (or a local path, or s3://bucket/prefix)",
+                "source": "add 'source: hf://org/repo' (or a local path, or s3://bucket/prefix)",
+                "name_adapter": "add 'name: my-adapter'",
+            }.get(key)
+            position = _nearest_location(loc_path[:-1], walk)
+        else:
+            if etype == "string_pattern_mismatch":
+                fix = _pattern_fix(loc_path)
+            elif etype in ("literal_error", "enum"):
+                fix = f"use one of: {ctx.get('expected', '')}".rstrip(": ")
+            elif etype.endswith("_type") or etype.endswith("_parsing"):
+                fix = f"write a value of the right type here ({_type_hint(etype)})"
+            position = _nearest_location(loc_path, walk, prefer_key=False)
+        out.append(RecipeError(msg, fix=fix, location=_with_path(position, _strip_union(loc_path))))
+    return out
+
+
+def _strip_union(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic puts union member tags (e.g. "literal['auto']", "int") into locs.
+    return tuple(p for p in path if not (isinstance(p, str) and (p.startswith("literal[") or p in (
+        "int", "constrained-int", "str", "float", "bool", "none", "is-instance[Secret]", "Secret"))))
+
+
+def _nearest_location(path: tuple[Any, ...], walk: _Walk, prefer_key: bool = True) -> Location:
+    path = _strip_union(path)
+    while True:
+        if path in walk.locations:
+            if prefer_key and path in walk.key_locations:
+                return walk.key_locations[path]
+            return walk.locations[path]
+        if not path:
+            return Location()
+        path = path[:-1]
+
+
+def _pattern_fix(path: tuple[Any, ...]) -> str:
+    last = [p for p in path if isinstance(p, str)][-1:] or [""]
+    return {
+        "name": "use lowercase letters, digits and '-' (adapter names may also use '.' and '_'), "
+                "starting with a letter or digit",
+        "sha256": "write the 64 lowercase hex digits of sha256sum adapter_model.safetensors",
+        "adapters": "name existing adapters",
+    }.get(last[0], "see `peftdeploy schema` for the allowed form")
+
+
+def _type_hint(etype: str) -> str:
+    return {
+        "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+        "float_parsing": "a number", "float_type": "a number",
+        "bool_parsing": "true or false", "bool_type": "true or false",
+        "string_type": "a string", "dict_type": "a mapping of 'key: value'", "list_type": "a list",
+        "model_type": "a mapping of 'key: value'", "model_attributes_type": "a mapping of 'key: value'",
+    }.get(etype, etype.replace("_", " "))
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedRecipe:
+    """A validated recipe plus where each of its values was written."""
+
+    recipe: Recipe
+    path: Path  # the file the user named
+    files: tuple[Path, ...]  # the extends chain, root parent first
+    locations: dict[tuple[Any, ...], Location]
+    env_refs: frozenset[str]
+
+    def location(self, *path: Any) -> Location | None:
+        return self.locations.get(tuple(path))
+
+
+class RecipeErrors(RecipeError):
+    """Several problems in one recipe; `errors` holds each (all are reported at once)."""
+
+    def __init__(self, errors: list[RecipeError]):
+        super().__init__(errors[0].message, fix=errors[0].fix, location=errors[0].location)
+        self.errors = errors
+
+    def render(self) -> str:
+        return "\n".join(e.render() for e in self.errors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"errors": [e.to_dict() for e in self.errors]}
+
+
+def load_recipe(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedRecipe:
+    """Load, merge (`extends`), interpolate and validate a recipe. Raises RecipeError."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{_display(p)} is a directory, not a recipe file",
+                          fix="name the recipe's .yaml file")
+    tree, files = _load_chain(p, [])
+    walk = _Walk(env=os.environ if env is None else env)
+    data = walk.plain(tree, ())
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errs = _errors_from_validation(e, walk)
+        raise RecipeErrors(errs) if len(errs) > 1 else errs[0]
+    return LoadedRecipe(recipe, p.resolve(), tuple(files), walk.locations, frozenset(walk.env_refs))

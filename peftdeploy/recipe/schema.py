@@ -1,0 +1,251 @@
+"""The recipe format v1 as typed, strict pydantic models (the user-facing contract).
+
+One small class per concern (as vLLM's config classes): constraints are types, cross-field rules
+live in one validator per class, unknown keys are errors. Names here are the contract of
+`shared/recipe-v1.md`; fields may be added, never renamed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+API_VERSION = "peftdeploy/v1"
+SUPPORTED_API_VERSIONS = (API_VERSION,)
+
+RecipeName = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length=63)
+]
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Auto = Literal["auto"]
+AutoOrPositiveInt = Union[Auto, Annotated[int, Field(ge=1)]]
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+QuantScheme = Literal["none", "fp8", "int8", "w8a16", "w4a16", "bitsandbytes", "awq", "gptq"]
+PREQUANTIZED_SCHEMES = ("awq", "gptq")
+Mode = Literal["serve", "merge", "auto"]
+
+SOURCE_SCHEMES = ("hf://", "s3://", "demo://", "file://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Secret(_Strict):
+    """A secret taken from the environment. Only the variable's name is ever shown or written."""
+
+    env: str | None = None  # the variable the value came from (None: no secret configured)
+    value: SecretStr | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def is_set(self) -> bool:
+        return self.value is not None and self.value.get_secret_value() != ""
+
+    def reference(self) -> str | None:
+        return f"${{{self.env}}}" if self.env else None
+
+
+class Backbone(_Strict):
+    model: Annotated[str, StringConstraints(min_length=1)]
+    revision: str | None = None
+    dtype: Dtype = "auto"
+    max_model_len: Annotated[int, Field(ge=16)] | None = None
+    trust_remote_code: bool = False
+    merge_base: str | None = None
+    merge_base_revision: str | None = None
+
+
+class Quantization(_Strict):
+    scheme: QuantScheme = "none"
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+
+    @property
+    def prequantized(self) -> bool:
+        return self.scheme in PREQUANTIZED_SCHEMES
+
+
+class Adapter(_Strict):
+    name: AdapterName
+    source: Annotated[str, StringConstraints(min_length=1)]
+    revision: str | None = None
+    sha256: Sha256 | None = None
+    weight: float = 1.0
+    allow_pickle: bool = False  # opt in to adapter_model.bin (pickle); off by default
+
+
+class MergePolicy(_Strict):
+    adapters: list[AdapterName] | None = None  # None = all adapters
+    output: str | None = None
+
+
+class Policy(_Strict):
+    mode: Mode = "serve"
+    merge: MergePolicy = MergePolicy()
+    dynamic_loading: bool = True
+    # Extra places the vLLM plugin may resolve adapters from on first request, by name:
+    # a local directory of adapter dirs, "hf://org/{name}" patterns, "s3://bucket/prefix/".
+    catalog: list[str] = []
+    # Expected share of requests per adapter name and for "base" (used by mode auto).
+    traffic: dict[str, Annotated[float, Field(ge=0)]] | None = None
+
+
+class Serving(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    api_key: Secret = Secret()
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.90
+    max_num_seqs: AutoOrPositiveInt = "auto"
+    max_loras: AutoOrPositiveInt = "auto"
+    max_lora_rank: AutoOrPositiveInt = "auto"
+    max_cpu_loras: AutoOrPositiveInt = "auto"
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    extra_args: dict[str, Any] = {}
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k in v:
+            if not isinstance(k, str) or not k or k.startswith("-"):
+                raise ValueError(
+                    f"extra_args keys are vLLM engine argument names without dashes, "
+                    f"like 'enforce_eager' or 'max-num-batched-tokens'; got {k!r}"
+                )
+        return v
+
+
+class Recipe(_Strict):
+    apiVersion: str
+    name: RecipeName
+    backbone: Backbone
+    quantization: Quantization = Quantization()
+    adapters: list[Adapter] = []
+    policy: Policy = Policy()
+    serving: Serving = Serving()
+
+    @field_validator("apiVersion")
+    @classmethod
+    def _api_version(cls, v: str) -> str:
+        if v not in SUPPORTED_API_VERSIONS:
+            raise ValueError(
+                f"unsupported apiVersion {v!r}; supported: {', '.join(SUPPORTED_API_VERSIONS)}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Recipe":
+        names = [a.name for a in self.adapters]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise _FieldError(("adapters", i, "name"), f"duplicate adapter name {n!r}; adapter names must be unique")
+            seen.add(n)
+        if self.policy.merge.adapters is not None:
+            for i, n in enumerate(self.policy.merge.adapters):
+                if n not in seen:
+                    raise _FieldError(
+                        ("policy", "merge", "adapters", i),
+                        f"policy.merge.adapters names {n!r}, which is not an adapter of this recipe "
+                        f"(adapters: {', '.join(names) or 'none'})",
+                    )
+        if self.policy.traffic:
+            for k in self.policy.traffic:
+                if k != "base" and k not in seen:
+                    raise _FieldError(("policy", "traffic", k),
+                                      f"traffic share for unknown adapter {k!r}; use adapter names or 'base'")
+        if self.policy.mode == "merge":
+            if not self.adapters:
+                raise _FieldError(("policy", "mode"), "mode merge needs at least one adapter to merge")
+            if self.quantization.prequantized and not self.backbone.merge_base:
+                raise _FieldError(
+                    ("policy", "mode"),
+                    f"mode merge with a pre-quantized backbone (scheme {self.quantization.scheme}) would merge "
+                    f"into quantized weights, which loses the adapter's precision. Either set "
+                    f"backbone.merge_base to the full-precision twin of the backbone (peftdeploy merges there, "
+                    f"then quantizes), or use policy.mode: serve to keep the adapters unmerged",
+                )
+        s = self.serving
+        if isinstance(s.max_loras, int) and isinstance(s.max_cpu_loras, int) and s.max_cpu_loras < s.max_loras:
+            raise _FieldError(("serving", "max_cpu_loras"),
+                              f"max_cpu_loras ({s.max_cpu_loras}) must be >= max_loras ({s.max_loras})")
+        return self
+
+    # -- helpers ---------------------------------------------------------------------------
+    def adapter(self, name: str) -> Adapter:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise KeyError(name)
+
+    def merge_adapter_names(self) -> list[str]:
+        if self.policy.merge.adapters is None:
+            return [a.name for a in self.adapters]
+        return list(self.policy.merge.adapters)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data, secrets replaced by their ${VAR} reference."""
+        d = self.model_dump(mode="json")
+        d["serving"]["api_key"] = self.serving.api_key.reference()
+        return d
+
+    def compute_hash(self) -> str:
+        """A stable hash of everything that changes the deployment (secrets excluded)."""
+        blob = json.dumps(self.public_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _FieldError(ValueError):
+    """Raised by cross-field validators to point at a precise field path."""
+
+    def __init__(self, path: tuple[Any, ...], message: str):
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+# Fields that hold local-or-remote locations; relative local paths resolve against the file that
+# wrote them (also through `extends`).
+PATH_FIELDS: tuple[tuple[Any, ...], ...] = (
+    ("backbone", "model"),
+    ("backbone", "merge_base"),
+    ("adapters", "*", "source"),
+    ("policy", "merge", "output"),
+    ("policy", "catalog", "*"),
+)
+# Fields that hold secrets: they must be ${VAR} references, never literal values.
+SECRET_FIELDS: tuple[tuple[Any, ...], ...] = (("serving", "api_key"),)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the recipe file as users write it (for editors' YAML language servers)."""
+    schema = Recipe.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "peftdeploy recipe (apiVersion peftdeploy/v1)"
+    props = schema["properties"]
+    props["apiVersion"] = {"const": API_VERSION, "type": "string", "description": "Recipe format version"}
+    props["extends"] = {"type": "string", "description": "Path of a parent recipe, relative to this file"}
+    # In the file, api_key is a "${VAR}" string (the Secret object exists only after loading).
+    serving = schema["$defs"]["Serving"]["properties"]
+    serving["api_key"] = {
+        "anyOf": [{"type": "string", "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}$"}, {"type": "null"}],
+        "description": "API key clients must send, as a ${VAR} reference to an environment variable",
+        "default": None,
+    }
+    schema["$defs"].pop("Secret", None)
+    # A recipe that `extends` a parent may leave required keys to the parent.
+    required = schema.pop("required", [])
+    schema["if"] = {"required": ["extends"]}
+    schema["then"] = {}
+    schema["else"] = {"required": required}
+    return schema
