@@ -1,0 +1,109 @@
+"""Plan: findings, memory budget, derived engine settings, mode choice and the launch command.
+
+`make_plan(loaded)` resolves (metadata only), inspects, checks and derives; it never imports torch or
+vLLM. The resulting `Plan` is frozen; `Plan.to_dict()` is what `peftdeploy plan --json` prints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import Finding, PlanError, Severity
+from ..inspect import Inventory
+from ..launch.spec import LaunchSpec
+from .derive import Derived
+from .memory import MemoryBudget
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Any  # Recipe
+    loaded: Any  # LoadedRecipe
+    resolved: Any  # ResolvedRecipe
+    inventory: Inventory
+    findings: tuple[Finding, ...]
+    derived: dict[str, Derived]  # name -> value + reason (max_lora_rank, max_loras, ...)
+    memory: MemoryBudget | None  # None when the backbone could not be inspected
+    mode: str  # "serve" | "merge"
+    mode_reason: str
+    merge_adapters: tuple[str, ...]
+    served_adapters: tuple[str, ...]
+    lora_enabled: bool
+    device: str
+    launch: LaunchSpec
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == Severity.ERROR]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            e = self.errors[0]
+            raise PlanError(f"plan found {len(self.errors)} error(s); first: {e.message}", self.errors,
+                            fix=e.fix, location=e.location)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "recipe": self.recipe.name,
+            "recipe_path": str(self.loaded.path),
+            "device": self.device,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "merge_adapters": list(self.merge_adapters),
+            "served_adapters": list(self.served_adapters),
+            "lora_enabled": self.lora_enabled,
+            "findings": [f.to_dict() for f in self.findings],
+            "derived": {k: v.to_dict() for k, v in self.derived.items()},
+            "memory": self.memory.to_dict() if self.memory else None,
+            "inventory": self.inventory.to_dict(),
+            "launch": self.launch.to_dict(),
+        }
+
+
+def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str | None = None,
+              host_memory: int | str | None = None, resolved: Any = None, inventory: Inventory | None = None,
+              offline: bool | None = None) -> Plan:
+    from ..inspect import inspect
+    from ..sources import resolve
+    from . import command, derive, findings, memory, policy
+
+    if resolved is None:
+        resolved = resolve(loaded, fetch="metadata", offline=offline, progress=False)
+    if inventory is None:
+        inventory = inspect(resolved)
+    dev = device if device not in (None, "auto") else memory.detect_device()
+    r = loaded.recipe
+    qm = inventory.model.quant_method if inventory.model else None
+    mode, reason, merge_adapters = policy.choose_mode(r, model_quant_method=qm)
+    merged = set(merge_adapters)
+    if mode == "merge" and r.policy.mode == "auto":
+        served = []  # auto merges only when the other adapters get no traffic: they are not served
+    else:
+        served = [a for a in inventory.adapters if a.name not in merged]
+    lora_enabled = bool(served) or (mode == "serve" and r.policy.dynamic_loading and bool(r.policy.catalog))
+    ctx = findings.CheckContext(loaded=loaded, inventory=inventory, mode=mode,
+                                served=frozenset(a.name for a in served), merged=frozenset(merged), device=dev)
+    fs = findings.check(ctx)
+    derived, budget, mem_findings = derive.derive(
+        r, inventory, device=dev, served=served, lora_enabled=lora_enabled,
+        gpu_memory=memory.parse_bytes(gpu_memory), host_memory=memory.parse_bytes(host_memory), loc=ctx.loc)
+    if mode == "merge" and served:
+        fs.append(Finding("served-on-merged", Severity.WARNING,
+                          f"adapters {', '.join(a.name for a in served)} are served as LoRA on top of the merged "
+                          f"model, but were trained on the unmerged backbone", fix="merge them too "
+                          "(policy.merge.adapters), or deploy them separately with policy.mode: serve",
+                          subject="policy", location=ctx.loc("policy", "merge", "adapters") or ctx.loc("policy", "mode")))
+    fs = findings.sort_findings([*fs, *mem_findings])
+    launch = command.build_launch(loaded=loaded, resolved=resolved, inventory=inventory, derived=derived, mode=mode,
+                                  merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev)
+    return Plan(recipe=r, loaded=loaded, resolved=resolved, inventory=inventory, findings=tuple(fs), derived=derived,
+                memory=budget, mode=mode, mode_reason=reason, merge_adapters=merge_adapters,
+                served_adapters=tuple(a.name for a in served), lora_enabled=lora_enabled, device=dev, launch=launch)
+
+
+__all__ = ["Plan", "make_plan"]

@@ -1,0 +1,169 @@
+"""Plan -> LaunchSpec: the exact `peftdeploy-vllm serve ...` command line and its environment.
+
+Flags come in a stable order. `--lora-modules` takes several JSON objects after one flag (vLLM's
+parser keeps only the last occurrence of a repeated flag), so the 2nd..nth objects are emitted as
+continuation tokens `(json, None)` right after `("--lora-modules", first_json)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..launch.spec import LaunchSpec, MergeStep, ServedAdapter
+from ..util import cache_root
+from .findings import vllm_engine_args
+
+QUANT_FLAGS = {"fp8": "fp8", "bitsandbytes": "bitsandbytes"}  # quantized by vLLM at load time
+
+
+def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple[str, ...]) -> tuple[str, str]:
+    """(output_dir, cache_key) of the merged model for `adapters`.
+
+    TODO(lead): wire to peftdeploy.merge's cache API (not imported here: peftdeploy.merge imports torch,
+    and plan must not). This computes a content key over
+    the backbone (commit when known), each adapter's weights sha256 (or source + revision) and weight,
+    the quantization scheme and dtype, under <cache_root>/merged/<key>.
+    """
+    bb = resolved.backbone if resolved is not None else None
+    parts: dict[str, Any] = {
+        "backbone": recipe.backbone.merge_base or recipe.backbone.model,
+        "revision": (bb.commit if bb is not None and bb.commit else None)
+        or recipe.backbone.merge_base_revision or recipe.backbone.revision,
+        "dtype": recipe.backbone.dtype,
+        "quantization": recipe.quantization.scheme,
+        "adapters": [],
+    }
+    for name in adapters:
+        a = recipe.adapter(name)
+        sha = None
+        if inventory is not None:
+            try:
+                sha = inventory.adapter(name).sha256
+            except KeyError:
+                pass
+        parts["adapters"].append({"name": name, "sha256": sha or a.sha256, "source": a.source,
+                                  "revision": a.revision, "weight": a.weight})
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    out = recipe.policy.merge.output or str(cache_root() / "merged" / key)
+    return out, key
+
+
+def _model_arg(recipe: Any, resolved: Any) -> tuple[str, list[tuple[str, str | None]]]:
+    """What vLLM loads: a local dir when the weights are there, else the hub id + --revision."""
+    bb = resolved.backbone if resolved is not None else None
+    extra: list[tuple[str, str | None]] = []
+    if bb is not None and bb.path is not None:
+        p = Path(bb.path)
+        if bb.kind != "hf" or any(p.glob("*.safetensors")):
+            return str(p), extra
+    spec = recipe.backbone.model
+    if spec.startswith("hf://"):
+        m = re.match(r"^hf://([^/]+/[^/]+)(?:/(.+))?$", spec)
+        repo = m.group(1) if m else spec[5:]
+        if recipe.backbone.revision:
+            extra.append(("--revision", recipe.backbone.revision))
+        return repo, extra
+    return str(bb.path) if bb is not None and bb.path is not None else spec, extra
+
+
+def extra_arg_flags(extra: dict[str, Any]) -> list[tuple[str, str | None]]:
+    known = vllm_engine_args()
+    out: list[tuple[str, str | None]] = []
+    for k, v in extra.items():
+        dest = k.replace("-", "_")
+        flag = "--" + dest.replace("_", "-")
+        info = known.get(dest)
+        if isinstance(v, bool) and (info is None or info.get("kind") == "flag"):
+            if v:
+                out.append((flag, None))
+            elif info and f"--no-{dest.replace('_', '-')}" in info.get("flags", []):
+                out.append((f"--no-{dest.replace('_', '-')}", None))
+            continue
+        if isinstance(v, (dict, list)):
+            out.append((flag, json.dumps(v, separators=(",", ":"))))
+        elif v is None:
+            out.append((flag, None))
+        else:
+            out.append((flag, str(v)))
+    return out
+
+
+def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[str, Any], mode: str,
+                 merge_adapters: tuple[str, ...], served: list[Any], lora_enabled: bool, device: str) -> LaunchSpec:
+    r = loaded.recipe
+    s = r.serving
+    merge = None
+    if mode == "merge":
+        out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters)
+        merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key, quantization=r.quantization.scheme)
+        model, model_extra = out_dir, []
+    else:
+        model, model_extra = _model_arg(r, resolved)
+
+    args: list[tuple[str, str | None]] = [("--served-model-name", r.name), ("--host", s.host), ("--port", str(s.port))]
+    args += model_extra
+    dt = derived.get("dtype")
+    args.append(("--dtype", str(dt.value) if dt else r.backbone.dtype))
+    ml = derived.get("max_model_len")
+    if ml is not None:
+        args.append(("--max-model-len", str(ml.value)))
+    elif r.backbone.max_model_len:
+        args.append(("--max-model-len", str(r.backbone.max_model_len)))
+    if s.tensor_parallel_size > 1:
+        args.append(("--tensor-parallel-size", str(s.tensor_parallel_size)))
+    if device == "cuda":
+        args.append(("--gpu-memory-utilization", f"{s.gpu_memory_utilization:g}"))
+    mns = derived.get("max_num_seqs")
+    if mns is not None:
+        args.append(("--max-num-seqs", str(mns.value)))
+    elif isinstance(s.max_num_seqs, int):
+        args.append(("--max-num-seqs", str(s.max_num_seqs)))
+    q = r.quantization.scheme
+    if q in QUANT_FLAGS:
+        args.append(("--quantization", QUANT_FLAGS[q]))
+    # awq / gptq (and merge-mode int8/w4a16 outputs) carry quantization_config: vLLM detects the method
+    # and picks its fastest kernel (e.g. awq_marlin); forcing --quantization awq would disable that.
+    if r.quantization.kv_cache_dtype == "fp8":
+        args.append(("--kv-cache-dtype", "fp8"))
+    if r.backbone.trust_remote_code:
+        args.append(("--trust-remote-code", None))
+    adapters: list[ServedAdapter] = []
+    if lora_enabled:
+        args.append(("--enable-lora", None))
+        for key in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            d = derived.get(key)
+            if d is not None:
+                args.append(("--" + key.replace("_", "-"), str(d.value)))
+        base_name = r.name
+        mods = []
+        for a in served:
+            ra = resolved.adapter(a.name) if resolved is not None else None
+            path = str(ra.path) if ra is not None else a.path
+            mods.append(json.dumps({"name": a.name, "path": path, "base_model_name": base_name},
+                                   separators=(",", ":")))
+            adapters.append(ServedAdapter(name=a.name, path=path, source=r.adapter(a.name).source,
+                                          rank=a.max_rank, preload=True))
+        if mods:
+            args.append(("--lora-modules", mods[0]))
+            args += [(m, None) for m in mods[1:]]
+    args += extra_arg_flags(s.extra_args)
+
+    env: list[tuple[str, str]] = []
+    if device == "cpu" and "cpu_kvcache_space" in derived:
+        env.append(("VLLM_CPU_KVCACHE_SPACE", str(derived["cpu_kvcache_space"].value)))
+    env.append(("PEFTDEPLOY_RECIPE", str(loaded.path)))
+    if lora_enabled and r.policy.dynamic_loading and mode == "serve":
+        env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
+    secret_env: list[tuple[str, str]] = []
+    if s.api_key.env:
+        secret_env.append(("VLLM_API_KEY", s.api_key.env))
+    return LaunchSpec(
+        recipe_name=r.name, recipe_hash=r.compute_hash(), mode=mode, model=model, model_source=r.backbone.model,
+        served_model_name=r.name, host=s.host, port=s.port, device=device,
+        tensor_parallel_size=s.tensor_parallel_size, args=tuple(args), adapters=tuple(adapters), env=tuple(env),
+        secret_env=tuple(secret_env), merge=merge, plugin_recipe=str(loaded.path),
+        extra={"derived": {k: v.value for k, v in derived.items()}},
+    )

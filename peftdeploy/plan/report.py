@@ -1,0 +1,90 @@
+"""Readable `peftdeploy plan` report (rich tables): adapters, findings, derived settings, memory, command."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import Severity
+from .memory import gib
+
+_SEV_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+def render(plan: Any, console: Any) -> None:
+    from rich.table import Table
+
+    r = plan.recipe
+    m = plan.inventory.model
+    console.print(f"[bold]plan[/bold] {r.name}  ({plan.loaded.path})")
+    console.print(f"mode: [bold]{plan.mode}[/bold] — {plan.mode_reason}")
+    console.print(f"device: {plan.device}")
+    if m is not None:
+        est = " [yellow](estimated from config.json)[/yellow]" if m.weights_estimated else ""
+        console.print(f"backbone: {r.backbone.model} — {m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
+                      f"intermediate {m.intermediate_size}, heads {m.num_heads}/{m.num_kv_heads} kv, head_dim "
+                      f"{m.head_dim}, vocab {m.vocab_size}, weights {gib(m.weight_bytes)}{est}")
+    else:
+        console.print(f"backbone: {r.backbone.model} — [red]not inspected[/red]")
+
+    if plan.inventory.adapters:
+        t = Table(title="adapters", title_justify="left")
+        for c in ("name", "role", "rank", "alpha", "targets", "size", "dtype", "findings"):
+            t.add_column(c)
+        for a in plan.inventory.adapters:
+            role = "merge" if a.name in plan.merge_adapters else "serve (LoRA)"
+            fs = [f for f in plan.findings if f.subject == a.name]
+            ftxt = ", ".join(f"[{_SEV_STYLE[f.severity]}]{f.code}[/]" for f in fs) or "ok"
+            rank = str(a.r) if a.max_rank == a.r else f"{a.r} (max {a.max_rank})"
+            t.add_row(a.name, role, rank, f"{a.lora_alpha:g}" + (" rs" if a.use_rslora else ""),
+                      ",".join(a.target_modules), gib(a.bytes), a.dtype or "?", ftxt)
+        console.print(t)
+
+    if plan.findings:
+        t = Table(title="findings", title_justify="left")
+        for c in ("severity", "code", "where", "message / fix"):
+            t.add_column(c, overflow="fold")
+        for f in plan.findings:
+            msg = f.message + (f"\n[dim]fix:[/dim] {f.fix}" if f.fix else "")
+            t.add_row(f"[{_SEV_STYLE[f.severity]}]{f.severity.value}[/]", f.code,
+                      str(f.location) if f.location else (f.subject or ""), msg)
+        console.print(t)
+
+    if plan.derived:
+        t = Table(title="settings", title_justify="left")
+        for c in ("setting", "value", "from", "reason"):
+            t.add_column(c, overflow="fold")
+        for d in plan.derived.values():
+            t.add_row(d.name, str(d.value), d.source, d.reason)
+        console.print(t)
+
+    b = plan.memory
+    if b is not None:
+        t = Table(title=f"memory ({'per GPU' if b.device == 'cuda' else 'host RAM'})", title_justify="left")
+        t.add_column("item")
+        t.add_column("bytes", justify="right")
+        t.add_column("note", overflow="fold")
+        if b.device == "cuda":
+            t.add_row("GPU memory", gib(b.device_memory), b.device_memory_source)
+            t.add_row(f"× gpu_memory_utilization {b.gpu_memory_utilization}",
+                      gib(int((b.device_memory or 0) * (b.gpu_memory_utilization or 0))), "")
+        else:
+            t.add_row("host RAM", gib(b.host_memory), "")
+        t.add_row("weights", gib(b.weight_bytes), b.weight_note + (" (ESTIMATED)" if b.weights_estimated else ""))
+        if b.lora_slot_bytes:
+            parts = ", ".join(f"{k} {gib(v)}" for k, v in b.lora_slot_breakdown.items())
+            t.add_row("LoRA slots", gib(b.lora_slot_bytes), parts)
+        if b.device == "cuda":
+            t.add_row("activations / graphs", gib(b.overhead_bytes), "estimate")
+        if b.cpu_lora_bytes:
+            t.add_row("CPU LoRA cache (host)", gib(b.cpu_lora_bytes), "max_cpu_loras adapters in host RAM")
+        t.add_row("KV cache", gib(b.kv_cache_bytes),
+                  f"{b.kv_bytes_per_token:,} B/token ({b.kv_dtype}) → {b.kv_tokens:,} tokens, "
+                  f"{b.max_concurrency:.2f}× max_model_len {b.max_model_len:,}")
+        console.print(t)
+        for n in b.notes:
+            console.print(f"[dim]note: {n}[/dim]")
+
+    console.print("[bold]command[/bold] (what `peftdeploy up` runs):")
+    console.print(plan.launch.command_line(), soft_wrap=True, markup=False, highlight=False)
+    n_err = len(plan.errors)
+    if n_err:
+        console.print(f"[bold red]{n_err} error(s)[/bold red]: fix them before `peftdeploy up`")

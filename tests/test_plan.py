@@ -1,0 +1,296 @@
+"""plan: findings table (15+ problematic adapters), byte model, derived settings, mode auto, CLI speed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from hubcache import (LLAMA3_8B, MISTRAL_7B, QWEN25_7B, SMOLLM2_135M, TINY_LLAMA, prefill_shipped, write_adapter,
+                      write_model)
+from peftdeploy.errors import Severity
+from peftdeploy.inspect import model_info_from_config
+from peftdeploy.plan import make_plan
+from peftdeploy.plan.memory import accepted_ranks, kv_bytes_per_token, lora_slot_bytes, parse_bytes, round_rank
+from peftdeploy.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+
+
+def _recipe(tmp: Path, body: str, name: str = "recipe.yaml") -> Path:
+    p = tmp / name
+    p.write_text("apiVersion: peftdeploy/v1\nname: t\n" + body)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# byte model
+# ------------------------------------------------------------------------------------------------
+def _by_hand(cfg: dict[str, Any], max_loras: int, rank: int, elt: int, embedding: bool) -> int:
+    """Independent restatement of vLLM's allocation: Σ layers Σ modules (slices × in + out)."""
+    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    per_layer = (3 * h + q + 2 * kv) + (q + h) + (2 * h + 2 * i) + (i + h)
+    total = L * per_layer + ((v + h) + (h + v) if embedding else 0)
+    return max_loras * rank * elt * total
+
+
+@pytest.mark.parametrize("cfg,embedding", [(LLAMA3_8B, True), (QWEN25_7B, False), (MISTRAL_7B, False),
+                                           (SMOLLM2_135M, True)])
+@pytest.mark.parametrize("max_loras,rank", [(1, 8), (4, 16), (8, 64)])
+def test_lora_slot_bytes_known_models(cfg: dict, embedding: bool, max_loras: int, rank: int) -> None:
+    m = model_info_from_config(cfg, path=None, source="x")
+    assert lora_slot_bytes(m, max_loras=max_loras, max_lora_rank=rank, dtype_bytes=2) == \
+        _by_hand(cfg, max_loras, rank, 2, embedding)
+
+
+def test_lora_slot_bytes_llama3_8b_value() -> None:
+    m = model_info_from_config(LLAMA3_8B, path=None, source="x")
+    # 32 layers × (qkv 3·4096+4096+2·1024 + o 4096+4096 + gate_up 2·4096+2·14336 + down 14336+4096)
+    # + embeddings (128256+4096) + logits (4096+128256) = 2,621,440 + 264,704 elements per slot·rank
+    assert lora_slot_bytes(m, max_loras=4, max_lora_rank=16, dtype_bytes=2) == 4 * 16 * 2 * (32 * 81920 + 264704)
+
+
+def test_kv_bytes_per_token() -> None:
+    m = model_info_from_config(LLAMA3_8B, path=None, source="x")
+    assert kv_bytes_per_token(m, kv_dtype_bytes=2) == 32 * 2 * 8 * 128 * 2 == 131072
+    assert kv_bytes_per_token(m, kv_dtype_bytes=1, tp=2) == 32 * 2 * 4 * 128
+
+
+def test_ranks_and_sizes() -> None:
+    assert accepted_ranks() == (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    assert [round_rank(r) for r in (1, 2, 8, 12, 300, 512, 513)] == [1, 8, 8, 16, 320, 512, None]
+    assert parse_bytes("80GiB") == 80 << 30 and parse_bytes("80G") == 80 << 30 and parse_bytes("24GB") == 24 * 10**9
+
+
+# ------------------------------------------------------------------------------------------------
+# the findings table: each problematic adapter -> (code, severity)
+# ------------------------------------------------------------------------------------------------
+T = {**TINY_LLAMA, "_name_or_path": "org/tiny"}
+CASES: list[tuple[str, dict[str, Any], dict[str, Any], str, Severity]] = [
+    # id, write_adapter kwargs, adapter/recipe options, expected code, severity
+    ("rank-12-rounded", dict(r=12), {}, "rank-rounded", W),
+    ("rank-600-too-large", dict(r=600, layers=[0], targets=("q_proj",)), {}, "rank-too-large", E),
+    ("rank-over-explicit-max", dict(r=32), {"max_lora_rank": 16}, "rank-exceeds-max", E),
+    ("rank-pattern", dict(r=8, rank_pattern={"v_proj": 32}), {}, "rank-pattern", W),
+    ("alpha-pattern", dict(r=8, alpha_pattern={"q_proj": 64}), {}, "rank-pattern", W),
+    ("other-base", dict(base_model="someone/other-model"), {}, "base-model-mismatch", W),
+    ("shape-hidden", dict(shape_override={"q_proj": (128, 64)}), {}, "shape-mismatch", E),
+    ("shape-layers", dict(layers=[0, 1, 5]), {}, "shape-mismatch", E),
+    ("shape-vocab", dict(embedding=True, extra_tensors={
+        "base_model.model.model.embed_tokens.lora_embedding_A": (8, 999)}), {}, "shape-mismatch", E),
+    ("dora-serve", dict(use_dora=True), {}, "dora", E),
+    ("dora-merge", dict(use_dora=True), {"mode": "merge"}, "dora-merge", W),
+    ("modules-to-save", dict(modules_to_save=["lm_head"], extra_tensors={"base_model.model.lm_head.weight": (256, 64)}),
+     {}, "modules-to-save", E),
+    ("modules-to-save-merge", dict(modules_to_save=["embed_tokens"]), {"mode": "merge"}, "modules-to-save-merge", W),
+    ("embed-lora-mistral", dict(embedding=True), {"arch": "MistralForCausalLM"}, "embedding-lora-unsupported", E),
+    ("embed-lora-llama", dict(embedding=True), {}, "embedding-lora", I),
+    ("unsupported-target", dict(targets=("q_proj", "rotary_emb")), {}, "unsupported-target", E),
+    ("pickle-only", dict(pickle=True), {}, "pickle-only", E),
+    ("pickle-allowed", dict(pickle=True), {"allow_pickle": True}, "pickle-allowed", W),
+    ("bias-all", dict(bias="all"), {}, "bias", E),
+    ("lora-bias", dict(lora_bias=True), {}, "bias", E),
+    ("pissa", dict(init_lora_weights="pissa"), {}, "init-modifies-base", E),
+    ("ia3", dict(peft_type="IA3"), {}, "not-lora", E),
+    ("layer-replication", dict(layer_replication=[[0, 2]]), {}, "unsupported-feature", E),
+    ("fan-in-fan-out", dict(fan_in_fan_out=True), {}, "fan-in-fan-out", W),
+    ("partial-layers", dict(layers=[0], layers_to_transform=[0]), {}, "partial-layers", I),
+    ("merge-awq", dict(), {"mode": "merge", "awq": True}, "merge-prequantized", E),
+]
+
+
+def _make_case(tmp: Path, kw: dict[str, Any], opts: dict[str, Any]) -> Path:
+    cfg = dict(T)
+    if opts.get("arch"):
+        cfg["architectures"] = [opts["arch"]]
+        cfg["model_type"] = "mistral"
+    if opts.get("awq"):
+        cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    write_model(tmp / "m", cfg, weights=not opts.get("awq"))
+    kw = dict(kw)
+    kw.setdefault("base_model", "org/tiny")
+    write_adapter(tmp / "a", cfg, **{"dtype": np.float32, **kw})
+    lines = ["backbone: {model: ./m}"]
+    if opts.get("awq"):
+        lines.append("quantization: {scheme: awq}")
+    lines.append("adapters:\n  - name: a\n    source: ./a" + ("\n    allow_pickle: true" if opts.get("allow_pickle") else ""))
+    lines.append(f"policy: {{mode: {opts.get('mode', 'serve')}}}")
+    if "max_lora_rank" in opts:
+        lines.append(f"serving: {{max_lora_rank: {opts['max_lora_rank']}}}")
+    return _recipe(tmp, "\n".join(lines) + "\n")
+
+
+def test_findings_table_has_15_plus_cases() -> None:
+    assert len(CASES) >= 15 and len({c[3] for c in CASES}) >= 15
+
+
+@pytest.mark.parametrize("case_id,kw,opts,code,severity", CASES, ids=[c[0] for c in CASES])
+def test_problematic_adapter(tmp_path: Path, case_id: str, kw: dict, opts: dict, code: str,
+                             severity: Severity, monkeypatch: pytest.MonkeyPatch) -> None:
+    if opts.get("awq") and opts.get("mode") == "merge":
+        # the recipe schema already refuses this combination at load time; plan also catches it when the
+        # checkpoint (not the recipe) says awq
+        p = _make_case(tmp_path, kw, {**opts, "awq": True})
+        p.write_text(p.read_text().replace("quantization: {scheme: awq}\n", ""))
+    else:
+        p = _make_case(tmp_path, kw, opts)
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    hits = [f for f in plan.findings if f.code == code]
+    assert hits, f"{code} not found in {[(f.code, f.severity.value) for f in plan.findings]}"
+    f = hits[0]
+    assert f.severity == severity
+    assert f.fix and len(f.fix) > 10
+    assert f.location is not None and f.location.line  # points into the recipe
+    if severity == E:
+        assert not plan.ok
+
+
+def test_clean_adapter_has_no_warnings(tmp_path: Path) -> None:
+    p = _make_case(tmp_path, dict(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")), {})
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    assert [f for f in plan.findings if f.severity != I] == []
+    assert plan.derived["max_lora_rank"].value == 16 and plan.derived["max_loras"].value == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# derived values, launch spec, mode auto
+# ------------------------------------------------------------------------------------------------
+def _multi(tmp: Path, ranks: list[int], extra: str = "", cfg: dict = T, weights: bool = True) -> Path:
+    write_model(tmp / "m", cfg, weights=weights)
+    ads = []
+    for k, r in enumerate(ranks):
+        write_adapter(tmp / f"a{k}", cfg, r=r, base_model="org/tiny")
+        ads.append(f"  - {{name: a{k}, source: ./a{k}}}")
+    return _recipe(tmp, "backbone: {model: ./m, max_model_len: 256}\nadapters:\n" + "\n".join(ads) + "\n" + extra)
+
+
+def test_derived_values_and_launch(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8, 12, 8], "serving:\n  api_key: ${MY_KEY:-}\n  extra_args: {enforce_eager: true, "
+                                     "max-num-batched-tokens: 1024}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    d = plan.derived
+    assert d["max_lora_rank"].value == 16 and "rounded up" in d["max_lora_rank"].reason
+    assert d["max_loras"].value == 3 and d["max_cpu_loras"].value == 3
+    assert all(x.reason for x in d.values())
+    spec = plan.launch
+    argv = spec.argv()
+    assert argv[:3] == ["peftdeploy-vllm", "serve", str(tmp_path / "m")]
+    assert "--enable-lora" in argv and argv[argv.index("--max-lora-rank") + 1] == "16"
+    i = argv.index("--lora-modules")
+    mods = [json.loads(x) for x in argv[i + 1:i + 4]]
+    assert [m["name"] for m in mods] == ["a0", "a1", "a2"] and mods[0]["base_model_name"] == "t"
+    assert "--enforce-eager" in argv and argv[argv.index("--max-num-batched-tokens") + 1] == "1024"
+    env = dict(spec.env)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PEFTDEPLOY_RECIPE"] == str(p.resolve())
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert dict(spec.secret_env) == {"VLLM_API_KEY": "MY_KEY"}
+    assert "--gpu-memory-utilization" not in argv
+    assert plan.memory and plan.memory.kv_tokens == (1 << 30) // plan.memory.kv_bytes_per_token
+
+
+def test_gpu_budget_bounds_max_loras(tmp_path: Path) -> None:
+    cfg = {**LLAMA3_8B, "_name_or_path": "org/tiny"}
+    p = _multi(tmp_path, [64] * 3, "serving: {max_lora_rank: 512}\n", cfg=cfg, weights=False)
+    p.write_text(p.read_text().replace("max_model_len: 256", "max_model_len: 8192"))
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="24GiB")
+    b = plan.memory
+    assert b and b.weights_estimated and b.device == "cuda"
+    # rank 512 slots on Llama-3-8B are ~2.8 GiB each: only one fits in 25% of the ~4.6 GiB left
+    assert plan.derived["max_loras"].value == 1 and "bounded" in plan.derived["max_loras"].reason
+    assert "--gpu-memory-utilization" in plan.launch.argv()
+    big = make_plan(load_recipe(p), device="cuda", gpu_memory="80GiB")
+    assert big.derived["max_loras"].value == 3
+
+
+def test_kv_too_small_is_an_error(tmp_path: Path) -> None:
+    cfg = {**LLAMA3_8B, "_name_or_path": "org/tiny"}
+    p = _multi(tmp_path, [8], "", cfg=cfg, weights=False)
+    p.write_text(p.read_text().replace("max_model_len: 256", "max_model_len: 8192"))
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="16GiB")
+    assert {"weights-exceed-gpu", "kv-cache-too-small"} & {f.code for f in plan.errors}
+
+
+def test_extra_args_checked(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8], "serving:\n  extra_args: {enforce_eagre: true, max_loras: 3}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    codes = {f.code: f for f in plan.errors}
+    assert "enforce_eager" in codes["extra-arg-unknown"].fix
+    assert "serving.max_loras" in codes["extra-arg-managed"].fix
+
+
+@pytest.mark.parametrize("n,traffic,mode", [
+    (1, None, "merge"),
+    (1, "{a0: 1.0, base: 0.2}", "serve"),
+    (3, None, "serve"),
+    (3, "{a0: 1.0, a1: 0, a2: 0}", "merge"),
+    (3, "{a0: 0.9, a1: 0.1}", "serve"),
+])
+def test_mode_auto(tmp_path: Path, n: int, traffic: str | None, mode: str) -> None:
+    extra = "policy:\n  mode: auto\n" + (f"  traffic: {traffic}\n" if traffic else "")
+    p = _multi(tmp_path, [8] * n, extra)
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    assert plan.mode == mode and plan.mode_reason.startswith("auto")
+    if mode == "merge":
+        assert plan.launch.merge is not None and plan.launch.model == plan.launch.merge.output_dir
+        assert "--enable-lora" not in plan.launch.argv()
+
+
+def test_plan_to_dict_is_json(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8, 16])
+    d = make_plan(load_recipe(p), device="cpu", host_memory="16GiB").to_dict()
+    s = json.dumps(d)
+    assert d["ok"] and d["derived"]["max_lora_rank"]["value"] == 16 and "launch" in d
+    assert "MY_KEY" not in s
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: shipped recipes, offline, < 2 s, no torch / vLLM
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    base = tmp_path_factory.mktemp("shipped")
+    prefill_shipped(base / "hub", base / "pd", base / "work")
+    return {"HF_HUB_CACHE": str(base / "hub"), "PEFTDEPLOY_CACHE": str(base / "pd"), "HF_HUB_OFFLINE": "1"}
+
+
+PROBE = ("import sys, time, json; t=time.perf_counter(); from peftdeploy.cli import main\n"
+         "try:\n    main(sys.argv[1:], standalone_mode=False)\nexcept SystemExit as e:\n    rc = e.code\nelse:\n    rc = 0\n"
+         "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','vllm')]\n"
+         "sys.stderr.write('\\nPROBE ' + json.dumps({'rc': rc, 'bad': bad}) + '\\n')")
+
+
+def _run_plan(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str], float]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", PROBE, "plan", *args], capture_output=True, text=True,
+                       env={**os.environ, **env, "COLUMNS": "200"}, cwd=ROOT)
+    dt = time.perf_counter() - t
+    line = [x for x in r.stderr.splitlines() if x.startswith("PROBE ")][-1]
+    probe = json.loads(line[6:])
+    return probe["rc"] or 0, r.stdout, probe["bad"], dt
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_plan_fast_no_torch(recipe: str, shipped_cache: dict[str, str]) -> None:
+    rc, out, bad, dt = _run_plan([f"recipes/{recipe}", "--device", "cuda", "--gpu-memory", "80GiB"], shipped_cache)
+    assert bad == [], f"plan imported {bad}"
+    assert dt < 2.0, f"plan took {dt:.2f}s"
+    assert rc in (0, None), out[-3000:]
+    assert "peftdeploy-vllm serve" in out
+
+
+def test_plan_json_and_exit_code_offline_miss(tmp_path: Path) -> None:
+    p = _recipe(tmp_path, "backbone: {model: hf://nobody/not-cached}\n")
+    env = {"HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    rc, out, bad, _ = _run_plan([str(p), "--json", "--device", "cpu"], env)
+    assert rc == 2 and bad == []
+    d = json.loads(out)
+    assert d["ok"] is False and d["findings"][0]["code"] == "backbone-unavailable"
