@@ -16,19 +16,41 @@ import click
 
 from ..cli_common import emit_json, json_option, user_errors
 from . import TARGETS, RenderContext, RenderError, make_context, render_many
-from .base import DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE
+from .base import DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, parse_source
 
 
-def plan_launch(recipe_path: str):
-    """(recipe, LaunchSpec) for a cluster: render always plans for device "cuda"."""
+DEFAULT_GPU_MEMORY = "80GiB"  # what render plans a cluster GPU as (this machine's GPU is not the cluster's)
+
+
+def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY, host_memory: str | None = None):
+    """(recipe, LaunchSpec) for a cluster: render always plans for device "cuda", for a GPU of
+    `gpu_memory` (deterministic: not this machine's GPU). Plan errors refuse the render (exit 2)."""
+    from ..errors import PeftDeployError
     from ..recipe import load_recipe
 
-    loaded = load_recipe(recipe_path)
     try:
         from ..plan import make_plan
+        from ..plan.memory import parse_bytes
     except ImportError as e:  # the plan stage not installed / built
         raise RenderError(f"`peftdeploy render` needs the plan stage, which is not available here ({e})")
-    plan = make_plan(loaded, device="cuda")
+    for opt, val in (("--gpu-memory", gpu_memory), ("--host-memory", host_memory)):
+        try:
+            parse_bytes(val)
+        except ValueError as e:
+            raise PeftDeployError(f"{opt}: {e}", fix="write e.g. 80GiB")
+    loaded = load_recipe(recipe_path)
+    # a backbone a cluster cannot reach is refused before planning (demo:// would be built here first)
+    bb = loaded.recipe.backbone
+    if bb.model:
+        parse_source(bb.model, "backbone", bb.revision)
+    plan = make_plan(loaded, device="cuda", gpu_memory=gpu_memory, host_memory=host_memory)
+    if plan.errors:
+        # a source a cluster cannot reach (local path, demo://) is the clearer reason: say that first
+        make_context(loaded.recipe, plan.launch).check_sources()
+        e = plan.errors[0]
+        see = f"`peftdeploy plan {recipe_path} --device cuda --gpu-memory {gpu_memory}` lists every finding"
+        raise RenderError(f"plan found {len(plan.errors)} error(s) for a {gpu_memory} GPU; "
+                          f"first: {e.message}", fix=f"{e.fix}; {see}" if e.fix else see, location=e.location)
     return loaded.recipe, plan.launch
 
 
@@ -85,19 +107,23 @@ def as_stream(rendered: dict[str, dict[str, str]]) -> str:
 @click.option("--gpu-type", default="nvidia.com/gpu", show_default=True, help="Kubernetes GPU resource name.")
 @click.option("--accelerator", default=None, help="SkyPilot / Ray accelerator type, e.g. H100.")
 @click.option("--storage-size", default="200Gi", show_default=True, help="PVC size for the merged model.")
+@click.option("--gpu-memory", default=DEFAULT_GPU_MEMORY, show_default=True,
+              help="Memory of one cluster GPU to plan for (max_loras, max_num_seqs, memory checks).")
+@click.option("--host-memory", default=None,
+              help="Host RAM of a cluster node to plan for, e.g. 64GiB (max_cpu_loras; default: this machine's).")
 @click.option("--store", default=None,
               help="ray-serve: s3://bucket/prefix it loads LoRA adapters (and merged models) from.")
 @json_option
 @user_errors
 def render_cmd(recipe: str, target: str, replicas: int, out_dir: str | None, namespace: str, image: str,
                tools_image: str, gpu_type: str, accelerator: str | None, storage_size: str,
-               store: str | None, as_json: bool) -> None:
+               gpu_memory: str, host_memory: str | None, store: str | None, as_json: bool) -> None:
     """Render the recipe for Kubernetes, vLLM production-stack, KServe, Ray Serve or SkyPilot.
 
     Sources are used as the recipe writes them (hf://, s3://); local and demo:// sources are refused.
     Secrets are referenced (Secret names, ${VAR}), never written.
     """
-    r, launch = plan_launch(recipe)
+    r, launch = plan_launch(recipe, gpu_memory=gpu_memory, host_memory=host_memory)
     ctx: RenderContext = make_context(r, launch, replicas=replicas, namespace=namespace, image=image,
                                       tools_image=tools_image, gpu_type=gpu_type, accelerator=accelerator,
                                       storage_size=storage_size, store=store)
