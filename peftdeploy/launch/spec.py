@@ -28,6 +28,9 @@ class MergeStep:
     output_dir: str  # where the merged model is (local cache path) — the model vLLM serves
     cache_key: str
     quantization: str = "none"
+    weights: tuple[float, ...] | None = None  # per adapter; None = the recipe's `weight`s
+    hot: str | None = None  # mode hybrid: the merged adapter ...
+    delta_dir: str | None = None  # ... and where the delta adapters of the others are written
 
 
 @dataclass(frozen=True)

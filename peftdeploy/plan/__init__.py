@@ -24,7 +24,7 @@ class Plan:
     findings: tuple[Finding, ...]
     derived: dict[str, Derived]  # name -> value + reason (max_lora_rank, max_loras, ...)
     memory: MemoryBudget | None  # None when the backbone could not be inspected
-    mode: str  # "serve" | "merge"
+    mode: str  # "serve" | "merge" | "hybrid"
     mode_reason: str
     merge_adapters: tuple[str, ...]
     served_adapters: tuple[str, ...]
@@ -70,7 +70,7 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
               offline: bool | None = None) -> Plan:
     from ..inspect import inspect
     from ..sources import resolve
-    from . import command, derive, findings, memory, policy
+    from . import command, derive, findings, hybrid, memory, policy
 
     if resolved is None:
         resolved = resolve(loaded, fetch="metadata", offline=offline, progress=False)
@@ -83,11 +83,15 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     merged = set(merge_adapters)
     if mode == "merge" and r.policy.mode == "auto":
         served = []  # auto merges only when the other adapters get no traffic: they are not served
+    elif mode == "hybrid":
+        served = hybrid.delta_infos(r, inventory, merge_adapters[0])
     else:
         served = [a for a in inventory.adapters if a.name not in merged]
     lora_enabled = bool(served) or (mode == "serve" and r.policy.dynamic_loading and bool(r.policy.catalog))
+    # hybrid: the hot adapter's B·A is part of every delta, so every adapter is checked as served
+    checked = {a.name for a in inventory.adapters} if mode == "hybrid" else {a.name for a in served}
     ctx = findings.CheckContext(loaded=loaded, inventory=inventory, mode=mode,
-                                served=frozenset(a.name for a in served), merged=frozenset(merged), device=dev)
+                                served=frozenset(checked), merged=frozenset(merged), device=dev)
     fs = findings.check(ctx)
     derived, budget, mem_findings = derive.derive(
         r, inventory, device=dev, served=served, lora_enabled=lora_enabled,

@@ -19,7 +19,8 @@ from .findings import vllm_engine_args
 QUANT_FLAGS = {"fp8": "fp8", "bitsandbytes": "bitsandbytes"}  # quantized by vLLM at load time
 
 
-def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple[str, ...]) -> tuple[str, str]:
+def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple[str, ...],
+                     weights: tuple[float, ...] | None = None) -> tuple[str, str]:
     """(output_dir, cache_key) of the merged model for `adapters`.
 
     TODO(lead): wire to peftdeploy.merge's cache API (not imported here: peftdeploy.merge imports torch,
@@ -36,7 +37,7 @@ def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple
         "quantization": recipe.quantization.scheme,
         "adapters": [],
     }
-    for name in adapters:
+    for i, name in enumerate(adapters):
         a = recipe.adapter(name)
         sha = None
         if inventory is not None:
@@ -45,7 +46,8 @@ def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple
             except KeyError:
                 pass
         parts["adapters"].append({"name": name, "sha256": sha or a.sha256, "source": a.source,
-                                  "revision": a.revision, "weight": a.weight})
+                                  "revision": a.revision,
+                                  "weight": a.weight if weights is None else weights[i]})
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     out = recipe.policy.merge.output or str(cache_root() / "merged" / key)
     return out, key
@@ -96,14 +98,25 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     r = loaded.recipe
     s = r.serving
     merge = None
+    served_name = r.name
     if mode == "merge":
         out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters)
         merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key, quantization=r.quantization.scheme)
         model, model_extra = out_dir, []
+    elif mode == "hybrid":
+        from .hybrid import delta_dir
+
+        hot = merge_adapters[0]
+        out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters, weights=(1.0,))
+        ddir = delta_dir(key, r, inventory, hot)
+        merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key,
+                          quantization=r.quantization.scheme, weights=(1.0,), hot=hot, delta_dir=str(ddir))
+        model, model_extra = out_dir, []
+        served_name = hot  # requests for the hot adapter hit the merged weights with no LoRA
     else:
         model, model_extra = _model_arg(r, resolved)
 
-    args: list[tuple[str, str | None]] = [("--served-model-name", r.name), ("--host", s.host), ("--port", str(s.port))]
+    args: list[tuple[str, str | None]] = [("--served-model-name", served_name), ("--host", s.host), ("--port", str(s.port))]
     args += model_extra
     dt = derived.get("dtype")
     args.append(("--dtype", str(dt.value) if dt else r.backbone.dtype))
@@ -137,14 +150,17 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
             d = derived.get(key)
             if d is not None:
                 args.append(("--" + key.replace("_", "-"), str(d.value)))
-        base_name = r.name
         mods = []
         for a in served:
-            ra = resolved.adapter(a.name) if resolved is not None else None
-            path = str(ra.path) if ra is not None else a.path
-            mods.append(json.dumps({"name": a.name, "path": path, "base_model_name": base_name},
+            if mode == "hybrid":
+                path = str(Path(merge.delta_dir) / a.name)  # type: ignore[union-attr]
+            else:
+                ra = resolved.adapter(a.name) if resolved is not None else None
+                path = str(ra.path) if ra is not None else a.path
+            mods.append(json.dumps({"name": a.name, "path": path, "base_model_name": served_name},
                                    separators=(",", ":")))
-            adapters.append(ServedAdapter(name=a.name, path=path, source=r.adapter(a.name).source,
+            source = a.source if mode == "hybrid" else r.adapter(a.name).source
+            adapters.append(ServedAdapter(name=a.name, path=path, source=source,
                                           rank=a.max_rank, preload=True))
         if mods:
             args.append(("--lora-modules", mods[0]))
@@ -162,7 +178,7 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
         secret_env.append(("VLLM_API_KEY", s.api_key.env))
     return LaunchSpec(
         recipe_name=r.name, recipe_hash=r.compute_hash(), mode=mode, model=model, model_source=r.backbone.model,
-        served_model_name=r.name, host=s.host, port=s.port, device=device,
+        served_model_name=served_name, host=s.host, port=s.port, device=device,
         tensor_parallel_size=s.tensor_parallel_size, args=tuple(args), adapters=tuple(adapters), env=tuple(env),
         secret_env=tuple(secret_env), merge=merge, plugin_recipe=str(loaded.path),
         extra={"derived": {k: v.value for k, v in derived.items()}},

@@ -29,6 +29,10 @@ def choose_mode(recipe: Any, *, model_quant_method: str | None = None) -> tuple[
         return "serve", "policy.mode is serve", ()
     if p.mode == "merge":
         return "merge", "policy.mode is merge", tuple(recipe.merge_adapter_names())
+    if p.mode == "hybrid":
+        hot = recipe.hot_adapter()
+        return "hybrid", (f"policy.mode is hybrid: {hot} is merged into the backbone and runs with no LoRA; "
+                          "the other adapters and the bare backbone are served as exact deltas"), (hot,)
     # auto
     if not names:
         return "serve", "auto: no adapters, so the bare backbone is served", ()

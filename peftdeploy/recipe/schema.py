@@ -34,7 +34,7 @@ AutoOrPositiveInt = Union[Auto, Annotated[int, Field(ge=1)]]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 QuantScheme = Literal["none", "fp8", "int8", "w8a16", "w4a16", "bitsandbytes", "awq", "gptq"]
 PREQUANTIZED_SCHEMES = ("awq", "gptq")
-Mode = Literal["serve", "merge", "auto"]
+Mode = Literal["serve", "merge", "hybrid", "auto"]
 
 SOURCE_SCHEMES = ("hf://", "s3://", "demo://", "file://")
 
@@ -90,9 +90,17 @@ class MergePolicy(_Strict):
     output: str | None = None
 
 
+class HybridPolicy(_Strict):
+    """mode hybrid: merge the hot adapter into the backbone and serve every other adapter (and the bare
+    backbone) as an exact LoRA delta against the merged weights."""
+
+    hot: AdapterName | None = None  # None = the adapter with the largest policy.traffic share (else the first)
+
+
 class Policy(_Strict):
     mode: Mode = "serve"
     merge: MergePolicy = MergePolicy()
+    hybrid: HybridPolicy = HybridPolicy()
     dynamic_loading: bool = True
     # Extra places the vLLM plugin may resolve adapters from on first request, by name:
     # a local directory of adapter dirs, "hf://org/{name}" patterns, "s3://bucket/prefix/".
@@ -164,6 +172,17 @@ class Recipe(_Strict):
                 if k != "base" and k not in seen:
                     raise _FieldError(("policy", "traffic", k),
                                       f"traffic share for unknown adapter {k!r}; use adapter names or 'base'")
+        hot = self.policy.hybrid.hot
+        if hot is not None and hot not in seen:
+            raise _FieldError(("policy", "hybrid", "hot"),
+                              f"policy.hybrid.hot names {hot!r}, which is not an adapter of this recipe "
+                              f"(adapters: {', '.join(names) or 'none'})")
+        if self.policy.mode == "hybrid" and not self.adapters:
+            raise _FieldError(("policy", "mode"), "mode hybrid needs at least one adapter (the hot one to merge)")
+        if self.policy.mode == "hybrid" and self.quantization.prequantized and not self.backbone.merge_base:
+            raise _FieldError(("policy", "mode"),
+                              "mode hybrid merges the hot adapter, which needs full-precision weights: set "
+                              "backbone.merge_base to the full-precision twin, or use policy.mode: serve")
         if self.policy.mode == "merge":
             if not self.adapters:
                 raise _FieldError(("policy", "mode"), "mode merge needs at least one adapter to merge")
@@ -187,6 +206,15 @@ class Recipe(_Strict):
             if a.name == name:
                 return a
         raise KeyError(name)
+
+    def hot_adapter(self) -> str | None:
+        """The hybrid policy's hot adapter: policy.hybrid.hot, else the largest traffic share, else the first."""
+        if self.policy.hybrid.hot:
+            return self.policy.hybrid.hot
+        if not self.adapters:
+            return None
+        traffic = self.policy.traffic or {}
+        return max(self.adapters, key=lambda a: float(traffic.get(a.name, 0.0))).name
 
     def merge_adapter_names(self) -> list[str]:
         if self.policy.merge.adapters is None:
