@@ -105,10 +105,22 @@ class ResolvedRecipe:
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+_TRUE = ("1", "true", "yes", "on")
+
+
 def hub_offline(offline: bool | None = None) -> bool:
+    """Offline for hub sources: an explicit flag, else HF_HUB_OFFLINE or PEFTDEPLOY_OFFLINE."""
     if offline is not None:
         return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return (os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+            or os.environ.get("PEFTDEPLOY_OFFLINE", "").strip().lower() in _TRUE)
+
+
+def object_store_offline(offline: bool | None = None) -> bool:
+    """Offline for s3:// sources: an explicit flag, else PEFTDEPLOY_OFFLINE (HF_HUB_OFFLINE is the hub's own)."""
+    if offline is not None:
+        return offline
+    return os.environ.get("PEFTDEPLOY_OFFLINE", "").strip().lower() in _TRUE
 
 
 def hub_cache_dir() -> Path:
@@ -208,7 +220,7 @@ def _s3_fetch(spec: str, offline: bool) -> Path:
         raise SourceError(f"bad s3 source {spec!r}", fix="write s3://bucket/prefix")
     bucket, prefix = m.group(1), m.group(2)
     local = cache_root() / "s3" / bucket / prefix
-    if offline or os.environ.get("PEFTDEPLOY_OFFLINE", "") in ("1", "true"):
+    if offline:
         if (local / "adapter_config.json").is_file() or (local / "config.json").is_file():
             return local
         raise LookupError(f"{spec} is not in the local cache ({local}) and offline mode is on")
@@ -233,7 +245,8 @@ def _s3_fetch(spec: str, offline: bool) -> Path:
 
 
 def _resolve_one(spec: str, *, revision: str | None, base_dir: Path | None, patterns: list[str] | None,
-                 offline: bool, progress: bool, what: str, location: Location | None) -> ResolvedSource:
+                 offline: bool, progress: bool, what: str, location: Location | None,
+                 s3_offline: bool | None = None) -> ResolvedSource:
     kind = source_kind(spec)
     if kind == "unknown":
         raise SourceError(f"unsupported source scheme in {spec!r}", location=location,
@@ -289,7 +302,7 @@ def _resolve_one(spec: str, *, revision: str | None, base_dir: Path | None, patt
         return ResolvedSource(spec, "hf", p, revision=revision, commit=commit, repo_id=repo_id, subdir=subdir)
     # s3
     try:
-        p = _s3_fetch(spec, offline)
+        p = _s3_fetch(spec, offline if s3_offline is None else s3_offline)
     except LookupError as e:
         return ResolvedSource(spec, "s3", None, repo_id=spec[5:], unavailable=str(e))
     return ResolvedSource(spec, "s3", p, repo_id=spec[5:])
@@ -348,7 +361,7 @@ def resolve_adapter_source(source: str, *, revision: str | None = None, sha256: 
     """
     src = _resolve_one(source, revision=revision, base_dir=Path(base_dir) if base_dir else None,
                        patterns=ADAPTER_PATTERNS, offline=hub_offline(offline), progress=False,
-                       what="adapter", location=location)
+                       what="adapter", location=location, s3_offline=object_store_offline(offline))
     _check_adapter_dir(src, name=name or source, sha256=sha256, allow_pickle=allow_pickle, location=location)
     assert src.path is not None
     return src.path
@@ -373,7 +386,7 @@ def resolve(loaded: "LoadedRecipe", *, fetch: Fetch = "metadata", offline: bool 
     bb_patterns = None if fetch == "full" else BACKBONE_METADATA_PATTERNS
     backbone = _resolve_one(r.backbone.model, revision=r.backbone.revision, base_dir=base_dir,
                             patterns=bb_patterns, offline=off, progress=progress, what="backbone",
-                            location=_loc(loaded, "backbone", "model"))
+                            location=_loc(loaded, "backbone", "model"), s3_offline=object_store_offline(offline))
     if backbone.kind == "hf" and backbone.path is not None and fetch == "metadata" and not off:
         if not any(backbone.path.glob("*.safetensors")):
             rt = _remote_tensors(backbone.repo_id or "", r.backbone.revision)
@@ -384,12 +397,14 @@ def resolve(loaded: "LoadedRecipe", *, fetch: Fetch = "metadata", offline: bool 
         mb_fetch = None if fetch == "full" and r.policy.mode != "serve" else BACKBONE_METADATA_PATTERNS
         merge_base = _resolve_one(r.backbone.merge_base, revision=r.backbone.merge_base_revision,
                                   base_dir=base_dir, patterns=mb_fetch, offline=off, progress=progress,
-                                  what="merge_base", location=_loc(loaded, "backbone", "merge_base"))
+                                  what="merge_base", location=_loc(loaded, "backbone", "merge_base"),
+                                  s3_offline=object_store_offline(offline))
     adapters = []
     for i, a in enumerate(r.adapters):
         loc = _loc(loaded, "adapters", i, "source")
         src = _resolve_one(a.source, revision=a.revision, base_dir=base_dir, patterns=ADAPTER_PATTERNS,
-                           offline=off, progress=progress, what=f"adapter {a.name!r}", location=loc)
+                           offline=off, progress=progress, what=f"adapter {a.name!r}", location=loc,
+                           s3_offline=object_store_offline(offline))
         # pickle-only adapters are reported by plan as a finding (allow_pickle=None: don't raise here)
         wf, digest = _check_adapter_dir(src, name=a.name, sha256=a.sha256, allow_pickle=None, location=loc)
         adapters.append(ResolvedAdapter(a.name, i, src, wf, digest))

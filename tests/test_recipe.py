@@ -299,6 +299,11 @@ def test_schema_validates_shipped_recipes_and_rejects_bad() -> None:
         errs = list(v.iter_errors(doc))
         assert not errs, (path, [e.message for e in errs])
     assert list(v.iter_errors(yaml.safe_load(GOOD + "colour: blue\n")))
+    # a recipe that extends a parent may leave nested required keys to it; one that doesn't may not
+    partial = {"apiVersion": "peftdeploy/v1", "name": "x", "backbone": {"dtype": "bfloat16"}}
+    assert list(v.iter_errors(partial))
+    assert not list(v.iter_errors({**partial, "extends": "./base.yaml"}))
+    assert list(v.iter_errors({**partial, "extends": "./base.yaml", "backbone": {"colour": 1}}))
     assert list(v.iter_errors(yaml.safe_load(GOOD.replace("mode: serve", "mode: deploy"))))
 
 

@@ -228,8 +228,15 @@ class Recipe(_Strict):
         return d
 
     def compute_hash(self) -> str:
-        """A stable hash of everything that changes the deployment (secrets excluded)."""
-        blob = json.dumps(self.public_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable hash of the resolved recipe (secrets excluded).
+
+        Fields left at their defaults are left out, so a later release that adds an optional
+        field does not change the hash of an existing recipe.
+        """
+        d = self.model_dump(mode="json", exclude_defaults=True)
+        if self.serving.api_key.env:
+            d.setdefault("serving", {})["api_key"] = self.serving.api_key.reference()
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -271,9 +278,29 @@ def json_schema() -> dict[str, Any]:
         "default": None,
     }
     schema["$defs"].pop("Secret", None)
-    # A recipe that `extends` a parent may leave required keys to the parent.
-    required = schema.pop("required", [])
-    schema["if"] = {"required": ["extends"]}
-    schema["then"] = {}
-    schema["else"] = {"required": required}
-    return schema
+    # A recipe that `extends` a parent may leave any required key (also nested ones, like
+    # backbone.model) to the parent: such files validate against a "Partial" twin of every class
+    # with the same properties and no required keys.
+    defs = schema.pop("$defs")
+    top = {k: schema.pop(k) for k in ("$schema", "title")}
+    defs["Recipe"] = schema
+    for name in list(defs):
+        defs["Partial" + name] = _partial(defs[name])
+    return {**top, "$defs": defs, "if": {"required": ["extends"]},
+            "then": {"$ref": "#/$defs/PartialRecipe"}, "else": {"$ref": "#/$defs/Recipe"}}
+
+
+def _partial(node: Any) -> Any:
+    """A copy of a JSON-schema node with `required` dropped and $refs pointed at Partial* twins."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "required":
+                continue
+            if k == "$ref" and isinstance(v, str) and v.startswith("#/$defs/"):
+                v = "#/$defs/Partial" + v[len("#/$defs/"):]
+            out[k] = _partial(v)
+        return out
+    if isinstance(node, list):
+        return [_partial(x) for x in node]
+    return node

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rendered by peftdeploy for target ray-serve; recipe: support-bots  hash: f838751aa36e8550f5d14a04cb71ab796d996a8057b021a6114660efc1973296
+# Rendered by peftdeploy for target ray-serve; recipe: support-bots  hash: 2c311555919fb69f840137d3e78de3dbaf9c04be04f554c414cb73e6b91598c6
 # Copy what support-bots's Ray Serve config loads into s3://acme-models/ray-serve (run once per recipe change).
 # Credentials come from your environment (HF_TOKEN, AWS_*); none are written here.
 set -eu

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rendered by peftdeploy for target ray-serve; recipe: field-notes-awq  hash: 6abdab3415ca28c498dad68beadf37fcfcc804ebd7c889f6395d87469f511536
+# Rendered by peftdeploy for target ray-serve; recipe: field-notes-awq  hash: acc19868f20184c80eb209a1a7c631df47731bce2e997455ba41b71756304932
 # Copy what field-notes-awq's Ray Serve config loads into s3://acme-models/ray-serve (run once per recipe change).
 # Credentials come from your environment (HF_TOKEN, AWS_*); none are written here.
 set -eu

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Rendered by peftdeploy for target ray-serve; recipe: contracts-qwen-fp8  hash: 67e122ab9aba107294bb8ddabafde34824bcaa6441bae75f7e7f6ff9910e8234
+# Rendered by peftdeploy for target ray-serve; recipe: contracts-qwen-fp8  hash: a3c53a30b285e6bb5baa3346291232ffffdb5d893defa46601f6d9ff2a5ed879
 # Copy what contracts-qwen-fp8's Ray Serve config loads into s3://acme-models/ray-serve (run once per recipe change).
 # Credentials come from your environment (HF_TOKEN, AWS_*); none are written here.
 set -eu
