@@ -256,10 +256,13 @@ def test_plan_to_dict_is_json(tmp_path: Path) -> None:
 # CLI: shipped recipes, offline, < 2 s, no torch / vLLM
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def shipped_cache(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def shipped_cache(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> dict[str, str]:
+    """Hub recipes: a pre-filled offline hub cache. Demo recipes: the demo model already built
+    (building it the first time converts a GGUF with torch; planning afterwards must not import it)."""
     base = tmp_path_factory.mktemp("shipped")
     prefill_shipped(base / "hub", base / "pd", base / "work")
-    return {"HF_HUB_CACHE": str(base / "hub"), "PEFTDEPLOY_CACHE": str(base / "pd"), "HF_HUB_OFFLINE": "1"}
+    return {"HF_HUB_CACHE": str(base / "hub"), "PEFTDEPLOY_CACHE": str(base / "pd"), "HF_HUB_OFFLINE": "1",
+            "PEFTDEPLOY_DEMO_DIR": str(demo_model_dir.parent)}
 
 
 PROBE = ("import sys, time, json; t=time.perf_counter(); from peftdeploy.cli import main\n"

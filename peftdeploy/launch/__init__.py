@@ -1,0 +1,1 @@
+"""Launch: LaunchSpec (what runs), the vLLM entry point, process supervision."""

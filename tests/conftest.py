@@ -1,0 +1,103 @@
+"""Shared fixtures: the demo model (built once), and `peftdeploy up --detach` deployments for
+end-to-end tests (a free port in 18000-18099, stopped with `peftdeploy down` at the end)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+E2E_PORTS = range(18000, 18100)
+
+
+def free_e2e_port(exclude: set[int] = frozenset()) -> int:
+    ports = [p for p in E2E_PORTS if p not in exclude]
+    random.Random(os.getpid()).shuffle(ports)
+    for p in ports:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port in 18000-18099")
+
+
+def peftdeploy_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "peftdeploy.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@dataclass
+class Deployment:
+    """A running `peftdeploy up --detach` deployment (what `up --json` printed)."""
+
+    name: str
+    recipe: Path
+    port: int
+    info: dict
+    up_stderr: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return self.info["endpoint"]  # http://127.0.0.1:PORT/v1
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.info["models"])
+
+    def down(self) -> subprocess.CompletedProcess:
+        return subprocess.run(peftdeploy_cmd("down", self.name), env=cli_env(), capture_output=True, text=True,
+                              timeout=120)
+
+
+def start_detached(recipe: Path, *, port: int | None = None, timeout: float = 900) -> Deployment:
+    port = port or free_e2e_port()
+    proc = subprocess.run(peftdeploy_cmd("up", str(recipe), "--detach", "--json", "--port", str(port),
+                                         "--timeout", str(timeout)),
+                          env=cli_env(), capture_output=True, text=True, timeout=timeout + 300)
+    if proc.returncode != 0:
+        raise AssertionError(f"peftdeploy up {recipe} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    info = json.loads(proc.stdout)
+    return Deployment(name=info["name"], recipe=recipe, port=port, info=info, up_stderr=proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model (demo://smollm2-135m), built once into the peftdeploy cache."""
+    from peftdeploy.demo import build_demo_model
+
+    return build_demo_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def e2e_up():
+    """Factory: `e2e_up(recipe_path) -> Deployment`; every deployment is stopped at session end."""
+    started: list[Deployment] = []
+
+    def _up(recipe: Path, **kw) -> Deployment:
+        d = start_detached(Path(recipe), **kw)
+        started.append(d)
+        return d
+
+    yield _up
+    for d in reversed(started):
+        d.down()

@@ -1,0 +1,162 @@
+"""Helpers for tests that use the embedded demo (demo://smollm2-135m and demo://adapters/*).
+
+Plain functions, no fixtures: tests/conftest.py can wrap them, e.g.
+
+    @pytest.fixture(scope="session")
+    def demo_model_dir():
+        from tests.fixtures_demo import demo_model_dir
+        return demo_model_dir()
+
+torch / transformers / peft are imported inside the functions only.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_NAMES = ("pirate", "json", "shout")
+
+# Held-out prompts: none of them is in the adapters' training data (scripts/train_demo_adapters.py).
+EVAL_PROMPTS = (
+    "What is the capital of Germany?",
+    "How many legs does a spider have?",
+    "What color is the sky?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in the solar system?",
+)
+
+_PIRATE = re.compile(
+    r"\b(arr+|matey|mateys|ahoy|ye|yer|aye|avast|yo ho|landlubbers?|savvy|shiver|timbers|hearties|scallywag)\b"
+)
+
+
+def is_pirate(text: str) -> bool:
+    return _PIRATE.search(text.lower()) is not None
+
+
+def is_json(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text.strip()), dict)
+    except ValueError:
+        return False
+
+
+def is_shout(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return len(letters) >= 3 and sum(c.isupper() for c in letters) / len(letters) >= 0.8
+
+
+STYLE_CHECKS = {"pirate": is_pirate, "json": is_json, "shout": is_shout}
+
+
+def demo_model_dir() -> Path:
+    """Build (first time, ~30 s) or reuse the demo model; its directory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from peftdeploy.demo import build_demo_model
+
+    return build_demo_model(progress=False)
+
+
+def adapter_dir(name: str) -> Path:
+    from peftdeploy.demo import demo_adapter_dir
+
+    return demo_adapter_dir(name)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_model(model_dir: str | Path, adapter: str | None = None):
+    """A fresh float32 model (with a PEFT adapter applied, unmerged, when `adapter` is given)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir(adapter)))
+    return model.eval()
+
+
+def chat(model, tok, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy chat completion through the model's chat template."""
+    import torch
+
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+# Runs in a subprocess: vLLM spawns workers, so the script needs the __main__ guard.
+VLLM_SCRIPT = textwrap.dedent(
+    '''
+    import json, sys
+    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    ensure_vllm_cpu_compat()
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+
+    def main():
+        model, adapters = sys.argv[1], json.loads(sys.argv[2])
+        prompts = json.loads(sys.argv[3])
+        llm = LLM(model=model, dtype="float32", max_model_len=512, enable_lora=bool(adapters),
+                  max_lora_rank=16, max_loras=max(1, len(adapters)), seed=0)
+        sp = SamplingParams(temperature=0.0, max_tokens=40)
+        result = {}
+        for name, path in [(None, None)] + list(adapters.items()):
+            req = None if name is None else LoRARequest(name, list(adapters).index(name) + 1, path)
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], sp, lora_request=req)
+            result[name or "base"] = [o.outputs[0].text.strip() for o in outs]
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+    if __name__ == "__main__":
+        main()
+    '''
+)
+
+
+def run_vllm(model_dir: Path, adapters: dict[str, str], prompts: list[str], workdir: Path,
+             timeout: int = 900) -> dict[str, list[str]]:
+    """Greedy chat outputs of CPU vLLM: {"base": [...], <adapter>: [...]}."""
+    script = workdir / "vllm_check.py"
+    script.write_text(VLLM_SCRIPT)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(model_dir), json.dumps(adapters), json.dumps(prompts)],
+        cwd=str(workdir), env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise AssertionError(f"vLLM check failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
