@@ -1,0 +1,286 @@
+"""Out-of-core safetensors reading and writing.
+
+The safetensors format is: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON (a map
+``name -> {"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional ``"__metadata__"``
+map of strings), then the raw little-endian tensor bytes; offsets are relative to the end of the
+header and the tensors cover the data section contiguously.
+
+Reading: we parse headers ourselves and read tensor bytes with ``os.pread`` (or copy them
+kernel-side with ``os.copy_file_range``) one tensor at a time. ``safetensors.safe_open`` memory-maps
+the whole file, and every page touched through a map counts as resident memory of the process
+until the file is closed — so reading a shard through it costs up to the whole shard in RSS. A
+``pread`` costs one tensor.
+
+Writing: :class:`ShardWriter` computes the header up front from the known names/dtypes/shapes and
+then streams the bytes of each tensor in order, so writing a shard holds one tensor at a time.
+The files are byte-for-byte what the safetensors library itself accepts (header padded with
+spaces to a multiple of 8, contiguous data, ``__metadata__ = {"format": "pt"}``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported lazily: reading headers (cache lookups) must not pay for it
+    import torch
+
+_ST_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+_maps: tuple[dict, dict] | None = None
+
+
+def _torch_maps() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
+    global _maps
+    if _maps is None:
+        import torch
+
+        st2t = {k: getattr(torch, v) for k, v in _ST_TORCH_NAMES.items() if hasattr(torch, v)}
+        _maps = (st2t, {v: k for k, v in st2t.items()})
+    return _maps
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """torch dtype of a safetensors dtype code ("BF16" -> torch.bfloat16)."""
+    return _torch_maps()[0][code]
+
+
+def st_code(dtype: "torch.dtype") -> str:
+    """safetensors dtype code of a torch dtype (torch.bfloat16 -> "BF16")."""
+    return _torch_maps()[1][dtype]
+
+
+ST_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}
+FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+
+
+class SafetensorsFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> "torch.dtype":
+        return torch_dtype(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    size: int
+    data_start: int
+    tensors: dict[str, TensorInfo]  # in data-offset order
+    metadata: dict[str, str]
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse a safetensors file's header without touching the tensor data."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise SafetensorsFormatError(f"{path}: too small to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise SafetensorsFormatError(f"{path}: invalid safetensors header length {n}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise SafetensorsFormatError(f"{path}: safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsFormatError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    items = []
+    for name, d in header.items():
+        try:
+            dt, shape, (b, e) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsFormatError(f"{path}: malformed header entry for {name!r}") from None
+        if dt not in ST_ITEMSIZE:
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if e - b != numel * ST_ITEMSIZE[dt] or b < 0 or data_start + e > size:
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} has inconsistent offsets")
+        items.append(TensorInfo(name, dt, shape, path, data_start + b, e - b))
+    items.sort(key=lambda t: t.offset)
+    return SafetensorsHeader(path, size, data_start, {t.name: t for t in items}, dict(metadata))
+
+
+def pread_exact(fd: int, nbytes: int, offset: int, into: memoryview | None = None) -> memoryview:
+    """Read exactly `nbytes` at `offset` (loops over short reads) into a fresh or given buffer."""
+    buf = into if into is not None else memoryview(bytearray(nbytes))
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [buf[got:nbytes]], offset + got)
+        if n <= 0:
+            raise SafetensorsFormatError(f"unexpected end of file reading {nbytes} bytes at {offset}")
+        got += n
+    return buf[:nbytes]
+
+
+def read_tensor(fd: int, info: TensorInfo, buf: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """Read one tensor (a private, writable copy) with pread: RSS grows by this tensor only.
+
+    `buf`: a uint8 tensor of at least info.nbytes to read into (reused buffers avoid page faults).
+    """
+    import torch
+
+    dt = info.torch_dtype
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dt)
+    t = buf[: info.nbytes] if buf is not None else torch.empty(info.nbytes, dtype=torch.uint8)
+    pread_exact(fd, info.nbytes, info.offset, memoryview(t.numpy()))
+    return t.view(dt).reshape(info.shape)
+
+
+def tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """The raw little-endian bytes of a tensor (contiguous, CPU), without copying when possible."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    while len(mv):
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, *, bufsize: int = 8 << 20) -> None:
+    """Copy bytes `offset:offset+nbytes` of src to the current position of dst (kernel-side when possible)."""
+    remaining = nbytes
+    pos = offset
+    if hasattr(os, "copy_file_range"):
+        try:
+            while remaining:
+                n = os.copy_file_range(src_fd, dst_fd, min(remaining, 1 << 30), pos)
+                if n <= 0:
+                    break
+                remaining -= n
+                pos += n
+        except OSError:
+            pass  # e.g. EXDEV on old kernels, or an fs that refuses; finish in user space
+    if remaining:
+        buf = memoryview(bytearray(min(bufsize, remaining)))
+        while remaining:
+            k = min(len(buf), remaining)
+            chunk = pread_exact(src_fd, k, pos, buf)
+            write_all(dst_fd, chunk)
+            remaining -= k
+            pos += k
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = ST_ITEMSIZE[self.dtype]
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def build_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header for tensors laid out contiguously in the given order."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    off = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    js = json.dumps(header, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)  # data section starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(js)) + js
+
+
+class ShardWriter:
+    """Write one safetensors file by streaming tensors in a layout fixed up front."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tensors = tensors
+        self._expected = [(t.name, t.nbytes) for t in tensors]
+        self._i = 0
+        header = build_header(tensors, metadata if metadata is not None else {"format": "pt"})
+        self.size = len(header) + sum(t.nbytes for t in tensors)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(self.fd, header)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _next(self, name: str, nbytes: int) -> None:
+        if self._i >= len(self._expected):
+            raise RuntimeError(f"{self.path}: unexpected tensor {name}")
+        exp_name, exp_bytes = self._expected[self._i]
+        if (exp_name, exp_bytes) != (name, nbytes):
+            raise RuntimeError(f"{self.path}: expected {exp_name} ({exp_bytes} B), got {name} ({nbytes} B)")
+        self._i += 1
+
+    def write_bytes(self, name: str, data: memoryview | bytes) -> None:
+        mv = memoryview(data).cast("B")
+        self._next(name, len(mv))
+        write_all(self.fd, mv)
+
+    def copy_from(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
+        self._next(name, nbytes)
+        copy_range(src_fd, self.fd, offset, nbytes)
+
+    def close(self, *, fsync: bool = False) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self._i != len(self._expected):
+                raise RuntimeError(f"{self.path}: closed after {self._i}/{len(self._expected)} tensors")
+            if fsync:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,534 @@
+"""Streaming LoRA merge (peftdeploy.merge): exactness against PEFT, refusals, cache, atomicity.
+
+PEFT reference for several weighted adapters: PEFT has no direct equivalent (add_weighted_adapter
+with combination_type="linear" concatenates/averages factors and is only the same math for equal
+ranks), so the reference loads each adapter in turn onto the (already merged) model, multiplies its
+lora_B (and lora_B bias / lora_embedding_B) by the adapter's weight, and calls merge_and_unload —
+i.e. W + Σ w_i·s_i·B_i@A_i merged sequentially in float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+
+from peftdeploy.errors import MergeError  # noqa: E402
+from peftdeploy.merge import (AdapterInput, HashCache, merge_cached, merge_key, merge_model,  # noqa: E402
+                              open_adapter)
+from peftdeploy.merge.cache import COMPLETE_MARKER  # noqa: E402
+from tests.tiny import (build_tiny_gpt2, build_tiny_llama, build_tiny_lora, build_tiny_phi3,  # noqa: E402
+                        read_adapter_config, write_adapter_config)
+
+pytestmark = pytest.mark.torch
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def load_dir(d: Path) -> dict[str, "torch.Tensor"]:
+    """All tensors of a model dir, read with the safetensors library itself."""
+    out = {}
+    files = sorted(d.glob("*.safetensors"))
+    idx = d / "model.safetensors.index.json"
+    if idx.exists():
+        wm = json.loads(idx.read_text())["weight_map"]
+        assert set(wm.values()) == {f.name for f in files}
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+            for k in fh.keys():
+                assert k not in out
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def peft_reference(model_dir: Path, adapters: list[tuple[Path, float]], dtype=None) -> dict[str, "torch.Tensor"]:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32)
+    for path, w in adapters:
+        pm = PeftModel.from_pretrained(model, str(path))
+        if w != 1.0:
+            with torch.no_grad():
+                for mod in pm.modules():
+                    if isinstance(mod, LoraLayer):
+                        for lin in mod.lora_B.values():
+                            lin.weight.mul_(w)
+                            if lin.bias is not None:
+                                lin.bias.mul_(w)
+                        for p in mod.lora_embedding_B.values():
+                            p.mul_(w)
+        model = pm.merge_and_unload()
+    return model.state_dict()
+
+
+def assert_close_rel(ours: dict, ref: dict, backbone: dict, tol: float = 1e-6) -> None:
+    assert set(ours) == set(backbone)
+    for k, x in ours.items():
+        r = ref[k]
+        assert x.dtype == backbone[k].dtype and x.shape == r.shape, k
+        denom = r.abs().max().item() or 1.0
+        rel = (x.float() - r.float()).abs().max().item() / denom
+        assert rel <= tol, f"{k}: relative diff {rel:.3g} > {tol}"
+
+
+def bf16_ulp(x: "torch.Tensor") -> "torch.Tensor":
+    a = x.float().abs()
+    tiny = torch.finfo(torch.bfloat16).tiny
+    e = torch.floor(torch.log2(torch.clamp(a, min=tiny)))
+    return torch.pow(2.0, e - 7)
+
+
+def changed(ours: dict, backbone: dict) -> set[str]:
+    return {k for k in ours if not torch.equal(ours[k], backbone[k])}
+
+
+def merge(tmp: Path, model: Path, adapters, **kw):
+    out = tmp / f"out-{len(list(tmp.glob('out-*')))}"
+    res = merge_model(model, adapters, out, progress=False, **kw)
+    return res, load_dir(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures (built once per session)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "llama": build_tiny_llama(d / "llama"),
+        "llama3": build_tiny_llama(d / "llama3", shards=3, seed=1),
+        "llama_bf16": build_tiny_llama(d / "llama_bf16", dtype=torch.bfloat16, seed=2),
+        "llama_tied": build_tiny_llama(d / "llama_tied", tie=True, seed=3),
+        "gpt2": build_tiny_gpt2(d / "gpt2"),
+        "phi3": build_tiny_phi3(d / "phi3"),
+    }
+
+
+@pytest.fixture(scope="session")
+def base_tensors(models):
+    return {k: load_dir(v) for k, v in models.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness vs PEFT
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["plain", "rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                                     "modules_to_save", "embed_lm_head"])
+def test_llama_variants_match_peft(variant, models, base_tensors, tmp_path):
+    kw = {
+        "plain": {},
+        "rslora": dict(use_rslora=True, r=4, alpha=8),
+        "rank_pattern": dict(rank_pattern={"q_proj": 4, "model.layers.1.mlp.down_proj": 2}),
+        "alpha_pattern": dict(alpha_pattern={"o_proj": 5, "^model.layers.0.self_attn.v_proj": 3,
+                                             "layers.1.mlp.up_proj": 64}),
+        "layers_to_transform": dict(layers_to_transform=[1]),
+        "modules_to_save": dict(targets=("q_proj", "v_proj"), modules_to_save=["lm_head"]),
+        "embed_lm_head": dict(targets=("q_proj", "embed_tokens", "lm_head")),
+    }[variant]
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", **kw)
+    res, ours = merge(tmp_path, models["llama"], [AdapterInput("a", ad)])
+    ref = peft_reference(models["llama"], [(ad, 1.0)])
+    base = base_tensors["llama"]
+    assert_close_rel(ours, ref, base)
+    ch = changed(ours, base)
+    if variant == "layers_to_transform":
+        assert ch and all(".layers.1." in k for k in ch)
+    if variant == "modules_to_save":
+        assert "lm_head.weight" in ch and res.provenance["stats"]["replaced"] == 1
+    if variant == "embed_lm_head":
+        assert {"model.embed_tokens.weight", "lm_head.weight"} <= ch
+    if variant == "rank_pattern":
+        ranks = {m.module: m.rank for m in open_adapter(ad).modules.values()}
+        assert ranks["model.layers.0.self_attn.q_proj"] == 4 and ranks["model.layers.1.mlp.down_proj"] == 2
+        assert ranks["model.layers.0.mlp.down_proj"] == 8
+    if variant == "alpha_pattern":
+        sc = open_adapter(ad).scales()
+        assert sc["model.layers.0.self_attn.v_proj"] == 3 / 8 and sc["model.layers.1.self_attn.v_proj"] == 2.0
+        assert sc["model.layers.1.self_attn.o_proj"] == 5 / 8 and sc["model.layers.1.mlp.up_proj"] == 8.0
+    assert ch  # the merge did something
+
+
+def test_gpt2_fan_in_fan_out_and_lora_bias(models, base_tensors, tmp_path):
+    ad = build_tiny_lora(models["gpt2"], tmp_path / "ad", lora_bias=True)
+    assert read_adapter_config(ad)["fan_in_fan_out"] is True
+    res, ours = merge(tmp_path, models["gpt2"], [AdapterInput("a", ad)])
+    ref = peft_reference(models["gpt2"], [(ad, 1.0)])
+    assert_close_rel(ours, ref, base_tensors["gpt2"])
+    ch = changed(ours, base_tensors["gpt2"])
+    assert "transformer.h.0.attn.c_attn.weight" in ch and "transformer.h.0.attn.c_attn.bias" in ch
+    assert "lm_head.weight" not in ours  # tied, as in the backbone
+
+
+def test_weighted_adapters_match_sequential_peft(models, base_tensors, tmp_path):
+    a1 = build_tiny_lora(models["llama"], tmp_path / "a1", r=8, alpha=16, seed=1)
+    a2 = build_tiny_lora(models["llama"], tmp_path / "a2", r=4, alpha=4, use_rslora=True, seed=2,
+                         targets=("q_proj", "v_proj", "down_proj"))
+    a3 = build_tiny_lora(models["llama"], tmp_path / "a3", r=2, alpha=8, seed=3, targets=("embed_tokens", "q_proj"))
+    ws = [0.7, -0.3, 1.5]
+    res, ours = merge(tmp_path, models["llama"], [AdapterInput(f"a{i}", p, w) for i, (p, w) in
+                                                   enumerate(zip([a1, a2, a3], ws))])
+    ref = peft_reference(models["llama"], list(zip([a1, a2, a3], ws)))
+    assert_close_rel(ours, ref, base_tensors["llama"])
+    assert [a["weight"] for a in res.provenance["adapters"]] == ws
+    assert res.provenance["adapters"][1]["scales"] == [2.0]
+
+
+def test_multishard_backbone_and_output_load_in_transformers(models, base_tensors, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = models["llama3"]
+    assert len(list(src.glob("model-*.safetensors"))) >= 2
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj", "lm_head"))
+    res, ours = merge(tmp_path, src, [AdapterInput("a", ad)], shard_size_bytes=120_000)
+    assert len(res.provenance["output"]["shards"]) >= 3
+    assert (res.path / "model.safetensors.index.json").exists()
+    ref_model_sd = peft_reference(src, [(ad, 1.0)])
+    assert_close_rel(ours, ref_model_sd, base_tensors["llama3"])
+    # transformers loads the merged directory and gives PEFT's merged model's logits
+    from peft import PeftModel
+
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(res.path), dtype=torch.float32).eval()
+        peft_m = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32),
+                                           str(ad)).merge_and_unload().eval()
+        a, b = merged(ids).logits, peft_m(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # non-weight files came along
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (res.path / f).read_bytes() == (src / f).read_bytes()
+    assert any(p.name.startswith("chat_template") for p in res.path.iterdir())
+
+
+def test_bf16_within_one_ulp_of_peft(models, base_tensors, tmp_path):
+    src = models["llama_bf16"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "v_proj", "down_proj", "lm_head"))
+    res, ours = merge(tmp_path, src, [AdapterInput("a", ad)])
+    assert res.dtype == "bfloat16"
+    ref = peft_reference(src, [(ad, 1.0)], dtype=torch.bfloat16)
+    base = base_tensors["llama_bf16"]
+    assert set(ours) == set(base)
+    for k, x in ours.items():
+        assert x.dtype == torch.bfloat16
+        r = ref[k]
+        diff = (x.float() - r.float()).abs()
+        ulp = torch.maximum(bf16_ulp(x), bf16_ulp(r))
+        assert bool((diff <= ulp).all()), f"{k}: more than one bf16 ulp from PEFT"
+    assert changed(ours, base)
+
+
+def test_dtype_conversion_and_config(models, base_tensors, tmp_path):
+    src = models["llama"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj",))
+    res, ours = merge(tmp_path, src, [AdapterInput("a", ad)], dtype="bf16")
+    assert res.dtype == "bfloat16" and all(t.dtype == torch.bfloat16 for t in ours.values())
+    cfg = json.loads((res.path / "config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    ref = peft_reference(src, [(ad, 1.0)])
+    for k, x in ours.items():  # computed in fp32, cast once: equals the fp32 merge cast to bf16
+        diff = (x.float() - ref[k].to(torch.bfloat16).float()).abs()
+        assert bool((diff <= bf16_ulp(ref[k])).all()), k
+    st = res.provenance["stats"]
+    assert st["merged"] == 2 and st["converted"] == len(ours) - 2 and st["copied"] == 0
+
+
+def test_tied_embeddings_embedding_lora(models, base_tensors, tmp_path):
+    src = models["llama_tied"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("embed_tokens", "q_proj"))
+    res, ours = merge(tmp_path, src, [AdapterInput("a", ad)])
+    assert "lm_head.weight" not in ours
+    ref = peft_reference(src, [(ad, 1.0)])
+    assert_close_rel(ours, ref, base_tensors["llama_tied"])
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_dora_matches_peft(model, models, base_tensors, tmp_path):
+    src = models[model]
+    ad = build_tiny_lora(src, tmp_path / "ad", use_dora=True,
+                         targets=("q_proj", "down_proj") if model == "llama" else ("c_attn", "c_fc"))
+    res, ours = merge(tmp_path, src, [AdapterInput("a", ad)])
+    ref = peft_reference(src, [(ad, 1.0)])
+    assert_close_rel(ours, ref, base_tensors[model], tol=2e-6)
+    assert res.provenance["adapters"][0]["use_dora"] is True
+
+
+def test_packed_projections_phi3(models, base_tensors, tmp_path):
+    ad = build_tiny_lora(models["phi3"], tmp_path / "ad")  # qkv_proj, o_proj, gate_up_proj, down_proj
+    res, ours = merge(tmp_path, models["phi3"], [AdapterInput("a", ad)])
+    assert_close_rel(ours, peft_reference(models["phi3"], [(ad, 1.0)]), base_tensors["phi3"])
+    assert "model.layers.0.self_attn.qkv_proj.weight" in changed(ours, base_tensors["phi3"])
+    # an adapter on unpacked q/k/v cannot go into the packed backbone: one clear error
+    ll = build_tiny_lora(models["llama"], tmp_path / "ll", targets=("q_proj", "gate_proj"))
+    e = _refused(models["phi3"], [AdapterInput("ll", ll)], tmp_path, "no weight in the backbone")
+    assert "packed" in e.fix and "q_proj" in e.message
+
+
+def test_chunking_threads_and_progress_do_not_change_bytes(models, tmp_path, monkeypatch, capsys):
+    from peftdeploy.merge import engine
+
+    src = models["gpt2"]  # transposed (Conv1D) deltas
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("c_attn", "c_fc", "wte"))
+    outs = []
+    for chunk, threads, progress in [(engine.CHUNK_BYTES, 1, False), (engine.CHUNK_BYTES, 0, True),
+                                     (engine.CHUNK_BYTES, 3, False), (1000, 1, False), (4096, 2, False)]:
+        monkeypatch.setattr(engine, "CHUNK_BYTES", chunk)
+        out = tmp_path / f"o{len(outs)}"
+        merge_model(src, [AdapterInput("a", ad)], out, threads=threads, progress=progress)
+        outs.append(out)
+    raw = [{p.name: p.read_bytes() for p in o.glob("*.safetensors")} for o in outs]
+    assert raw[0] == raw[1] == raw[2]  # deterministic whatever the threads
+    base = load_dir(src)
+    for o in outs[3:]:  # other row-chunkings: the GEMM may round differently, but only just
+        assert_close_rel(load_dir(o), load_dir(outs[0]), base)
+    assert "merge" in capsys.readouterr().err
+
+
+def test_pickle_adapter_only_with_allow_pickle(models, base_tensors, tmp_path):
+    from safetensors.torch import load_file
+
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    sd = load_file(str(ad / "adapter_model.safetensors"))
+    torch.save(sd, ad / "adapter_model.bin")
+    (ad / "adapter_model.safetensors").unlink()
+    with pytest.raises(MergeError) as ei:
+        merge_model(models["llama"], [AdapterInput("a", ad)], tmp_path / "o1", progress=False)
+    assert "pickle" in ei.value.message and "safetensors" in ei.value.fix
+    assert not (tmp_path / "o1").exists()
+    res, ours = merge(tmp_path, models["llama"], [AdapterInput("a", ad)], allow_pickle=True)
+    assert_close_rel(ours, peft_reference(models["llama"], [(ad, 1.0)]), base_tensors["llama"])
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals
+# ---------------------------------------------------------------------------------------------
+def _refused(model, adapters, tmp_path, match, **kw) -> MergeError:
+    out = tmp_path / "refused"
+    with pytest.raises(MergeError) as ei:
+        merge_model(model, adapters, out, progress=False, **kw)
+    e = ei.value
+    assert match in e.message, e.message
+    assert e.fix, "a MergeError must say how to fix it"
+    assert not out.exists() or not any(out.iterdir())
+    return e
+
+
+def test_refuse_shape_mismatch(models, tmp_path):
+    other = build_tiny_llama(tmp_path / "wide", intermediate_size=96)
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad")
+    e = _refused(other, [AdapterInput("a", ad)], tmp_path, "shape mismatch")
+    assert "mlp.gate_proj" in e.message
+
+
+def test_refuse_unmatched_modules(models, tmp_path):
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj", "v_proj"))
+    e = _refused(models["gpt2"], [AdapterInput("a", ad)], tmp_path, "no weight in the backbone")
+    assert "a:model.layers.0.self_attn.q_proj" in e.message
+
+
+def test_refuse_lm_head_lora_on_tied_backbone(models, tmp_path):
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("lm_head",))
+    e = _refused(models["llama_tied"], [AdapterInput("a", ad)], tmp_path, "tied")
+    assert "lm_head" in e.message
+
+
+def test_refuse_dora_with_weight_and_mixed(models, tmp_path):
+    d = build_tiny_lora(models["llama"], tmp_path / "d", use_dora=True, targets=("q_proj",))
+    p = build_tiny_lora(models["llama"], tmp_path / "p", targets=("q_proj",))
+    _refused(models["llama"], [AdapterInput("d", d, 0.5)], tmp_path, "DoRA")
+    _refused(models["llama"], [AdapterInput("d", d), AdapterInput("p", p)], tmp_path, "DoRA")
+
+
+def test_refuse_config_problems(models, tmp_path):
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    cfg = read_adapter_config(ad)
+    for change, match in [({"init_lora_weights": "pissa"}, "modifies the base"),
+                          ({"r": 4}, "r=4"),
+                          ({"peft_type": "IA3"}, "not LoRA"),
+                          ({"layers_to_transform": [0]}, "layers_to_transform"),
+                          ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
+                          ({"trainable_token_indices": [1, 2]}, "trainable_token_indices")]:
+        write_adapter_config(ad, {**cfg, **change})
+        _refused(models["llama"], [AdapterInput("a", ad)], tmp_path, match)
+    write_adapter_config(ad, cfg)
+
+
+def test_refuse_conflicting_modules_to_save(models, tmp_path):
+    a1 = build_tiny_lora(models["llama"], tmp_path / "a1", targets=("q_proj",), modules_to_save=["lm_head"], seed=1)
+    a2 = build_tiny_lora(models["llama"], tmp_path / "a2", targets=("q_proj",), modules_to_save=["lm_head"], seed=2)
+    _refused(models["llama"], [AdapterInput("a1", a1), AdapterInput("a2", a2)], tmp_path, "different values")
+    # a replaced tensor cannot be scaled
+    _refused(models["llama"], [AdapterInput("a1", a1, 0.5)], tmp_path, "cannot be scaled")
+    # the same adapter twice agrees with itself
+    res, _ = merge(tmp_path, models["llama"], [AdapterInput("x", a1), AdapterInput("y", a1)])
+    assert res.provenance["stats"]["replaced"] == 1
+
+
+def test_refuse_misc(models, tmp_path):
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    with pytest.raises(MergeError, match="not empty"):
+        merge_model(models["llama"], [AdapterInput("a", ad)], busy, progress=False)
+    assert (busy / "x").exists()
+    with pytest.raises(MergeError, match="dtype"):
+        merge_model(models["llama"], [AdapterInput("a", ad)], tmp_path / "o", dtype="int8", progress=False)
+    q = build_tiny_llama(tmp_path / "q")
+    cfg = json.loads((q / "config.json").read_text())
+    (q / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "awq"}}))
+    _refused(q, [AdapterInput("a", ad)], tmp_path, "quantized")
+    # unknown adapter keys
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(ad / "adapter_model.safetensors"))
+    sd = {k.replace("lora_A", "lora_X"): v for k, v in sd.items()}
+    save_file(sd, str(ad / "adapter_model.safetensors"))
+    _refused(models["llama"], [AdapterInput("a", ad)], tmp_path, "does not understand")
+
+
+# ---------------------------------------------------------------------------------------------
+# cache
+# ---------------------------------------------------------------------------------------------
+def test_cache_hit_is_fast_and_keyed_on_content(models, tmp_path):
+    root = tmp_path / "cache"
+    ad = build_tiny_lora(models["llama3"], tmp_path / "ad", targets=("q_proj",))
+    r1 = merge_cached(models["llama3"], [AdapterInput("a", ad)], cache_root=root, progress=False)
+    assert not r1.cache_hit and r1.path == root / r1.key and (r1.path / COMPLETE_MARKER).exists()
+    t = time.perf_counter()
+    r2 = merge_cached(models["llama3"], [AdapterInput("renamed", ad)], cache_root=root, progress=False,
+                      provenance={"recipe": "x"})
+    assert time.perf_counter() - t < 1.0
+    assert r2.cache_hit and r2.path == r1.path and r2.key == r1.key
+    # the memo avoided re-reading any file
+    hc = HashCache(root / ".file-hashes.json")
+    merge_key(models["llama3"], [AdapterInput("a", ad)], hash_cache=hc)
+    assert hc.hashed_bytes == 0
+    # a different weight or dtype is another key
+    r3 = merge_cached(models["llama3"], [AdapterInput("a", ad, 0.5)], cache_root=root, progress=False)
+    r4 = merge_cached(models["llama3"], [AdapterInput("a", ad)], cache_root=root, progress=False, dtype="bfloat16")
+    assert len({r1.key, r3.key, r4.key}) == 3 and not r3.cache_hit and not r4.cache_hit
+    # XDG / PEFTDEPLOY_CACHE roots
+    from peftdeploy.merge import default_cache_root
+    env = dict(os.environ)
+    try:
+        os.environ.pop("PEFTDEPLOY_CACHE", None)
+        os.environ["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+        assert default_cache_root() == tmp_path / "xdg" / "peftdeploy" / "merged"
+        os.environ["PEFTDEPLOY_CACHE"] = str(tmp_path / "pd")
+        assert default_cache_root() == tmp_path / "pd" / "merged"
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def test_cache_hit_does_not_import_torch(models, tmp_path):
+    root = tmp_path / "cache"
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    merge_cached(models["llama"], [AdapterInput("a", ad)], cache_root=root, progress=False)
+    code = ("import sys, json; from peftdeploy.merge import AdapterInput, merge_cached; "
+            f"r = merge_cached({str(models['llama'])!r}, [AdapterInput('a', {str(ad)!r})], cache_root={str(root)!r}); "
+            "print(json.dumps([r.cache_hit, 'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, False]
+
+
+def test_explicit_output(models, tmp_path):
+    root = tmp_path / "cache"
+    a1 = build_tiny_lora(models["llama"], tmp_path / "a1", targets=("q_proj",), seed=1)
+    a2 = build_tiny_lora(models["llama"], tmp_path / "a2", targets=("q_proj",), seed=2)
+    out = tmp_path / "deploy" / "merged"
+    r1 = merge_cached(models["llama"], [AdapterInput("a", a1)], output=out, cache_root=root, progress=False)
+    assert r1.path == out and not r1.cache_hit and (out / "model.safetensors").exists()
+    r2 = merge_cached(models["llama"], [AdapterInput("a", a1)], output=out, cache_root=root, progress=False)
+    assert r2.cache_hit
+    with pytest.raises(MergeError, match="different merge"):
+        merge_cached(models["llama"], [AdapterInput("a", a2)], output=out, cache_root=root, progress=False)
+    r3 = merge_cached(models["llama"], [AdapterInput("a", a2)], output=out, cache_root=root, progress=False,
+                      overwrite=True)
+    assert not r3.cache_hit and r3.key != r1.key
+    assert json.loads((out / COMPLETE_MARKER).read_text())["key"] == r3.key
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith((".tmp-", ".old-"))] == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "README").write_text("mine")
+    with pytest.raises(MergeError, match="not a peftdeploy"):
+        merge_cached(models["llama"], [AdapterInput("a", a1)], output=foreign, cache_root=root, progress=False,
+                     overwrite=True)
+    assert (foreign / "README").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert not merge_cached(models["llama"], [AdapterInput("a", a1)], output=empty, cache_root=root,
+                            progress=False).cache_hit
+
+
+_CHILD = r"""
+import json, os, sys
+from peftdeploy.merge import AdapterInput, merge_cached
+r = merge_cached(sys.argv[1], [AdapterInput("a", sys.argv[2])], cache_root=sys.argv[3], progress=False)
+print(json.dumps({"path": str(r.path), "hit": r.cache_hit, "pid": os.getpid()}), flush=True)
+"""
+
+
+def _child(model, ad, root, delay):
+    env = dict(os.environ, PEFTDEPLOY_MERGE_TEST_DELAY=str(delay), PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(model), str(ad), str(root)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_merge_is_never_a_hit(models, tmp_path):
+    root = tmp_path / "cache"
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    key, _ = merge_key(models["llama"], [AdapterInput("a", ad)])
+    p = _child(models["llama"], ad, root, delay=0.5)
+    deadline = time.time() + 60
+    tmp = None
+    while time.time() < deadline and tmp is None:
+        for d in root.glob(f".tmp-{key}-*") if root.exists() else []:
+            if (d / "model.safetensors").exists():
+                tmp = d
+        time.sleep(0.05)
+    assert tmp is not None, p.communicate()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (root / key).exists()
+    assert tmp.exists()  # the remains are there, but do not look complete
+    r = merge_cached(models["llama"], [AdapterInput("a", ad)], cache_root=root, progress=False)
+    assert not r.cache_hit and r.path == root / key and (r.path / COMPLETE_MARKER).exists()
+    assert not tmp.exists()  # cleaned up
+    load_dir(r.path)
+
+
+def test_concurrent_merges_produce_one_result(models, tmp_path):
+    root = tmp_path / "cache"
+    ad = build_tiny_lora(models["llama"], tmp_path / "ad", targets=("q_proj",))
+    procs = [_child(models["llama"], ad, root, delay=0.05) for _ in range(2)]
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=120)
+        assert p.returncode == 0, e
+        outs.append(json.loads(o.strip().splitlines()[-1]))
+    assert outs[0]["path"] == outs[1]["path"]
+    assert sorted(o["hit"] for o in outs) == [False, True]
+    merger = next(o for o in outs if not o["hit"])
+    prov = json.loads((Path(merger["path"]) / "peftdeploy-provenance.json").read_text())
+    assert prov["pid"] == merger["pid"]  # written once, by the process that did not hit
+    assert [p.name for p in root.iterdir() if not p.name.endswith(".lock") and not p.name.startswith(".file-")] \
+        == [Path(merger["path"]).name]
