@@ -1,0 +1,456 @@
+"""`peftdeploy up | down | status`: run the planned vLLM server locally and look after it.
+
+    peftdeploy up RECIPE [--dry-run] [--detach] [--json] [--log-file F] [--port N] [--timeout S] [--follow]
+    peftdeploy down RECIPE|NAME
+    peftdeploy status [NAME] [--json]
+
+`up` = load → plan (refuse on error findings) → merge if the plan says so (cached) → start
+`peftdeploy-vllm serve` with the plan's arguments and environment → wait for readiness (progress:
+phase, elapsed, last log line) → print the endpoint, the model names and ready-to-paste examples →
+block until Ctrl-C / SIGTERM (the server's process group is stopped: SIGTERM, then SIGKILL after a
+grace period) or until the server exits.
+
+Exit codes: 0 — stopped by the server itself with 0, or `--detach`/`--dry-run` done; 2 — a user
+error (recipe, plan findings, port in use, vLLM failed to start: one paragraph + the log path);
+130 / 143 — stopped by SIGINT / SIGTERM (the server was stopped cleanly); otherwise the server's
+own exit code when it dies after it was ready.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..cli_common import emit_json, json_option, user_errors
+from ..errors import LaunchError
+
+STOP_GRACE = 20.0
+
+
+class _Stopped(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _override_port(spec: Any, port: int | None, host: str | None = None) -> Any:
+    if port is None and host is None:
+        return spec
+    args = []
+    for k, v in spec.args:
+        if k == "--port" and port is not None:
+            v = str(port)
+        elif k == "--host" and host is not None:
+            v = host
+        args.append((k, v))
+    return dataclasses.replace(spec, args=tuple(args), port=port if port is not None else spec.port,
+                               host=host if host is not None else spec.host)
+
+
+def _base_url(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}"
+
+
+def _api_key_env(spec: Any) -> str | None:
+    for target, source in spec.secret_env:
+        if target == "VLLM_API_KEY":
+            return source
+    return None
+
+
+def usage_examples(base_url: str, models: list[str], api_key_env: str | None) -> str:
+    """Ready-to-paste curl and openai examples (the api key is referenced, never printed)."""
+    model = models[1] if len(models) > 1 else models[0]
+    auth = f' \\\n    -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64})
+    key_expr = f'os.environ["{api_key_env}"]' if api_key_env else '"EMPTY"'
+    return "\n".join([
+        "curl:",
+        f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
+        f"    -d {shlex.quote(body)}",
+        "python (openai):",
+        "  import os" if api_key_env else "",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{base_url}/v1", api_key={key_expr})',
+        f'  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])',
+        "  print(r.choices[0].message.content)",
+    ]).replace("\n\n", "\n")
+
+
+def _run_merge(plan: Any, spec: Any, *, quiet: bool) -> tuple[Any, dict[str, Any]]:
+    """Merge the plan's adapters into the backbone (content-addressed cache); returns (spec, info)."""
+    step = spec.merge
+    r = plan.recipe
+    if step.quantization not in ("none", "fp8", "bitsandbytes", "awq", "gptq"):
+        try:
+            import peftdeploy.quantize  # noqa: F401
+        except ImportError:
+            raise LaunchError(f"quantization scheme {step.quantization!r} of a merged model needs the "
+                              "peftdeploy.quantize stage, which is not available in this installation",
+                              fix="use quantization.scheme none or fp8 (quantized by vLLM at load time)") from None
+        raise LaunchError(f"`up` does not run the {step.quantization!r} quantization step yet",
+                          fix="quantize with `peftdeploy merge`, or use scheme none / fp8")
+    from ..merge import AdapterInput, merge_cached
+    from ..sources import resolve
+
+    resolved = plan.resolved
+    bb = resolved.merge_base or resolved.backbone
+    if bb.kind == "hf" and (bb.path is None or not any(Path(bb.path).glob("*.safetensors"))):
+        resolved = resolve(plan.loaded, fetch="full", progress=not quiet)
+        bb = resolved.merge_base or resolved.backbone
+    if bb.path is None:
+        raise LaunchError(f"the backbone to merge into is not available locally ({bb.unavailable or bb.spec})",
+                          fix="download it (unset HF_HUB_OFFLINE) or point backbone.model at a local directory")
+    adapters = [AdapterInput(n, str(resolved.adapter(n).path), weight=r.adapter(n).weight) for n in step.adapters]
+    if not quiet:
+        _err(f"merge: {', '.join(step.adapters)} into {bb.spec} ...")
+    res = merge_cached(bb.path, adapters, dtype=r.backbone.dtype, output=step.output_dir, progress=not quiet,
+                       provenance={"recipe": r.name, "recipe_hash": spec.recipe_hash})
+    info = {"cache_hit": res.cache_hit, "key": res.key, "seconds": round(res.seconds, 3), "path": str(res.path)}
+    if not quiet:
+        if res.cache_hit:
+            _err(f"merge: cache hit ({res.path})")
+        else:
+            _err(f"merge: done in {res.seconds:.1f} s ({res.path})")
+    if str(Path(res.path)) != str(Path(spec.model)):
+        spec = dataclasses.replace(spec, model=str(res.path))
+    return spec, info
+
+
+def _install_handlers(handler) -> dict[int, Any]:
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            old[s] = signal.signal(s, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+    return old
+
+
+def _restore_handlers(old: dict[int, Any]) -> None:
+    for s, h in old.items():
+        try:
+            signal.signal(s, h)
+        except (ValueError, OSError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ up
+@click.command("up")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print exactly what would run (the plan's command) and exit.")
+@click.option("--detach", is_flag=True, help="Return once the server is ready; stop it with `peftdeploy down`.")
+@json_option
+@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
+              help="Server log file (default: <cache>/logs/<recipe>-<time>.log).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Override serving.port.")
+@click.option("--host", default=None, help="Override serving.host.")
+@click.option("--timeout", type=float, default=900.0, show_default=True, help="Seconds to wait for readiness.")
+@click.option("--follow", is_flag=True, help="Stream the server log to stderr after it is ready.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="Plan for this device.")
+@user_errors
+def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: str | None, port: int | None,
+           host: str | None, timeout: float, follow: bool, device: str) -> None:
+    """Plan, merge if needed, and run the OpenAI-compatible server."""
+    from ..plan import make_plan
+    from ..recipe import load_recipe
+    from . import state as st
+    from .supervisor import ProgressDisplay, Supervisor, check_port_free, default_log_path
+
+    loaded = load_recipe(recipe)
+    plan = make_plan(loaded, device=device)
+    plan.raise_for_errors()
+    spec = _override_port(plan.launch, port, host)
+
+    if dry_run:
+        if as_json:
+            emit_json({"ok": True, "mode": plan.mode, "mode_reason": plan.mode_reason, **spec.to_dict()})
+        else:
+            click.echo(spec.command_line())
+        return
+
+    quiet = as_json
+    if not quiet:
+        _err(f"plan: mode {plan.mode} — {plan.mode_reason}")
+        for f in plan.findings:
+            if f.severity.value == "warning":
+                _err(f"plan: warning: {f.message}")
+
+    existing = st.read_state(spec.recipe_name)
+    if existing is not None:
+        if existing.alive:
+            raise LaunchError(f"deployment {spec.recipe_name!r} is already running at {existing.base_url} "
+                              f"(pid {existing.pid})", fix=f"stop it first: peftdeploy down {spec.recipe_name}")
+        st.remove_state(spec.recipe_name)  # stale
+    check_port_free(spec.host, spec.port)  # before a (possibly long) merge
+
+    merge_info = None
+    if spec.merge is not None:
+        spec, merge_info = _run_merge(plan, spec, quiet=quiet)
+
+    sup = Supervisor(spec, log_path=log_file or default_log_path(spec.recipe_name))
+    stopping: dict[str, Any] = {"signum": None}
+
+    def on_signal(signum, frame):
+        if stopping["signum"] is None:
+            stopping["signum"] = signum
+            raise _Stopped(signum)
+        if sup.pgid:  # second signal while stopping: no more grace
+            try:
+                os.killpg(sup.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    old = _install_handlers(on_signal)
+    state = None
+    try:
+        try:
+            sup.start()
+            state = st.DeploymentState(
+                name=spec.recipe_name, pid=sup.proc.pid, pgid=sup.pgid, host=spec.host, port=spec.port,
+                log_path=str(sup.log_path), model_names=spec.model_names, served_model_name=spec.served_model_name,
+                adapters=[a.name for a in spec.adapters], mode=spec.mode, recipe_path=str(loaded.path),
+                recipe_hash=spec.recipe_hash, supervisor_pid=None if detach else os.getpid(),
+                api_key_env=_api_key_env(spec), command_line=spec.command_line())
+            st.write_state(state)
+            if not quiet:
+                _err(f"vLLM: starting (pid {sup.proc.pid}, log {sup.log_path})")
+            with ProgressDisplay(spec.recipe_name, enabled=not quiet) as disp:
+                seconds = sup.wait_ready(timeout=timeout, on_tick=disp.update)
+        except BaseException:
+            if state is not None:
+                st.remove_state(spec.recipe_name, pid=state.pid)
+            raise
+        state.ready_at = time.time()
+        st.write_state(state)
+        base = _base_url(spec.host, spec.port)
+        info = {"ok": True, "name": spec.recipe_name, "endpoint": f"{base}/v1", "models": spec.model_names,
+                "base_model": spec.served_model_name, "adapters": [a.name for a in spec.adapters],
+                "mode": spec.mode, "pid": sup.proc.pid, "pgid": sup.pgid, "log": str(sup.log_path),
+                "ready_seconds": round(seconds, 2), "merge": merge_info, "detached": detach}
+        if as_json:
+            emit_json(info)
+        else:
+            click.echo(f"ready in {seconds:.1f} s: {base}/v1   (mode {spec.mode})")
+            names = [f"{spec.served_model_name} (base{' merged' if spec.mode == 'merge' else ''})",
+                     *(a.name for a in spec.adapters)]
+            click.echo(f"models: {', '.join(names)}")
+            click.echo(f"log: {sup.log_path}")
+            click.echo(usage_examples(base, spec.model_names, _api_key_env(spec)))
+            if detach:
+                click.echo(f"detached: `peftdeploy status {spec.recipe_name}`, "
+                           f"`peftdeploy down {spec.recipe_name}`")
+            else:
+                click.echo("serving — Ctrl-C to stop" + ("" if follow else " (log in the file above; --follow streams it)"))
+        sys.stdout.flush()
+        if detach:
+            sup.proc.returncode = 0  # do not warn about a child we leave running on purpose
+            return
+
+        # foreground: block until a signal or the server exits
+        tail_pos = sup.log_path.stat().st_size if follow else 0
+        while True:
+            rc = sup.proc.poll()
+            if follow:
+                tail_pos = _stream(sup.log_path, tail_pos)
+            if rc is not None:
+                break
+            time.sleep(0.25)
+        st.remove_state(spec.recipe_name, pid=sup.proc.pid)
+        sup.stop(grace=5)  # leftovers of the group, if any
+        if rc != 0:
+            d = sup.failure(rc, prefix="the vLLM server exited")
+            _err(d.render())
+        sys.exit(rc if rc >= 0 else 128 - rc)
+    except _Stopped as s:
+        if not quiet:
+            _err(f"\n{signal.Signals(s.signum).name}: stopping the vLLM server (process group {sup.pgid}) ...")
+        rc = sup.stop(grace=STOP_GRACE)
+        if state is not None:
+            st.remove_state(spec.recipe_name, pid=state.pid)
+        if not quiet:
+            _err(f"stopped (server exit code {rc})")
+        sys.exit(128 + s.signum)
+    finally:
+        _restore_handlers(old)
+        if sup.proc is not None and sup.proc.poll() is None and not detach:
+            sup.stop(grace=5)
+
+
+def _stream(path: Path, pos: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            data = f.read()
+            pos = f.tell()
+    except OSError:
+        return pos
+    if data:
+        sys.stderr.write(data.decode("utf-8", "replace"))
+        sys.stderr.flush()
+    return pos
+
+
+# ---------------------------------------------------------------------------------------------- down
+def _name_of(target: str) -> str:
+    p = Path(target)
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise LaunchError(f"recipe {target} not found", fix="give a recipe path or a deployment name")
+        from ..recipe import load_recipe
+
+        return load_recipe(p).recipe.name
+    return target
+
+
+@click.command("down")
+@click.argument("target")
+@click.option("--timeout", type=float, default=STOP_GRACE, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@json_option
+@user_errors
+def down_cmd(target: str, timeout: float, as_json: bool) -> None:
+    """Stop a deployment started with `up` (RECIPE path or deployment NAME)."""
+    from . import state as st
+    from .supervisor import group_alive, stop_process_group
+
+    name = _name_of(target)
+    s = st.read_state(name)
+    if s is None:
+        running = ", ".join(x.name for x in st.list_states()) or "none"
+        raise LaunchError(f"no deployment named {name!r} is running (running: {running})",
+                          fix="`peftdeploy status` lists deployments")
+    was_alive = s.alive or group_alive(s.pgid)
+    t0 = time.monotonic()
+    if s.supervisor_pid and st.pid_alive(s.supervisor_pid) and s.supervisor_pid != os.getpid():
+        try:  # a foreground `up`: let it stop its server and clean up
+            os.kill(s.supervisor_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + timeout + 10
+        while time.monotonic() < end and (group_alive(s.pgid) or st.pid_alive(s.supervisor_pid)):
+            time.sleep(0.1)
+    if group_alive(s.pgid):
+        stop_process_group(s.pgid, grace=timeout)
+    st.remove_state(name)
+    out = {"ok": True, "name": name, "pid": s.pid, "was_running": was_alive,
+           "seconds": round(time.monotonic() - t0, 2)}
+    if as_json:
+        emit_json(out)
+    elif was_alive:
+        click.echo(f"stopped {name} (pid {s.pid}, {out['seconds']} s)")
+    else:
+        click.echo(f"{name} was not running (stale state removed)")
+
+
+# -------------------------------------------------------------------------------------------- status
+def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
+    """Health, models and /metrics figures of one deployment (from its state)."""
+    import httpx
+
+    from .metrics import snapshot
+
+    d: dict[str, Any] = {"name": s.name, "endpoint": f"{s.base_url}/v1", "pid": s.pid, "mode": s.mode,
+                         "log": s.log_path, "recipe": s.recipe_path, "started_at": s.started_at,
+                         "uptime_s": round(time.time() - s.started_at, 1), "alive": s.alive,
+                         "ready": s.ready_at is not None, "health": None, "models": None, "metrics": None}
+    if not d["alive"]:
+        d["health"] = "stale (process gone)"
+        return d
+    key = os.environ.get(s.api_key_env) if s.api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.get(s.base_url + "/health", timeout=timeout)
+        d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
+    except httpx.HTTPError as e:
+        d["health"] = f"unreachable ({type(e).__name__})" if s.ready_at else "starting"
+        return d
+    try:
+        r = httpx.get(s.base_url + "/v1/models", timeout=timeout, headers=headers)
+        if r.status_code == 200:
+            d["models"] = [m.get("id") for m in r.json().get("data", [])]
+    except (httpx.HTTPError, ValueError):
+        pass
+    try:
+        r = httpx.get(s.base_url + "/metrics", timeout=timeout, headers=headers)
+        if r.status_code == 200:
+            d["metrics"] = snapshot(r.text, s.adapters).to_dict()
+    except httpx.HTTPError:
+        pass
+    return d
+
+
+@click.command("status")
+@click.argument("name", required=False)
+@json_option
+@user_errors
+def status_cmd(name: str | None, as_json: bool) -> None:
+    """Health and per-adapter metrics of running deployments."""
+    from . import state as st
+
+    if name:
+        s = st.read_state(_name_of(name))
+        if s is None:
+            raise LaunchError(f"no deployment named {name!r}", fix="`peftdeploy status` lists deployments")
+        states = [s]
+    else:
+        states = st.list_states()
+    rows = [deployment_status(s) for s in states]
+    if as_json:
+        emit_json({"ok": True, "deployments": rows})
+        return
+    if not rows:
+        click.echo("no deployments (start one with `peftdeploy up RECIPE --detach`)")
+        return
+    from rich.table import Table
+
+    from ..cli_common import stdout_console
+
+    con = stdout_console()
+    for d in rows:
+        con.print(f"[bold]{d['name']}[/bold]  {d['endpoint']}  pid {d['pid']}  mode {d['mode']}  "
+                  f"health: {d['health']}  up {d['uptime_s']:.0f} s", markup=True, highlight=False)
+        m = d.get("metrics") or {}
+        if m:
+            kv = m.get("kv_cache_usage")
+            con.print(f"  requests running {_n(m.get('running'))}, waiting {_n(m.get('waiting'))}, "
+                      f"finished {_n(m.get('requests_finished'))}; KV cache "
+                      f"{'-' if kv is None else f'{kv * 100:.1f}%'}; max_loras {m.get('max_loras') or '-'}",
+                      markup=False, highlight=False)
+        models = d.get("models") or []
+        if models:
+            t = Table(show_header=True, header_style="bold", box=None, padding=(0, 2))
+            t.add_column("model")
+            t.add_column("kind")
+            t.add_column("loaded")
+            t.add_column("running")
+            t.add_column("waiting")
+            per = m.get("per_adapter", {}) if m else {}
+            ads = set(per) | set(models[1:])
+            for mid in models:
+                st_ = per.get(mid, {})
+                kind = "base" if mid not in ads or mid == models[0] else "adapter"
+                t.add_row(mid, kind, "yes", "yes" if st_.get("running") else "-",
+                          "yes" if st_.get("waiting") else "-")
+            con.print(t)
+        con.print(f"  log: {d['log']}", markup=False, highlight=False)
+
+
+def _n(x: Any) -> str:
+    return "-" if x is None else f"{x:g}"
