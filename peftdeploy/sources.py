@@ -229,7 +229,7 @@ def _s3_fetch(spec: str, offline: bool) -> Path:
     except ImportError as e:  # pragma: no cover
         raise SourceError(f"s3:// sources need fsspec and s3fs ({e})", fix="pip install 'peftdeploy[s3]'")
     try:
-        fs = fsspec.filesystem("s3")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)  # credentials are read from the environment now, not from an earlier instance
     except (ImportError, ValueError) as e:
         raise SourceError(f"s3:// sources need s3fs ({e})", fix="pip install 'peftdeploy[s3]'")
     local.mkdir(parents=True, exist_ok=True)

@@ -272,7 +272,7 @@ class CatalogResolver:
             try:
                 import fsspec
 
-                fs = fsspec.filesystem("s3")
+                fs = fsspec.filesystem("s3", skip_instance_cache=True)  # credentials are read from the environment now, not from an earlier instance
                 ok = fs.exists(f"{m.group(1)}/{m.group(2).rstrip('/')}/adapter_config.json")
             except Exception as e:  # noqa: BLE001 - S3 unreachable: a fetch failure, not "unknown"
                 raise FetchFailed(f"LoRA adapter `{entry.name}`: cannot reach {entry.source} ({type(e).__name__}: "
