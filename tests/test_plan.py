@@ -297,3 +297,85 @@ def test_plan_json_and_exit_code_offline_miss(tmp_path: Path) -> None:
     assert rc == 2 and bad == []
     d = json.loads(out)
     assert d["ok"] is False and d["findings"][0]["code"] == "backbone-unavailable"
+
+
+# ------------------------------------------------------------------------------------------------
+# the scheme table (issue 6): backbone bytes per scheme and what changes in KV capacity
+# ------------------------------------------------------------------------------------------------
+def test_scheme_table_bytes_and_kv(tmp_path: Path) -> None:
+    from peftdeploy.quantize.support import backbone_bytes
+
+    p = _multi(tmp_path, [8], "policy: {mode: merge}\n")  # tiny model with weights (safetensors headers)
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="1GiB")
+    b, m = plan.memory, plan.inventory.model
+    assert b is not None and m is not None and not m.weights_estimated
+    rows = {r.scheme: r for r in b.schemes}
+    assert set(rows) == {"none", "fp8", "int8", "w8a16", "w4a16", "bitsandbytes"}
+    assert [r.scheme for r in b.schemes if r.chosen] == ["none"]
+    # linear vs other params from the safetensors headers; scales: one per output row (per-channel) or group
+    dims = {"q": (64, 64), "k": (64, 32), "v": (64, 32), "o": (64, 64), "g": (64, 128), "u": (64, 128), "d": (128, 64)}
+    lin = 2 * sum(i * o for i, o in dims.values())
+    rows_out = 2 * sum(o for _, o in dims.values())
+    assert rows["int8"].inputs["linear_params"] == m.linear_params == lin
+    assert rows["int8"].inputs["other_params"] == m.total_params - lin
+    for r in b.schemes:
+        assert r.weight_bytes == (backbone_bytes(r.scheme, **r.inputs) if r.scheme != "none"
+                                  else m.total_params * 4), r.scheme
+    assert rows["int8"].weight_bytes == lin * 1 + rows_out * 4 + (m.total_params - lin) * 4  # fp32 scales
+    assert rows["w4a16"].inputs["group_size"] == 64  # 128 does not divide hidden 64
+    assert rows["w4a16"].weight_bytes == lin // 2 + lin // 64 * 4 + (m.total_params - lin) * 4
+    # the chosen row is exactly the plan's memory budget
+    assert rows["none"].weight_bytes == b.weight_bytes and rows["none"].kv_tokens == b.kv_tokens > 0
+    # the bytes a scheme frees all go to KV cache: tokens rise by exactly that, floor-wise
+    per = b.kv_bytes_per_token
+    for r in b.schemes:
+        saved = b.weight_bytes - r.weight_bytes
+        assert r.weight_delta == -saved and r.kv_bytes_per_token == per
+        assert r.kv_tokens == (b.kv_cache_bytes + saved) // per, r.scheme
+        assert r.kv_tokens_delta == r.kv_tokens - b.kv_tokens
+    assert 0 < rows["int8"].kv_tokens_delta < rows["w4a16"].kv_tokens_delta
+    assert rows["int8"].quantize_step and rows["int8"].usable and not rows["fp8"].quantize_step
+    assert "--quantization fp8" in rows["fp8"].how and all(r.lora_ok for r in b.schemes)
+    d = json.loads(json.dumps(plan.to_dict()))["memory"]["schemes"]
+    assert [x["scheme"] for x in d] == [r.scheme for r in b.schemes] and d[0]["chosen"] is True
+
+
+def test_scheme_table_cpu_and_chosen_quantized(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8], "policy: {mode: merge}\nquantization: {scheme: int8}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    b = plan.memory
+    assert b is not None
+    rows = {r.scheme: r for r in b.schemes}
+    # only what vLLM 0.32 runs on CPU: no fp8 (online fp8 quantization has no CPU op), w8a16, bitsandbytes
+    assert set(rows) == {"none", "int8", "w4a16"} and rows["int8"].chosen
+    assert rows["int8"].weight_bytes == b.weight_bytes and rows["none"].weight_delta > 0
+    assert rows["w4a16"].dtype == "bfloat16" and "bfloat16" in rows["w4a16"].note  # cpu_gemm_wna16: no fp32
+    serve = make_plan(load_recipe(_multi(tmp_path / "s", [8])), device="cpu", host_memory="16GiB")
+    assert not {r.scheme: r for r in serve.memory.schemes}["int8"].usable  # offline step: merge mode only
+
+
+@pytest.mark.parametrize("scheme,mode,device,code,sev,fix_has", [
+    ("bitsandbytes", "serve", "cpu", "quantization-device", E, "int8 or w4a16 with policy.mode: merge"),
+    ("fp8", "merge", "cpu", "quantization-device", E, "int8 or w4a16 with policy.mode: merge"),
+    ("w8a16", "merge", "cpu", "quantization-device", E, "int8 or w4a16"),
+    ("bitsandbytes", "serve", "cuda", "quantization-vllm-version", W, "w4a16"),
+    ("int8", "serve", "cuda", "quantization-needs-merge", E, "fp8 / bitsandbytes"),
+    ("int8", "serve", "cpu", "quantization-needs-merge", E, "keep scheme none"),
+])
+def test_quantization_findings_per_device(tmp_path: Path, scheme: str, mode: str, device: str, code: str,
+                                          sev: Severity, fix_has: str) -> None:
+    p = _multi(tmp_path, [8], f"policy: {{mode: {mode}}}\nquantization: {{scheme: {scheme}}}\n")
+    plan = make_plan(load_recipe(p), device=device, gpu_memory="1GiB", host_memory="16GiB")
+    f = {x.code: x for x in plan.findings}
+    assert code in f and f[code].severity == sev and fix_has in f[code].fix, [(x.code, x.fix) for x in plan.findings]
+    if device == "cpu":  # never offer a scheme vLLM 0.32 CPU cannot run
+        assert "bitsandbytes" not in f[code].fix.replace(f"scheme {scheme}", "")
+        assert "fp8 /" not in f[code].fix
+
+
+def test_cpu_w4a16_needs_bf16(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8], "policy: {mode: merge}\nquantization: {scheme: w4a16}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")  # tiny model is float32
+    assert "quantization-cpu-dtype" in {x.code for x in plan.errors}
+    p.write_text(p.read_text().replace("max_model_len: 256", "max_model_len: 256, dtype: bfloat16"))
+    assert "quantization-cpu-dtype" not in {x.code for x in make_plan(load_recipe(p), device="cpu").findings}

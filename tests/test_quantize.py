@@ -217,8 +217,11 @@ def test_scheme_info_facts():
     ok, why = scheme_info("w8a16").supported_on("cpu")
     assert not ok and "4-bit" in why
     assert scheme_info("fp8").kind == "runtime" and scheme_info("fp8").vllm_quantization == "fp8"
-    ok, why = scheme_info("bitsandbytes").lora_ok("cuda")
+    ok, why = scheme_info("bitsandbytes").lora_ok("cpu")  # no bitsandbytes in vLLM 0.32 (CPU); GPU builds only
     assert not ok and "bitsandbytes" in why
+    assert scheme_info("bitsandbytes").supported_on("cuda")[0] and scheme_info("bitsandbytes").kind == "runtime"
+    ok, why = scheme_info("fp8").supported_on("cpu")  # online fp8 needs _C::static_scaled_fp8_quant (stub on CPU)
+    assert not ok and "static_scaled_fp8_quant" in why
     for s in ("awq", "gptq"):
         i = scheme_info(s)
         assert i.kind == "prequantized" and i.merge_action == "needs-merge-base" and i.merge_offline_scheme == "w4a16"

@@ -102,6 +102,10 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
                           f"model, but were trained on the unmerged backbone", fix="merge them too "
                           "(policy.merge.adapters), or deploy them separately with policy.mode: serve",
                           subject="policy", location=ctx.loc("policy", "merge", "adapters") or ctx.loc("policy", "mode")))
+    if budget is not None and inventory.model is not None:
+        from dataclasses import replace
+
+        budget = replace(budget, schemes=memory.scheme_table(inventory.model, budget, recipe=r, device=dev, mode=mode))
     fs = findings.sort_findings([*fs, *mem_findings])
     launch = command.build_launch(loaded=loaded, resolved=resolved, inventory=inventory, derived=derived, mode=mode,
                                   merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev)

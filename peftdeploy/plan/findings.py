@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from ..errors import Finding, Location, Severity
 from ..inspect import AdapterInfo, Inventory, ModelInfo, parse_lora_name
+from ..quantize.support import OFFLINE_SCHEMES, RUNTIME_SCHEMES, scheme_info
 from .memory import ARCH_LORA, EMBED_TARGETS, accepted_ranks, arch_lora, round_rank, supported_targets
 
 E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
@@ -389,16 +390,47 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                  "into quantized weights and lose the adapter's precision", "either set backbone.merge_base to "
                  "the full-precision twin (peftdeploy merges there, then quantizes), or use policy.mode: serve "
                  "to keep the adapters unmerged", "backbone", ctx.loc("policy", "mode"))
-    if ctx.mode == "serve" and scheme in ("int8", "w8a16", "w4a16"):
+    info = scheme_info(scheme)
+    runtime_here = [k for k in RUNTIME_SCHEMES if scheme_info(k).supported_on(ctx.device)[0]]
+    if ctx.mode == "serve" and info.kind == "offline":
+        if runtime_here:
+            alt = (f"or a scheme vLLM quantizes at load time on {ctx.device}: {' / '.join(runtime_here)}")
+        else:
+            alt = (f"or keep scheme none to serve unmerged: vLLM on {ctx.device} quantizes no scheme at load "
+                   "time")
         yield _f("quantization-needs-merge", E, f"quantization.scheme {scheme} is produced offline by "
                  "peftdeploy's quantize step, which runs only in merge mode; vLLM cannot apply it at load time",
-                 "use policy.mode: merge, or scheme fp8 / bitsandbytes (quantized by vLLM at load time)",
+                 f"use policy.mode: merge (peftdeploy quantizes the merged model), {alt}",
                  "backbone", ctx.loc("quantization", "scheme"))
-    if ctx.device == "cpu" and (scheme in ("fp8", "bitsandbytes", "awq", "gptq")
-                                or r.quantization.kv_cache_dtype == "fp8"):
-        yield _f("quantization-cpu", W, f"quantization {scheme} / kv_cache_dtype {r.quantization.kv_cache_dtype} "
-                 "may not be supported by vLLM's CPU backend", "use --device cuda for this recipe, or scheme none "
-                 "on CPU", "backbone", ctx.loc("quantization", "scheme"))
+    ok, why = info.supported_on(ctx.device)
+    if not ok and info.kind != "prequantized":
+        offline_here = [k for k in OFFLINE_SCHEMES if scheme_info(k).supported_on(ctx.device)[0]]
+        fix = (f"use quantization.scheme {' or '.join(offline_here)} with policy.mode: merge (quantized offline "
+               f"by peftdeploy after the merge)" if offline_here else "use quantization.scheme none")
+        if runtime_here and info.kind != "runtime":
+            fix += f", or {' / '.join(runtime_here)} (quantized by vLLM at load time)"
+        if ctx.device == "cpu" and scheme_info(scheme).supported_on("cuda")[0]:
+            fix += ", or plan for a GPU (--device cuda)"
+        yield _f("quantization-device", E, f"quantization.scheme {scheme} does not run on {ctx.device}: {why}",
+                 fix, "backbone", ctx.loc("quantization", "scheme"))
+    elif ok and ctx.device == "cpu" and m is not None and info.kind != "none" and info.cpu_dtypes:
+        from .memory import model_dtype
+
+        dt = model_dtype(m, r.backbone.dtype)
+        if dt not in info.cpu_dtypes:
+            yield _f("quantization-cpu-dtype", E, f"vLLM's CPU kernel for {scheme} takes "
+                     f"{' / '.join(info.cpu_dtypes)} activations, not {dt}",
+                     f"set backbone.dtype: {info.cpu_dtypes[0]}", "backbone",
+                     ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
+    if ok and ctx.device == "cuda" and scheme == "bitsandbytes":
+        yield _f("quantization-vllm-version", W, "quantization.scheme bitsandbytes needs a GPU vLLM that still "
+                 "ships the bitsandbytes method and loader (plus the bitsandbytes package); vLLM 0.32 has none",
+                 "pin the GPU host's vLLM to a release with bitsandbytes, or use w4a16 with policy.mode: merge "
+                 "(same 4-bit footprint, made offline by peftdeploy)", "backbone", ctx.loc("quantization", "scheme"))
+    if ctx.device == "cpu" and r.quantization.kv_cache_dtype == "fp8":
+        yield _f("quantization-cpu", W, "kv_cache_dtype fp8 may not be supported by vLLM's CPU backend",
+                 "use --device cuda for this recipe, or kv_cache_dtype: auto on CPU", "backbone",
+                 ctx.loc("quantization", "kv_cache_dtype") or ctx.loc("quantization", "scheme"))
 
 
 @recipe_check("revision")

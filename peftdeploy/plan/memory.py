@@ -180,18 +180,106 @@ def model_dtype(model: ModelInfo, requested: str) -> str:
     return "bfloat16"
 
 
+PREQUANTIZED_METHODS = ("awq", "gptq", "compressed-tensors", "fp8")
+GROUP_CANDIDATES = (128, 64, 32)  # as peftdeploy.quantize.rtn.choose_group_size
+
+
+def _prequantized(model: ModelInfo) -> bool:
+    return model.quant_method in PREQUANTIZED_METHODS
+
+
+def linear_dims(model: ModelInfo) -> list[tuple[int, int, int]]:
+    """(in_features, out_features, count) of the decoder Linear weights (what a scheme quantizes).
+
+    From the safetensors headers when the checkpoint is local and full precision; from config.json
+    otherwise (Llama-like layout: q, k, v, o, gate, up, down per layer).
+    """
+    from ..inspect import _classify
+
+    if model.tensors and not model.weights_estimated and not _prequantized(model):
+        out: dict[tuple[int, int], int] = {}
+        for name, (_dt, shape) in model.tensors.items():
+            if _classify(name, shape) == "linear":
+                key = (int(shape[1]), int(shape[0]))
+                out[key] = out.get(key, 0) + 1
+        if out:
+            return [(i, o, n) for (i, o), n in sorted(out.items())]
+    h, i, L = model.hidden_size, model.intermediate_size, model.num_layers
+    q, kv = model.q_size, model.kv_size
+    dims = [(h, q), (h, kv), (h, kv), (q, h)]
+    dims += [(h, i), (h, i), (i, h)] if arch_lora(model).gated_mlp else [(h, i), (i, h)]
+    return [(a, b, L) for a, b in dims]
+
+
+def param_split(model: ModelInfo) -> tuple[int, int, str]:
+    """(linear_params, other_params, where from): Linear weights a scheme quantizes vs the rest
+    (embeddings, lm_head unless tied, norms, biases), which stay in the model dtype.
+
+    Full-precision checkpoints: counted from the safetensors headers (inspect). Pre-quantized ones
+    (packed int32 tensors) and remote ones: the parameter count config.json implies.
+    """
+    if _prequantized(model) and not model.weights_estimated:
+        from ..inspect import model_info_from_config
+
+        est = model_info_from_config(model.config, path=None, source=model.source)
+        return est.linear_params, est.embed_params + est.lm_head_params + est.other_params, "config.json"
+    src = "config.json (estimate)" if model.weights_estimated else "safetensors headers"
+    return model.linear_params, model.embed_params + model.lm_head_params + model.other_params, src
+
+
+def group_size_for(model: ModelInfo, requested: int) -> int | None:
+    """The largest group size <= requested dividing every Linear input dimension (None: none does)."""
+    ins = {d[0] for d in linear_dims(model)}
+    for g in (requested,) + tuple(c for c in GROUP_CANDIDATES if c < requested):
+        if all(x % g == 0 for x in ins):
+            return g
+    return None
+
+
+def scheme_bytes_inputs(model: ModelInfo, scheme: str, dtype: str) -> dict[str, Any]:
+    """The keyword arguments of :func:`peftdeploy.quantize.support.backbone_bytes` for this model.
+
+    * per-channel scales: one per output row, so the exact overhead is Σ out_features × scale bytes;
+      ``in_features`` is the effective one (linear params / Σ out rows) that gives exactly that.
+    * group schemes: the group size peftdeploy's quantizer would choose (128, else 64 / 32).
+    * offline schemes (int8 / w8a16 / w4a16): scales in the model dtype, as peftdeploy writes them.
+    """
+    from ..quantize.support import scheme_info
+
+    info = scheme_info(scheme)
+    lin, other, _src = param_split(model)
+    dims = linear_dims(model)
+    rows = sum(o * n for _i, o, n in dims)
+    kw: dict[str, Any] = {"linear_params": int(lin), "other_params": int(other), "dtype_bytes": DTYPE_BYTES[dtype],
+                          "in_features": (lin / rows) if rows else None, "group_size": None, "scale_bytes": None}
+    if info.group_size:
+        kw["group_size"] = group_size_for(model, info.group_size) or info.group_size
+    if info.kind == "offline":
+        kw["scale_bytes"] = DTYPE_BYTES[dtype]
+    return kw
+
+
 def weight_bytes(model: ModelInfo, *, scheme: str, dtype: str) -> tuple[int, str]:
-    """Bytes of the backbone's weights as vLLM holds them, with a one-line explanation."""
+    """Bytes of the backbone's weights as vLLM holds them, with a one-line explanation.
+
+    Quantization schemes: :func:`peftdeploy.quantize.support.backbone_bytes` (the same model the
+    scheme table and ``peftdeploy eval`` use). Pre-quantized checkpoints: bytes as stored.
+    """
+    from ..quantize.support import backbone_bytes, scheme_info
+
     elt = DTYPE_BYTES[dtype]
-    non_linear = (model.embed_params + model.lm_head_params + model.other_params) * elt
-    if scheme in ("awq", "gptq") or model.quant_method in ("awq", "gptq", "compressed-tensors", "fp8"):
+    if scheme in ("awq", "gptq") or _prequantized(model):
         return model.weight_bytes, "pre-quantized checkpoint: bytes as stored"
-    if scheme in ("fp8", "int8", "w8a16"):
-        return int(model.linear_params * 1 + non_linear), f"{scheme}: linear weights 1 byte, rest {dtype}"
-    if scheme in ("w4a16", "bitsandbytes"):
-        # 4-bit weights + one fp16/fp32 scale per 64-element block (nf4/w4a16 group ~ 64-128)
-        return int(model.linear_params * (0.5 + 4 / 64) + non_linear), f"{scheme}: linear weights ~4.5 bits"
-    return int(model.total_params * elt), f"{dtype}: {elt} bytes per parameter"
+    info = scheme_info(scheme)
+    if info.kind == "none":
+        return int(model.total_params * elt), f"{dtype}: {elt} bytes per parameter"
+    kw = scheme_bytes_inputs(model, scheme, dtype)
+    b = backbone_bytes(scheme, **kw)
+    if kw["group_size"]:
+        how = f"{info.weight_bits:g}-bit + a {kw['scale_bytes'] or info.scale_bytes}-byte scale per {kw['group_size']}"
+    else:
+        how = f"{info.weight_bits:g}-bit + a {kw['scale_bytes'] or info.scale_bytes}-byte scale per output row"
+    return b, f"{scheme}: linear weights {how}, rest {dtype}"
 
 
 def gpu_overhead_bytes(model: ModelInfo, *, max_num_batched_tokens: int, max_num_seqs: int, dtype_bytes: int,
@@ -283,10 +371,127 @@ class MemoryBudget:
     cpu_lora_bytes: int  # host RAM for max_cpu_loras adapters
     notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    schemes: tuple["SchemeRow", ...] = ()  # the scheme table (scheme_table); set by make_plan
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"} | {
-            "notes": list(self.notes)}
+            "notes": list(self.notes), "schemes": [r.to_dict() for r in self.schemes]}
+
+
+# --------------------------------------------------------------------------------------------
+# the scheme table: every quantization scheme the backbone could use on the device
+# --------------------------------------------------------------------------------------------
+TABLE_SCHEMES = ("none", "fp8", "int8", "w8a16", "w4a16", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class SchemeRow:
+    scheme: str
+    chosen: bool  # the recipe's quantization.scheme
+    kind: str  # none | runtime | offline | prequantized
+    dtype: str  # activation / model dtype the scheme runs in on this device
+    weight_bytes: int  # per GPU (TP rank) / host
+    weight_delta: int  # vs the chosen scheme (negative: smaller)
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    kv_tokens: int
+    kv_tokens_delta: int  # vs the chosen scheme
+    max_concurrency: float  # kv_tokens / max_model_len
+    lora_ok: bool  # vLLM serves unmerged LoRA adapters on a backbone with this scheme
+    lora_note: str
+    how: str  # how the weights get quantized (vLLM at load time, offline step, as stored)
+    quantize_step: bool  # needs peftdeploy's offline quantize step (merge mode)
+    usable: bool  # can this recipe use it as is (mode, dtype, device)
+    note: str
+    inputs: dict[str, Any] = field(default_factory=dict)  # backbone_bytes() keyword arguments
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Any, device: str, mode: str) -> tuple[SchemeRow, ...]:
+    """Backbone bytes and KV capacity for each scheme vLLM runs on `device`, next to the chosen one.
+
+    Everything but the weights is held fixed: the same GPU memory × gpu_memory_utilization, LoRA
+    slots and activation estimate (GPU), or the same VLLM_CPU_KVCACHE_SPACE rule (CPU: the KV space
+    is sized by need, capped by what host RAM leaves after the weights, so smaller weights only
+    help when that cap binds). On GPU the bytes a scheme frees all go to KV cache blocks::
+
+        kv_tokens(s) = (gpu_memory × util − weights(s) − activations − LoRA slots) // KV bytes per token
+    """
+    from ..quantize.support import backbone_bytes, scheme_info
+    from .derive import _cpu_kv_space
+
+    chosen = scheme_info(recipe.quantization.scheme).name
+    tp = max(1, recipe.serving.tensor_parallel_size)
+    names = list(TABLE_SCHEMES)
+    if chosen not in names:
+        names.append(chosen)
+    kv_fp8 = recipe.quantization.kv_cache_dtype == "fp8"
+    raw: list[dict[str, Any]] = []
+    for name in names:
+        info = scheme_info(name)
+        ok_dev, why_dev = info.supported_on(device)
+        if not ok_dev and name != chosen:
+            continue  # only what vLLM runs on this device (the chosen one is always shown)
+        dtype, notes = budget.dtype, []
+        if device == "cpu" and info.kind != "none" and dtype not in info.cpu_dtypes and info.cpu_dtypes:
+            dtype = info.cpu_dtypes[0]
+            notes.append(f"runs in {dtype} on CPU (its kernel has no {budget.dtype} path): KV bytes per token "
+                         f"change with it")
+        if name == chosen:
+            w = budget.weight_bytes * tp  # what derive used (per rank × tp)
+            kw: dict[str, Any] = {}
+            if info.kind != "prequantized" and not _prequantized(model):
+                kw = scheme_bytes_inputs(model, name, dtype)
+        elif info.kind == "prequantized":
+            continue
+        else:
+            kw = scheme_bytes_inputs(model, name, dtype)
+            w = backbone_bytes(name, **kw)
+            if _prequantized(model):
+                notes.append("needs the full-precision checkpoint (backbone.merge_base / a non-quantized backbone)")
+        w //= tp
+        per_token = kv_bytes_per_token(model, kv_dtype_bytes=1 if kv_fp8 else DTYPE_BYTES[dtype], tp=tp)
+        if device == "cuda":
+            total = int((budget.device_memory or 0) * (budget.gpu_memory_utilization or 0))
+            kv = max(0, total - w - budget.overhead_bytes - budget.lora_slot_bytes)
+        else:
+            gib_kv = _cpu_kv_space(per_token, budget.max_model_len, recipe.serving, budget.host_memory, w,
+                                   budget.lora_slot_bytes + budget.cpu_lora_bytes)
+            kv = gib_kv * GiB
+        if name == chosen:
+            kv, per_token = budget.kv_cache_bytes, budget.kv_bytes_per_token  # exactly the plan's numbers
+        tokens = kv // per_token if per_token else 0
+        lora_ok, lora_note = info.lora_ok(device)
+        quantize_step = info.kind == "offline"
+        usable = ok_dev
+        if info.kind == "none":
+            how = "-"
+        elif info.kind == "runtime":
+            how = f"vLLM at load time (--quantization {info.vllm_quantization})"
+        elif info.kind == "offline":
+            if mode in ("merge", "hybrid"):
+                how = "peftdeploy quantize step after the merge (compressed-tensors)"
+            else:
+                how = "offline quantize step: merge mode only"
+                usable = False
+        else:
+            how = "checkpoint as stored"
+        if not ok_dev:
+            notes.append(why_dev)
+        raw.append(dict(scheme=name, chosen=name == chosen, kind=info.kind, dtype=dtype, weight_bytes=int(w),
+                        kv_cache_bytes=int(kv), kv_bytes_per_token=per_token, kv_tokens=int(tokens),
+                        lora_ok=lora_ok, lora_note=lora_note, how=how, quantize_step=quantize_step,
+                        usable=usable, note="; ".join(notes), inputs=kw))
+    ref = next(r for r in raw if r["chosen"])
+    rows = []
+    for r in raw:
+        rows.append(SchemeRow(weight_delta=r["weight_bytes"] - ref["weight_bytes"],
+                              kv_tokens_delta=r["kv_tokens"] - ref["kv_tokens"],
+                              max_concurrency=round(r["kv_tokens"] / budget.max_model_len, 2)
+                              if budget.max_model_len else 0.0, **r))
+    return tuple(rows)
 
 
 def gib(n: int | float | None) -> str:
@@ -298,7 +503,7 @@ def gib(n: int | float | None) -> str:
 
 
 __all__ = [
-    "ARCH_LORA", "GiB", "MemoryBudget", "MiB", "accepted_ranks", "detect_device", "detect_gpu_memory",
+    "ARCH_LORA", "GiB", "MemoryBudget", "SchemeRow", "scheme_table", "scheme_bytes_inputs", "param_split", "MiB", "accepted_ranks", "detect_device", "detect_gpu_memory",
     "detect_host_memory", "gpu_overhead_bytes", "kv_bytes_per_token", "lora_layout", "lora_slot_bytes",
     "model_dtype", "parse_bytes", "round_rank", "supported_targets", "weight_bytes", "gib",
 ]

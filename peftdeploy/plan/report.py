@@ -82,9 +82,42 @@ def render(plan: Any, console: Any) -> None:
         console.print(t)
         for n in b.notes:
             console.print(f"[dim]note: {n}[/dim]")
+        if b.schemes:
+            render_schemes(b, console)
 
     console.print("[bold]command[/bold] (what `peftdeploy up` runs):")
     console.print(plan.launch.command_line(), soft_wrap=True, markup=False, highlight=False)
     n_err = len(plan.errors)
     if n_err:
         console.print(f"[bold red]{n_err} error(s)[/bold red]: fix them before `peftdeploy up`")
+
+
+def _signed(n: int, fmt: Any) -> str:
+    if n == 0:
+        return "="
+    return ("+" if n > 0 else "−") + fmt(abs(n))
+
+
+def render_schemes(b: Any, console: Any) -> None:
+    """Per scheme: backbone bytes and what changes in KV capacity (everything else held fixed)."""
+    from rich.table import Table
+
+    where = "per GPU" if b.device == "cuda" else "host RAM"
+    t = Table(title=f"quantization schemes on {b.device} ({where}; ★ = the recipe's; Δ vs ★)", title_justify="left")
+    for c, j in (("scheme", "left"), ("weights", "right"), ("Δ weights", "right"), ("KV tokens", "right"),
+                 ("Δ KV tokens", "right"), ("× max_model_len", "right"), ("LoRA", "left"),
+                 ("quantized by", "left"), ("note", "left")):
+        t.add_column(c, justify=j, overflow="fold")
+    for r in b.schemes:
+        name = ("★ " if r.chosen else "  ") + r.scheme + (f" ({r.dtype})" if r.kind == "none" or r.dtype != b.dtype else "")
+        style = "bold" if r.chosen else ("dim" if not r.usable else "")
+        t.add_row(name, gib(r.weight_bytes), _signed(r.weight_delta, gib), f"{r.kv_tokens:,}",
+                  _signed(r.kv_tokens_delta, lambda n: f"{n:,}"), f"{r.max_concurrency:.2f}",
+                  "yes" if r.lora_ok else "[red]no[/red]", r.how, r.note, style=style)
+    console.print(t)
+    if b.device == "cpu":
+        console.print("[dim]note: on CPU the KV space is VLLM_CPU_KVCACHE_SPACE, sized by need (capped by what host "
+                      "RAM leaves after the weights): smaller weights add KV tokens only when that cap binds[/dim]")
+    else:
+        console.print("[dim]note: the weight bytes a scheme frees go to KV cache blocks (same GPU memory, "
+                      "utilization, LoRA slots and activation estimate)[/dim]")

@@ -108,15 +108,20 @@ SCHEMES: dict[str, SchemeInfo] = {
         name="fp8", kind="runtime",
         summary="fp8 (e4m3) weights, quantized by vLLM while loading (--quantization fp8); dynamic fp8 "
                 "activations",
-        vllm_quantization="fp8", checkpoint_format=None, devices=("cuda", "rocm", "cpu", "xpu"),
+        vllm_quantization="fp8", checkpoint_format=None, devices=("cuda", "rocm", "xpu"),
         device_notes={
             "cuda": "native fp8 GEMM on compute capability >= 8.9 (Ada/Hopper); older GPUs fall back to "
                     "weight-only fp8 (Marlin)",
-            "cpu": "AMX kernel (CPUFP8W8A8*) on Sapphire Rapids+; otherwise torch._scaled_mm fallback "
-                   "(slow, not a speed-up)",
+            "cpu": "vLLM 0.32 CPU cannot quantize to fp8 at load time: the online fp8 method "
+                   "(quantization/online/fp8.py process_weights_after_loading) calls ops.scaled_fp8_quant, "
+                   "whose _C::static_scaled_fp8_quant op is an empty stub in the CPU build (checked: engine "
+                   "start fails with bfloat16 on the demo model). The CPU platform itself restricts nothing "
+                   "(CpuPlatform.supported_quantization is empty) and its CPUFP8* kernels (AMX) serve "
+                   "pre-quantized fp8 checkpoints only. On CPU use int8 (W8A8) or w4a16 with policy.mode: merge",
         },
         lora_supported=True, lora_note=_LORA_GENERIC,
         merge_action="vllm-load-time", weight_bits=8.0, scale_bytes=4, activations="fp8 dynamic",
+        cpu_dtypes=("bfloat16", "float16"),  # Fp8Config.get_supported_act_dtypes
     ),
     "int8": SchemeInfo(
         name="int8", kind="offline",
@@ -195,17 +200,22 @@ SCHEMES: dict[str, SchemeInfo] = {
         weight_bits=4.0, group_size=128, cpu_dtypes=("bfloat16", "float16"),
     ),
     "bitsandbytes": SchemeInfo(
-        name="bitsandbytes", kind="unsupported",
-        summary="bitsandbytes 4-bit/8-bit (QLoRA's training quantization)",
-        vllm_quantization=None, checkpoint_format=None, devices=(),
-        device_notes={"cpu": "vLLM 0.32 has no bitsandbytes quantization method or loader",
-                      "cuda": "vLLM 0.32 has no bitsandbytes quantization method or loader"},
-        lora_supported=False,
-        lora_note="not available in vLLM 0.32",
-        merge_action="refuse", weight_bits=4.0, group_size=64,
-        refused_reason=("vLLM 0.32 removed bitsandbytes (no 'bitsandbytes' in its QuantizationMethods, no "
-                        "loader): serve a QLoRA adapter on a w4a16 / awq / gptq backbone instead, or merge it "
-                        "in full precision (mode: merge) and quantize with w4a16"),
+        name="bitsandbytes", kind="runtime",
+        summary="bitsandbytes 4-bit (nf4) weights, quantized by vLLM while loading (--quantization "
+                "bitsandbytes); QLoRA's training quantization",
+        vllm_quantization="bitsandbytes", checkpoint_format=None, devices=("cuda",),
+        device_notes={
+            "cuda": "needs a GPU vLLM that still ships the bitsandbytes method and loader, and the "
+                    "bitsandbytes package; the vLLM 0.32 source installed here has neither (its "
+                    "QuantizationMethods keeps CUDA-only methods such as gptq_marlin / mxfp4, but not "
+                    "bitsandbytes): pin the GPU host's vLLM to a release that has it",
+            "cpu": "vLLM 0.32 (CPU) has no bitsandbytes quantization method or loader; on CPU use int8 (W8A8) "
+                   "or w4a16 with policy.mode: merge",
+        },
+        lora_supported=True,
+        lora_note="vLLM serves LoRA adapters on a bitsandbytes backbone (QLoRA serving) where the method exists",
+        merge_action="vllm-load-time", weight_bits=4.0, group_size=64, scale_bytes=4,
+        cpu_dtypes=(),
     ),
 }
 
@@ -226,20 +236,26 @@ def scheme_info(scheme: str | None) -> SchemeInfo:
 
 
 def backbone_bytes(scheme: str | None, *, linear_params: int, other_params: int, dtype_bytes: int = 2,
-                   in_features: int | None = None, group_size: int | None = None) -> int:
+                   in_features: float | None = None, group_size: int | None = None,
+                   scale_bytes: int | None = None) -> int:
     """Device bytes of the backbone weights under `scheme`.
 
     `linear_params`: elements of the decoder Linear weights (what is quantized); `other_params`:
     embeddings, lm_head, norms (kept in the model dtype, `dtype_bytes` each). `in_features`: a typical
-    input size (hidden size) for the per-channel scale overhead; `group_size` overrides the scheme's.
-    For "none" everything is `dtype_bytes` per element.
+    input size (hidden size) for the per-channel scale overhead; `group_size` overrides the scheme's;
+    `scale_bytes` overrides the scheme's scale size (peftdeploy's offline checkpoints store scales in
+    the model dtype). For "none" everything is `dtype_bytes` per element.
     """
     info = scheme_info(scheme)
     if info.kind == "none" or info.kind == "unsupported":
         per = float(dtype_bytes) if info.kind == "none" else info.weight_bits / 8
         return int(linear_params * per + other_params * dtype_bytes)
-    if group_size and info.group_size:
-        per = info.weight_bits / 8 + info.scale_bytes / group_size
+    sb = info.scale_bytes if scale_bytes is None else scale_bytes
+    g = group_size if (group_size and info.group_size) else info.group_size
+    if g:
+        per = info.weight_bits / 8 + sb / g
+    elif in_features:
+        per = info.weight_bits / 8 + sb / in_features
     else:
-        per = info.linear_bytes_per_param(in_features)
+        per = info.weight_bits / 8
     return int(round(linear_params * per + other_params * dtype_bytes))
