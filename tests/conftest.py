@@ -101,3 +101,24 @@ def e2e_up():
     yield _up
     for d in reversed(started):
         d.down()
+
+
+# The plain (unmerged, multi-LoRA) deployment of the demo recipe, shared by the end-to-end modules
+# that compare against it (test_up_e2e.py, test_hybrid.py): one server start for the session.
+# PEFTDEPLOY_E2E_DEMO_RECIPE may point at another serve recipe on the demo model.
+E2E_DEMO_RECIPE = Path(os.environ.get("PEFTDEPLOY_E2E_DEMO_RECIPE", ROOT / "recipes" / "demo.yaml")).resolve()
+
+
+@pytest.fixture(scope="session")
+def e2e_serve_recipe(tmp_path_factory) -> Path:
+    """recipes/demo.yaml in float32 with max_loras 1 (more adapters in flight than LoRA slots)."""
+    p = tmp_path_factory.mktemp("e2e-recipes") / "e2e-serve.yaml"
+    p.write_text(f"apiVersion: peftdeploy/v1\nextends: {E2E_DEMO_RECIPE}\nname: e2e-serve\n"
+                 "backbone: {dtype: float32}\nserving: {max_loras: 1, host: 127.0.0.1}\n")
+    return p
+
+
+@pytest.fixture(scope="session")
+def e2e_serve(e2e_serve_recipe, e2e_up, demo_model_dir) -> Deployment:
+    """`up --detach` of e2e_serve_recipe, started on first use, stopped at session end."""
+    return e2e_up(e2e_serve_recipe)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli_env, free_e2e_port, peftdeploy_cmd
+from tests.conftest import E2E_DEMO_RECIPE, cli_env, free_e2e_port, peftdeploy_cmd
 
 pytestmark = pytest.mark.slow
 
 # The repo's demo recipes; PEFTDEPLOY_E2E_DEMO_RECIPE may point at another serve recipe on the demo model.
-DEMO = Path(os.environ.get("PEFTDEPLOY_E2E_DEMO_RECIPE", ROOT / "recipes" / "demo.yaml")).resolve()
+DEMO = E2E_DEMO_RECIPE
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -41,16 +41,9 @@ MAX_TOKENS = 20
 
 # ------------------------------------------------------------------------------------ recipes
 @pytest.fixture(scope="module")
-def recipes(tmp_path_factory) -> dict[str, Path]:
+def recipes(tmp_path_factory, e2e_serve_recipe) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("recipes")
-    serve = d / "e2e-serve.yaml"
-    serve.write_text(textwrap.dedent(f"""\
-        apiVersion: peftdeploy/v1
-        extends: {DEMO}
-        name: e2e-serve
-        backbone: {{dtype: float32}}
-        serving: {{max_loras: 1, host: 127.0.0.1}}
-        """))
+    serve = e2e_serve_recipe  # conftest: DEMO in float32, max_loras 1, name e2e-serve (shared deployment)
     merged = d / "e2e-merged.yaml"
     merged.write_text(textwrap.dedent(f"""\
         apiVersion: peftdeploy/v1
@@ -63,8 +56,8 @@ def recipes(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def serve(recipes, e2e_up, demo_model_dir):
-    return e2e_up(recipes["serve"])
+def serve(e2e_serve):
+    return e2e_serve  # the session's deployment of recipes["serve"] (conftest), shared with test_hybrid.py
 
 
 @pytest.fixture(scope="module")

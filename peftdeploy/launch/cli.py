@@ -93,43 +93,11 @@ def usage_examples(base_url: str, models: list[str], api_key_env: str | None) ->
 
 
 def _run_merge(plan: Any, spec: Any, *, quiet: bool) -> tuple[Any, dict[str, Any]]:
-    """Merge the plan's adapters into the backbone (content-addressed cache); returns (spec, info)."""
-    step = spec.merge
-    r = plan.recipe
-    if step.quantization not in ("none", "fp8", "bitsandbytes", "awq", "gptq"):
-        try:
-            import peftdeploy.quantize  # noqa: F401
-        except ImportError:
-            raise LaunchError(f"quantization scheme {step.quantization!r} of a merged model needs the "
-                              "peftdeploy.quantize stage, which is not available in this installation",
-                              fix="use quantization.scheme none or fp8 (quantized by vLLM at load time)") from None
-        raise LaunchError(f"`up` does not run the {step.quantization!r} quantization step yet",
-                          fix="quantize with `peftdeploy merge`, or use scheme none / fp8")
-    from ..merge import AdapterInput, merge_cached
-    from ..sources import resolve
+    """Materialize the plan's MergeStep (merge, then quantize for offline schemes; hybrid: delta
+    adapters), all cached, into exactly the directories the planned command names."""
+    from .materialize import materialize
 
-    resolved = plan.resolved
-    bb = resolved.merge_base or resolved.backbone
-    if bb.kind == "hf" and (bb.path is None or not any(Path(bb.path).glob("*.safetensors"))):
-        resolved = resolve(plan.loaded, fetch="full", progress=not quiet)
-        bb = resolved.merge_base or resolved.backbone
-    if bb.path is None:
-        raise LaunchError(f"the backbone to merge into is not available locally ({bb.unavailable or bb.spec})",
-                          fix="download it (unset HF_HUB_OFFLINE) or point backbone.model at a local directory")
-    adapters = [AdapterInput(n, str(resolved.adapter(n).path), weight=r.adapter(n).weight) for n in step.adapters]
-    if not quiet:
-        _err(f"merge: {', '.join(step.adapters)} into {bb.spec} ...")
-    res = merge_cached(bb.path, adapters, dtype=r.backbone.dtype, output=step.output_dir, progress=not quiet,
-                       provenance={"recipe": r.name, "recipe_hash": spec.recipe_hash})
-    info = {"cache_hit": res.cache_hit, "key": res.key, "seconds": round(res.seconds, 3), "path": str(res.path)}
-    if not quiet:
-        if res.cache_hit:
-            _err(f"merge: cache hit ({res.path})")
-        else:
-            _err(f"merge: done in {res.seconds:.1f} s ({res.path})")
-    if str(Path(res.path)) != str(Path(spec.model)):
-        spec = dataclasses.replace(spec, model=str(res.path))
-    return spec, info
+    return materialize(plan, spec, quiet=quiet, log=_err)
 
 
 def _install_handlers(handler) -> dict[int, Any]:
@@ -248,8 +216,13 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             emit_json(info)
         else:
             click.echo(f"ready in {seconds:.1f} s: {base}/v1   (mode {spec.mode})")
-            names = [f"{spec.served_model_name} (base{' merged' if spec.mode == 'merge' else ''})",
-                     *(a.name for a in spec.adapters)]
+            if spec.mode == "hybrid":
+                names = [f"{spec.served_model_name} (merged into the backbone, no LoRA)",
+                         *(f"{a.name} ({'base' if a.name == spec.recipe_name else 'adapter'}, exact delta LoRA)"
+                           for a in spec.adapters)]
+            else:
+                names = [f"{spec.served_model_name} (base{' merged' if spec.mode == 'merge' else ''})",
+                         *(a.name for a in spec.adapters)]
             click.echo(f"models: {', '.join(names)}")
             click.echo(f"log: {sup.log_path}")
             click.echo(usage_examples(base, spec.model_names, _api_key_env(spec)))

@@ -22,15 +22,28 @@ class ServedAdapter:
 
 @dataclass(frozen=True)
 class MergeStep:
-    """For merge policy: what must be merged (and quantized) before the server starts."""
+    """For merge (and hybrid) policy: what must be merged (and quantized) before the server starts.
+
+    `up` materializes exactly these paths (peftdeploy/launch/materialize.py): the full-precision merge
+    into `output_dir`; for an offline quantization scheme the quantized checkpoint into
+    `quantized_dir` (then that is what vLLM serves: LaunchSpec.model == quantized_dir); in hybrid
+    mode the delta adapters into `delta_dir/<served name>`.
+    """
 
     adapters: tuple[str, ...]
-    output_dir: str  # where the merged model is (local cache path) — the model vLLM serves
+    output_dir: str  # where the full-precision merged model is (local cache path)
     cache_key: str
-    quantization: str = "none"
+    quantization: str = "none"  # the recipe's quantization.scheme
     weights: tuple[float, ...] | None = None  # per adapter; None = the recipe's `weight`s
     hot: str | None = None  # mode hybrid: the merged adapter ...
     delta_dir: str | None = None  # ... and where the delta adapters of the others are written
+    quantize_scheme: str | None = None  # offline scheme produced from the merged weights (int8|w8a16|w4a16)
+    quantized_dir: str | None = None  # ... and where that checkpoint is served from (None: output_dir)
+
+    @property
+    def served_dir(self) -> str:
+        """The model directory vLLM serves."""
+        return self.quantized_dir or self.output_dir
 
 
 @dataclass(frozen=True)

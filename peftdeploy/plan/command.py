@@ -6,6 +6,7 @@ continuation tokens `(json, None)` right after `("--lora-modules", first_json)`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -13,20 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from ..launch.spec import LaunchSpec, MergeStep, ServedAdapter
+from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args
 
-QUANT_FLAGS = {"fp8": "fp8", "bitsandbytes": "bitsandbytes"}  # quantized by vLLM at load time
+# schemes vLLM quantizes at load time -> --quantization value (from peftdeploy.quantize.support: fp8, and
+# bitsandbytes for GPU vLLM builds that have it; plan's findings refuse either where support.py says the
+# device has no kernel, e.g. both on CPU vLLM 0.32)
+QUANT_FLAGS = {k: v.vllm_quantization for k, v in SCHEMES.items() if v.kind == "runtime" and v.vllm_quantization}
 
 
 def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple[str, ...],
                      weights: tuple[float, ...] | None = None) -> tuple[str, str]:
-    """(output_dir, cache_key) of the merged model for `adapters`.
+    """(output_dir, plan_key) of the full-precision merge of `adapters`.
 
-    TODO(lead): wire to peftdeploy.merge's cache API (not imported here: peftdeploy.merge imports torch,
-    and plan must not). This computes a content key over
-    the backbone (commit when known), each adapter's weights sha256 (or source + revision) and weight,
-    the quantization scheme and dtype, under <cache_root>/merged/<key>.
+    The plan key is a name, computed without torch and without reading weights: the backbone as
+    written (commit when known), dtype, and each adapter's sha256 (or source + revision) and weight.
+    The quantization scheme is *not* part of it: the merge is always full precision, and a quantized
+    checkpoint is derived from it (see :func:`quantized_output_for`), so recipes that differ only in
+    the scheme share one merge. What the directory holds is decided by content: `up` merges with
+    peftdeploy.merge.merge_cached(output=output_dir), whose completion marker carries the content
+    key (backbone and adapter bytes, engine version); a directory with another content key is
+    re-merged (plan-named cache dirs) or refused (a recipe's own policy.merge.output).
     """
     bb = resolved.backbone if resolved is not None else None
     parts: dict[str, Any] = {
@@ -34,7 +43,6 @@ def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple
         "revision": (bb.commit if bb is not None and bb.commit else None)
         or recipe.backbone.merge_base_revision or recipe.backbone.revision,
         "dtype": recipe.backbone.dtype,
-        "quantization": recipe.quantization.scheme,
         "adapters": [],
     }
     for i, name in enumerate(adapters):
@@ -51,6 +59,29 @@ def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple
     key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
     out = recipe.policy.merge.output or str(cache_root() / "merged" / key)
     return out, key
+
+
+def offline_quantize_scheme(recipe: Any) -> str | None:
+    """The scheme `up` quantizes the merged weights to (None: served as merged, or quantized by vLLM).
+
+    Offline schemes (int8, w8a16, w4a16) as written; a pre-quantized backbone (awq/gptq, merged on
+    its backbone.merge_base) is re-quantized to the format it came in (w4a16, weight-only 4 bit).
+    """
+    from ..quantize.support import scheme_info  # pure data, no torch
+
+    si = scheme_info(recipe.quantization.scheme)
+    if si.kind == "offline":
+        return si.name
+    if si.kind == "prequantized":
+        return si.merge_offline_scheme
+    return None
+
+
+def quantized_output_for(plan_key: str, scheme: str) -> str:
+    """Where `up` puts the quantized checkpoint of the merge named `plan_key`: a stable path, so the
+    planned command names the directory that is served. The files are hard links to (or, across
+    file systems, copies of) the entry of the quantize cache (peftdeploy.quantize.quantize_cached)."""
+    return str(cache_root() / "served" / f"{plan_key}-{scheme}")
 
 
 def _model_arg(recipe: Any, resolved: Any) -> tuple[str, list[tuple[str, str | None]]]:
@@ -99,20 +130,27 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     s = r.serving
     merge = None
     served_name = r.name
-    if mode == "merge":
-        out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters)
-        merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key, quantization=r.quantization.scheme)
-        model, model_extra = out_dir, []
-    elif mode == "hybrid":
-        from .hybrid import delta_dir
+    if mode in ("merge", "hybrid"):
+        qscheme = offline_quantize_scheme(r)
+        if mode == "merge":
+            out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters)
+            merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key,
+                              quantization=r.quantization.scheme)
+        else:
+            from .hybrid import delta_dir
 
-        hot = merge_adapters[0]
-        out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters, weights=(1.0,))
-        ddir = delta_dir(key, r, inventory, hot)
-        merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key,
-                          quantization=r.quantization.scheme, weights=(1.0,), hot=hot, delta_dir=str(ddir))
-        model, model_extra = out_dir, []
-        served_name = hot  # requests for the hot adapter hit the merged weights with no LoRA
+            # served adapters are not scaled by their recipe weight, so H is merged with weight 1 and
+            # every delta is exact against plain multi-LoRA serving (see plan/hybrid.py)
+            hot = merge_adapters[0]
+            out_dir, key = merge_output_for(r, resolved, inventory, merge_adapters, weights=(1.0,))
+            ddir = delta_dir(key, r, inventory, hot)
+            merge = MergeStep(adapters=merge_adapters, output_dir=out_dir, cache_key=key,
+                              quantization=r.quantization.scheme, weights=(1.0,), hot=hot, delta_dir=str(ddir))
+            served_name = hot  # requests for the hot adapter hit the merged weights with no LoRA
+        if qscheme is not None:
+            merge = dataclasses.replace(merge, quantize_scheme=qscheme,
+                                        quantized_dir=quantized_output_for(key, qscheme))
+        model, model_extra = merge.served_dir, []
     else:
         model, model_extra = _model_arg(r, resolved)
 

@@ -8,4 +8,4 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # merge in full precision (needs: pip install 'peftdeploy[merge]'; recipe.yaml is beside this file)
 peftdeploy merge "$here/recipe.yaml"
-aws s3 sync "$here/merged" s3://acme-models/ray-serve/models/contracts-qwen-fp8-d2f7e74a3f10da92
+aws s3 sync "$here/merged" s3://acme-models/ray-serve/models/contracts-qwen-fp8-997744831ef053e3
