@@ -77,10 +77,13 @@ def offline_quantize_scheme(recipe: Any) -> str | None:
     return None
 
 
-def quantized_output_for(plan_key: str, scheme: str) -> str:
+def quantized_output_for(plan_key: str, scheme: str, merge_output: str | None = None) -> str:
     """Where `up` puts the quantized checkpoint of the merge named `plan_key`: a stable path, so the
-    planned command names the directory that is served. The files are hard links to (or, across
-    file systems, copies of) the entry of the quantize cache (peftdeploy.quantize.quantize_cached)."""
+    planned command names the directory that is served — next to the recipe's own
+    policy.merge.output (``<output>-<scheme>``) when it sets one, else in the cache. The files are hard
+    links to (or, across file systems, copies of) the entry of the quantize cache."""
+    if merge_output:
+        return f"{str(merge_output).rstrip('/')}-{scheme}"
     return str(cache_root() / "served" / f"{plan_key}-{scheme}")
 
 
@@ -149,7 +152,8 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
             served_name = hot  # requests for the hot adapter hit the merged weights with no LoRA
         if qscheme is not None:
             merge = dataclasses.replace(merge, quantize_scheme=qscheme,
-                                        quantized_dir=quantized_output_for(key, qscheme))
+                                        quantized_dir=quantized_output_for(
+                                            key, qscheme, out_dir if r.policy.merge.output else None))
         model, model_extra = merge.served_dir, []
     else:
         model, model_extra = _model_arg(r, resolved)

@@ -40,6 +40,11 @@ def render(ctx: RenderContext, target: str) -> dict[str, str]:
         raise RenderError(f"unknown render target {target!r}", fix=f"use one of: {', '.join(TARGETS)}, all")
     if ctx.replicas < 1:
         raise RenderError(f"--replicas must be at least 1, got {ctx.replicas}")
+    if ctx.launch.mode == "hybrid":
+        raise RenderError("policy.mode hybrid is not rendered for clusters yet: its delta adapters are built "
+                          "locally by `peftdeploy up`",
+                          fix="render with policy.mode: serve or merge (an `extends` recipe can override just "
+                              "the mode), and use hybrid with `peftdeploy up`")
     files = importlib.import_module(TARGETS[target]).render(ctx)
     return dict(sorted(files.items()))
 

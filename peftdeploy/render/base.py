@@ -196,6 +196,7 @@ class RenderContext:
         p.update(a.path for a in self.launch.adapters)
         if self.launch.merge is not None:
             p.add(self.launch.merge.output_dir)
+            p.add(self.launch.merge.served_dir)
         if self.launch.plugin_recipe:
             p.add(self.launch.plugin_recipe)
         return {x for x in p if x}
@@ -244,10 +245,17 @@ def vllm_flags(ctx: RenderContext, *, adapter_paths: Mapping[str, str] | None = 
     return out
 
 
+def served_merged_dir(ctx: RenderContext, merged_dir: str = MERGED_DIR) -> str:
+    """The directory vLLM serves under merge policy: the merge output, or for schemes peftdeploy
+    quantizes offline the quantized checkpoint next to it (`peftdeploy merge` writes both)."""
+    q = ctx.launch.merge.quantize_scheme if ctx.launch.merge is not None else None
+    return f"{merged_dir}-{q}" if q else merged_dir
+
+
 def model_location(ctx: RenderContext) -> str:
     """What vLLM serves in a pod: the merged model, a fetched directory, or a hub repo id."""
     if ctx.merge:
-        return MERGED_DIR
+        return served_merged_dir(ctx)
     bb = ctx.backbone
     if bb.kind == "hf" and not bb.subdir:
         return bb.repo_id  # type: ignore[return-value]

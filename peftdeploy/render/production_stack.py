@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .base import RECIPE_DIR, RenderContext, dump_yaml, header, vllm_flags
+from .base import RECIPE_DIR, RenderContext, dump_yaml, header, served_merged_dir, vllm_flags
 from .kubernetes import configmap, secret_envs
 
 TARGET = "production-stack"
@@ -94,7 +94,7 @@ def values(ctx: RenderContext) -> dict[str, Any]:
     # the chart only maps the API key; other secret server env (if any) are references here
     env += [e for e in secret_envs(ctx) if e["name"] not in ("HF_TOKEN", "VLLM_API_KEY")]
     if ctx.merge:
-        spec["modelURL"] = f"{PVC_MOUNT}/merged"  # the merge init container writes it (recipe output)
+        spec["modelURL"] = served_merged_dir(ctx, f"{PVC_MOUNT}/merged")  # the merge init container writes it (recipe output)
         spec["pvcStorage"] = ctx.storage_size
         spec["pvcAccessMode"] = ["ReadWriteOnce" if ctx.replicas == 1 else "ReadWriteMany"]
         spec["initContainer"] = {

@@ -21,7 +21,7 @@ import posixpath
 import shlex
 from typing import Any
 
-from .base import RenderContext, RenderError, dump_yaml, header, vllm_flags
+from .base import RenderContext, RenderError, dump_yaml, header, served_merged_dir, vllm_flags
 
 TARGET = "ray-serve"
 _REMOTE = ("s3://", "gs://", "abfss://", "azure://")
@@ -154,7 +154,7 @@ def sync_script(ctx: RenderContext) -> str | None:
     if ctx.merge:
         lines.append("# merge in full precision (needs: pip install 'peftdeploy[merge]'; recipe.yaml is beside this file)")
         lines.append("peftdeploy merge \"$here/recipe.yaml\"")
-        lines.append(f"aws s3 sync \"$here/merged\" {shlex.quote(merged_uri(ctx))}")
+        lines.append(f"aws s3 sync \"$here/{served_merged_dir(ctx, 'merged')}\" {shlex.quote(merged_uri(ctx))}")
     if not lines:
         return None
     return (

@@ -12,6 +12,7 @@ import shlex
 from typing import Any
 
 from .base import (
+    served_merged_dir,
     ADAPTERS_DIR,
     CONTAINER_PORT,
     MODELS_DIR,
@@ -44,7 +45,7 @@ def service(ctx: RenderContext) -> dict[str, Any]:
         setup.append("pip install 'peftdeploy[merge]'")
         setup.append(f"PEFTDEPLOY_CACHE={MODELS_DIR}/cache peftdeploy merge {HOME}/recipe.yaml")
         file_mounts[f"{HOME}/recipe.yaml"] = "recipe.yaml"
-        model = f"{MODELS_DIR}/merged"
+        model = served_merged_dir(ctx, f"{MODELS_DIR}/merged")
     else:
         bb = ctx.backbone
         model = bb.repo_id if bb.kind == "hf" and not bb.subdir else f"{MODELS_DIR}/backbone"
