@@ -444,18 +444,15 @@ def test_up_quantized_merges_answer_openai(e2e_up, demo_model_dir, tmp_path):
     """Issue 6: the int8 (W8A8) and w4a16 merged checkpoints serve in CPU vLLM through `up` and answer
     through the OpenAI API (one server at a time; tests/test_quantize.py measures their perplexity).
 
-    int8 is served without the extra LoRA adapters that demo-int8.yaml inherits from demo-merged.yaml
-    (json, shout): vLLM 0.32's CPU int8 kernel (CPUInt8ScaledMMLinearKernel) drops the layer's
-    `weight`, and vLLM's LoRA wrapper then fails at start-up in _get_lora_device ('NoneType' object
-    has no attribute 'device'). w4a16 keeps `weight_packed`, so demo-w4a16.yaml is served as shipped,
-    its LoRA adapters included.
+    demo-int8.yaml keeps only the merged `pirate`: vLLM 0.32's CPU int8 kernel
+    (CPUInt8ScaledMMLinearKernel) drops the layer's `weight`, and vLLM's LoRA wrapper then fails at
+    start-up in _get_lora_device ('NoneType' object has no attribute 'device'); plan reports that as
+    the quantization-lora error. w4a16 keeps `weight_packed`, so demo-w4a16.yaml serves its LoRA
+    adapters on top of the quantized merged model.
     """
     from tests.fixtures_demo import is_json, is_pirate
 
-    int8_only = tmp_path / "demo-int8-merged-only.yaml"
-    int8_only.write_text(f"apiVersion: peftdeploy/v1\nextends: {ROOT / 'recipes' / 'demo-int8.yaml'}\n"
-                         "name: demo-int8-merged-only\nadapters:\n  - name: pirate\n    source: demo://adapters/pirate\n")
-    for recipe, scheme in ((int8_only, "int8"), (ROOT / "recipes" / "demo-w4a16.yaml", "w4a16")):
+    for recipe, scheme in ((ROOT / "recipes" / "demo-int8.yaml", "int8"), (ROOT / "recipes" / "demo-w4a16.yaml", "w4a16")):
         dep = e2e_up(recipe)
         try:
             q = dep.info["merge"]["quantize"]
@@ -470,6 +467,8 @@ def test_up_quantized_merges_answer_openai(e2e_up, demo_model_dir, tmp_path):
             print(f"\n{dep.name}: {text!r}")
             assert text.strip()
             assert is_pirate(text), text  # the merged pirate adapter survives quantization
+            if scheme == "int8":
+                assert "paris" in text.lower(), text  # and int8 keeps the answer right
             if "json" in dep.models:  # a LoRA adapter served on top of the quantized merged model
                 r = c.chat.completions.create(model="json", temperature=0, max_tokens=40, messages=[
                     {"role": "user", "content": "What is the capital of France?"}])

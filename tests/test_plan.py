@@ -379,3 +379,19 @@ def test_cpu_w4a16_needs_bf16(tmp_path: Path) -> None:
     assert "quantization-cpu-dtype" in {x.code for x in plan.errors}
     p.write_text(p.read_text().replace("max_model_len: 256", "max_model_len: 256, dtype: bfloat16"))
     assert "quantization-cpu-dtype" not in {x.code for x in make_plan(load_recipe(p), device="cpu").findings}
+
+
+@pytest.mark.parametrize("merged,device,expect", [
+    (["a0"], "cpu", True),        # a1 stays a LoRA on the int8 backbone: vLLM 0.32's CPU int8 kernel can't
+    (["a0", "a1"], "cpu", False),  # everything merged: nothing is served as LoRA
+    (["a0"], "cuda", False),       # CUTLASS int8 on GPU takes LoRA
+])
+def test_int8_with_served_lora_on_cpu_is_refused(tmp_path: Path, merged: list[str], device: str, expect: bool) -> None:
+    p = _multi(tmp_path, [8, 8], f"policy: {{mode: merge, merge: {{adapters: [{', '.join(merged)}]}}}}\n"
+                                 "quantization: {scheme: int8}\n")
+    plan = make_plan(load_recipe(p), device=device, gpu_memory="1GiB", host_memory="16GiB")
+    f = {x.code: x for x in plan.findings}
+    assert ("quantization-lora" in f) is expect, [(x.code, x.message) for x in plan.findings]
+    if expect:
+        assert f["quantization-lora"].severity == Severity.ERROR and "a1" in f["quantization-lora"].message
+        assert "CPUInt8ScaledMMLinearKernel" in f["quantization-lora"].message

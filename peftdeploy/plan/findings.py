@@ -422,6 +422,15 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                      f"{' / '.join(info.cpu_dtypes)} activations, not {dt}",
                      f"set backbone.dtype: {info.cpu_dtypes[0]}", "backbone",
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
+    if ok and ctx.served:
+        lora_ok, lora_why = info.lora_ok(ctx.device)
+        if not lora_ok:
+            names = ", ".join(sorted(ctx.served))
+            yield _f("quantization-lora", E, f"adapters served as LoRA ({names}) cannot run on a {scheme} backbone "
+                     f"on {ctx.device}: {lora_why}",
+                     "merge every adapter of this recipe (policy.merge.adapters, or list only the merged ones in "
+                     "adapters), or use a scheme that takes LoRA here (e.g. w4a16 on CPU), or scheme none",
+                     "backbone", ctx.loc("quantization", "scheme"))
     if ok and ctx.device == "cuda" and scheme == "bitsandbytes":
         yield _f("quantization-vllm-version", W, "quantization.scheme bitsandbytes needs a GPU vLLM that still "
                  "ships the bitsandbytes method and loader (plus the bitsandbytes package); vLLM 0.32 has none",

@@ -57,6 +57,7 @@ class SchemeInfo:
                           "fp8 to halve them); the bytes the weights free go to KV cache blocks")
     refused_reason: str | None = None  # set when peftdeploy refuses the scheme outright
     cpu_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # activation dtypes its CPU kernel takes
+    lora_unsupported: dict[str, str] = field(default_factory=dict)  # device -> why LoRA cannot run on it
 
     def linear_bytes_per_param(self, in_features: int | None = None) -> float:
         """Bytes per quantized Linear weight element, scales included.
@@ -90,6 +91,9 @@ class SchemeInfo:
         ok, why = self.supported_on(device)
         if not ok:
             return False, why
+        d = "cuda" if device.lower() == "gpu" else device.lower()
+        if d in self.lora_unsupported:
+            return False, self.lora_unsupported[d]
         return self.lora_supported, self.lora_note
 
 
@@ -135,6 +139,9 @@ SCHEMES: dict[str, SchemeInfo] = {
                    "0.32 (float32 and bfloat16 activations)",
         },
         lora_supported=True, lora_note=_LORA_GENERIC + " (the LoRA branch sees the unquantized activation)",
+        lora_unsupported={"cpu": "vLLM 0.32's CPU int8 kernel (CPUInt8ScaledMMLinearKernel) drops the layer's "
+                                 "weight after packing it for oneDNN, and LoRA setup reads it ('NoneType' object "
+                                 "has no attribute 'device'): measured, the engine does not start"},
         merge_action="quantize-merged", merge_offline_scheme="int8",
         weight_bits=8.0, activations="int8 dynamic per-token",
     ),
