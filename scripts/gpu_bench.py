@@ -1,29 +1,40 @@
 #!/usr/bin/env python3
-"""GPU run of issue 10: merged vs unmerged multi-LoRA throughput and latency on an 8B-shaped model,
-plus the planner's KV-cache prediction against what vLLM reports.
+"""GPU run of issues 10 and 11 (8B shape, one GPU): merged vs plain multi-LoRA vs tuned multi-LoRA vs the
+hybrid policy (hot adapter merged, the others as exact delta LoRAs), the planner's KV-cache prediction
+against what vLLM reports, bf16 greedy agreement hybrid vs plain, and a kernel profile of multi-LoRA.
+Results of the 2026-11-30 H200 run: docs/bench/gpu-h200.{md,json,png}.
 
-Self-contained for an offline GPU machine (see scripts/gpu_bench.sh, which prepares vLLM 0.26 and
-calls this): needs torch, safetensors, tokenizers, transformers (model + adapters), vLLM, and
-aiohttp or httpx (peftdeploy's load generator). Run from the repository root.
+Self-contained for an offline GPU machine (scripts/gpu_bench.sh prepares vLLM 0.26 and calls this; it
+says how the run was split into device calls): needs torch, safetensors, tokenizers, transformers, vLLM,
+aiohttp or httpx, and this repository on PYTHONPATH. Run from the repository root.
 
-Steps:
-1. /tmp/m: a Llama-3-8B-shaped config.json + a locally built byte-level tokenizer (no weights:
-   vLLM's ``--load-format dummy``); /tmp/loras/lora{i}: 8 random rank-16 PEFT adapters on all
-   linear layers (q,k,v,o,gate,up,down).
-2. Server A, no LoRA (= the speed of a merged model: same architecture, same shapes).
-   Server B, ``--enable-lora --max-loras 8``: LoRA-enabled base traffic; 1 adapter; 8 adapters
-   Zipf(1.0). Optional server C (``--with-max-loras-4``): 8 adapters Zipf(1.0) at max_loras 4.
-   Both with CUDA graphs (no --enforce-eager).
-3. peftdeploy's own load generator (peftdeploy.bench): closed loop, 64 concurrent, ~200-word
-   prompts, 128 output tokens (ignore_eos), 1 warm-up run + 2 measured runs; median.
-4. KV cache: "GPU KV cache size: N tokens" from each server's log vs the planner's prediction
-   (peftdeploy.plan.memory with the same engine arguments).
-Writes $OUT/gpu_bench.json (after every setup, so a cut-off run keeps what it measured),
-$OUT/gpu_bench.md (the table), $OUT/gpu_bench.png and the server logs.
+1. Assets: /tmp/m, a Llama-3-8B-shaped config.json + a locally built byte-level tokenizer (no weights:
+   vLLM's ``--load-format dummy``); /tmp/loras/lora{i}: 8 random rank-16 PEFT adapters on all linear
+   layers; /tmp/delta: delta adapters against backbone+l0 (peftdeploy.merge.delta.build_delta_adapters:
+   ``base`` rank 16, l1..l7 rank 32). ``--prep`` builds only these (and the agreement model) and exits.
+2. Servers (``--servers``, run one after another, each with CUDA graphs; the flags are the planner's
+   LaunchSpec for the equivalent recipe, edited only where the setup says):
+   merged (no LoRA = merged-model speed; dummy weights, so "merged" is the same dummy model),
+   plain (planner default: max_loras 8, max_lora_rank 16), plain_base (base traffic on the LoRA server),
+   tuned (VLLM_LORA_ENABLE_DUAL_STREAM=1 + --specialize-active-lora), ds, sp, ml4 (max_loras 4),
+   mnbt2k (--max-num-batched-tokens 2048), hybrid (served name l0 = merged backbone, no LoRA for l0;
+   base + l1..l7 as deltas, --max-lora-rank 32), hybrid_tuned, profile (plain + torch profiler: base
+   traffic, then /start_profile over a Zipf burst; vLLM's self-CUDA-time table -> kernel classes),
+   agreement (4-layer model with real random weights, eager, bf16: plain W + l0..l7 vs hybrid W+l0 merged
+   by peftdeploy's merge engine with deltas; greedy tokens per model name; plus the batch-order noise
+   floor of the plain server).
+3. Load: peftdeploy's own generator (peftdeploy.bench), closed loop, 64 concurrent, 200-word prompts,
+   128 output tokens (ignore_eos), Zipf(1.0) over l0..l7 (l0 hottest); a warm-up of 64 requests, then
+   2 measured runs of 320 requests with different prompts (no prefix-cache replay); median.
+4. KV cache: "GPU KV cache size: N tokens" from each server's log vs the planner (make_plan).
+Writes $OUT/gpu_bench.json after every setup (a cut-off run keeps what it measured), $OUT/gpu_bench.md,
+$OUT/logs.tar.gz (server logs) and $OUT/profile_table.txt. A server is skipped when it would end after
+``--deadline-s``; ``--skip-done`` skips servers an earlier call on the same machine measured.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -40,7 +51,7 @@ sys.path.insert(0, str(REPO))
 from peftdeploy.bench import report  # noqa: E402
 from peftdeploy.bench.client import run_workload_sync  # noqa: E402
 from peftdeploy.bench.deploy import Server, variant  # noqa: E402
-from peftdeploy.bench.workload import WorkloadConfig, build_workload  # noqa: E402
+from peftdeploy.bench.workload import WorkloadConfig, build_workload, model_shares, synthetic_prompt  # noqa: E402
 from peftdeploy.launch.spec import LaunchSpec, ServedAdapter  # noqa: E402
 
 GiB = 1 << 30
@@ -59,14 +70,16 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ assets
-def make_model(model_dir: Path) -> None:
+def make_model(model_dir: Path, cfg: dict | None = None) -> None:
     """config.json + generation_config.json + a byte-level BPE tokenizer of exactly V tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import PreTrainedTokenizerFast
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(CFG, indent=1))
+    (model_dir / "config.json").write_text(json.dumps(cfg or CFG, indent=1))
+    if (model_dir / "tokenizer.json").exists():
+        return
     (model_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": 128001}))
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     while len(vocab) < 128000:
@@ -219,6 +232,133 @@ def parse_kv(log_text: str) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------ hybrid
+def build_deltas(lora_dir: Path, names: list[str], out_root: Path) -> dict[str, Path]:
+    """Delta adapters against backbone+l0 (peftdeploy.merge.delta): base (rank r) + l1..l7 (rank 2r)."""
+    import torch
+
+    from peftdeploy.merge.delta import build_delta_adapters
+
+    if (out_root / names[-1] / "adapter_model.safetensors").exists() and (out_root / "base").exists():
+        return {n: out_root / n for n in ["base", *names[1:]]}
+    return build_delta_adapters(hot=(names[0], lora_dir / "lora0", 1.0),
+                                others=[(n, lora_dir / f"lora{i}", 1.0) for i, n in enumerate(names) if i],
+                                out_root=out_root, base_name="base", dtype=torch.bfloat16)
+
+
+def with_env(spec: LaunchSpec, **env: str) -> LaunchSpec:
+    e = dict(spec.env)
+    e.update(env)
+    return dataclasses.replace(spec, env=tuple(e.items()))
+
+
+def hybrid_spec(base_spec: LaunchSpec, deltas: dict[str, Path], hot: str, rank: int, max_loras: int) -> LaunchSpec:
+    """The hybrid deployment: backbone with `hot` merged (dummy weights: the same dummy model) served
+    under the name `hot`; every other adapter and the bare backbone ("base") as delta LoRAs."""
+    ads = tuple(ServedAdapter(name=n, path=str(p), source=f"delta://{n}", rank=rank) for n, p in deltas.items())
+    s = dataclasses.replace(base_spec, adapters=ads)
+    return variant(s, adapters=[x.name for x in ads], max_loras=max_loras, max_lora_rank=rank,
+                   served_model_name=hot, mode="hybrid")
+
+
+# --------------------------------------------------------------------------------- agreement
+SMALL = dict(CFG, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=128)
+
+
+def small_shapes() -> dict[str, tuple[int, int]]:
+    h, i, kv = SMALL["hidden_size"], SMALL["intermediate_size"], SMALL["num_key_value_heads"] * SMALL["head_dim"]
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def make_small_assets(root: Path, n: int, rank: int) -> dict[str, Path]:
+    """A 4-layer Llama-3-vocab model with real random weights (std 0.02), n random rank-`rank` adapters
+    that visibly change the outputs, the model with l0 merged (peftdeploy's merge engine, bf16) and the
+    delta adapters (peftdeploy.merge.delta, bf16)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from peftdeploy.merge.common import AdapterInput
+    from peftdeploy.merge.engine import merge_model
+
+    m, lo, mh, dl = root / "model", root / "loras", root / "merged_l0", root / "delta"
+    if (root / "done").exists():
+        return {"model": m, "loras": lo, "merged": mh, "delta": dl}
+    make_model(m, SMALL)
+    g = torch.Generator().manual_seed(1)
+    h, L = SMALL["hidden_size"], SMALL["num_hidden_layers"]
+    t = {"model.embed_tokens.weight": torch.randn(V, h, generator=g) * 0.02,
+         "lm_head.weight": torch.randn(V, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
+    for l in range(L):
+        for name, (fi, fo) in small_shapes().items():
+            part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            t[f"model.layers.{l}.{part}.{name}.weight"] = torch.randn(fo, fi, generator=g) * 0.02
+        t[f"model.layers.{l}.input_layernorm.weight"] = torch.ones(h)
+        t[f"model.layers.{l}.post_attention_layernorm.weight"] = torch.ones(h)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in t.items()}, str(m / "model.safetensors"))
+    for i in range(n):
+        d = lo / f"lora{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        a = {}
+        for l in range(L):
+            for name, (fi, fo) in small_shapes().items():
+                part = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                p = f"base_model.model.model.layers.{l}.{part}.{name}"
+                a[f"{p}.lora_A.weight"] = (torch.randn(rank, fi, generator=g) / fi ** 0.5).to(torch.bfloat16)
+                a[f"{p}.lora_B.weight"] = (torch.randn(fo, rank, generator=g) * 0.01).to(torch.bfloat16)
+        save_file(a, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps(dict(
+            peft_type="LORA", task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, lora_dropout=0.0, bias="none",
+            target_modules=list(SHAPES), base_model_name_or_path=str(m), fan_in_fan_out=False, inference_mode=True)))
+    if mh.exists():
+        import shutil
+
+        shutil.rmtree(mh)
+    merge_model(m, [AdapterInput(name="l0", path=lo / "lora0", weight=1.0)], mh, dtype="bfloat16", progress=False)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (m / f).exists() and not (mh / f).exists():
+            (mh / f).write_bytes((m / f).read_bytes())
+    build_deltas(lo, [f"l{i}" for i in range(n)], dl)
+    (root / "done").write_text("ok")
+    return {"model": m, "loras": lo, "merged": mh, "delta": dl}
+
+
+def greedy(url: str, model: str, prompts: list[str], max_tokens: int, conc: int) -> list[list[str] | None]:
+    """Greedy completions (token strings from logprobs) for each prompt, `conc` in flight."""
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: str) -> list[str] | None:
+        body = json.dumps({"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0,
+                           "ignore_eos": True, "logprobs": 1, "return_tokens_as_token_ids": True}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.loads(r.read())["choices"][0]["logprobs"]["tokens"]
+        except Exception as e:  # noqa: BLE001
+            log(f"    greedy {model}: {type(e).__name__}: {e}")
+            return None
+
+    with ThreadPoolExecutor(conc) as ex:
+        return list(ex.map(one, prompts))
+
+
+def agreement(a: list, b: list) -> dict:
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not pairs:
+        return {"n": 0}
+    same = sum(x == y for x, y in pairs)
+    pos = sum(sum(p == q for p, q in zip(x, y)) for x, y in pairs)
+    tot = sum(min(len(x), len(y)) for x, y in pairs)
+    pref = []
+    for x, y in pairs:
+        k = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        pref.append(k / max(1, min(len(x), len(y))))
+    return {"n": len(pairs), "sequences_identical": same / len(pairs), "token_agreement": pos / max(1, tot),
+            "prefix_agreement": statistics.mean(pref)}
+
+
 # ------------------------------------------------------------------------------------- main
 _current: list = [None]  # the running server, stopped on SIGTERM / exit (it runs in its own session)
 
@@ -234,6 +374,12 @@ def _stop_current(*_: object) -> None:
         sys.exit(143)
 
 
+EST_S = {"graphs": 140, "agreement": 110, "profile": 170}
+DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on this (still warm) machine  # start + measurements, for the deadline check
+SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
+           "profile", "plain_base")
+
+
 def main() -> int:
     import atexit
     import signal
@@ -242,74 +388,91 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_current)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or "out/gpu")
+    ap.add_argument("--servers", default="merged,plain,hybrid,tuned",
+                    help=f"comma list, run in this order; any of {','.join(SERVERS)}")
     ap.add_argument("--model-dir", default="/tmp/m")
     ap.add_argument("--lora-dir", default="/tmp/loras")
+    ap.add_argument("--delta-dir", default="/tmp/delta")
     ap.add_argument("--n-loras", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--python", default=sys.executable, help="Python that runs vLLM")
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--num-requests", type=int, default=384)
+    ap.add_argument("--num-requests", type=int, default=320)
     ap.add_argument("--input-len", type=int, default=200, help="prompt words")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--zipf", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--warmup-requests", type=int, default=128)
+    ap.add_argument("--warmup-requests", type=int, default=64)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--with-max-loras-4", action="store_true", help="also a third server at max_loras 4")
-    ap.add_argument("--eager", action="store_true", help="--enforce-eager (no CUDA graphs)")
-    ap.add_argument("--deadline-s", type=float, default=500.0,
-                    help="skip setups that would start after this many seconds (one device call is <= 600 s)")
+    ap.add_argument("--deadline-s", type=float, default=560.0,
+                    help="start nothing that would end after this many seconds (one device call is <= 600 s)")
+    ap.add_argument("--tag", default="", help="label stored in the JSON (e.g. call2)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and server commands, run nothing")
+    ap.add_argument("--prep", action="store_true",
+                    help="only build the assets (model, adapters, deltas, agreement model) and exit")
+    ap.add_argument("--skip-done", action="store_true", help=f"skip servers listed in {DONE}")
     ap.add_argument("--no-planner", action="store_true", help="build the server flags here instead of make_plan")
     a = ap.parse_args()
     t_begin = time.time()
     out = Path(a.out)
-    out_recipes = Path("/tmp/gpu_bench_recipes") if not a.dry_run else Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_bench_recipes_dry"
-    model_dir, lora_dir = Path(a.model_dir), Path(a.lora_dir)
+    wanted = [x for x in a.servers.split(",") if x]
+    bad = [x for x in wanted if x not in SERVERS]
+    if bad:
+        ap.error(f"unknown servers: {bad}")
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    out_recipes = tmp / ("gpu_bench_recipes_dry" if a.dry_run else "gpu_bench_recipes")
+    model_dir, lora_dir, delta_dir = Path(a.model_dir), Path(a.lora_dir), Path(a.delta_dir)
     names = [f"l{i}" for i in range(a.n_loras)]
     adapters = tuple(ServedAdapter(name=n, path=str(lora_dir / f"lora{i}"), source=f"random://{i}", rank=a.rank)
                      for i, n in enumerate(names))
+    ml = min(8, a.n_loras)
+    result: dict = {"config": dict(vars(a)), "model": CFG, "setups": [], "servers": {}, "tag": a.tag,
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def save() -> None:
+        if not a.dry_run:
+            report.write_json(result, out / "gpu_bench.json")
 
     if not a.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        result: dict = {"config": {k: v for k, v in vars(a).items()}, "model": CFG, "setups": [], "servers": {},
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                                             "--format=csv,noheader"], capture_output=True, text=True,
                                            timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             result["gpu"] = None
-        try:
-            import importlib.metadata as md
-
-            result["vllm"] = md.version("vllm")
-        except Exception:  # noqa: BLE001
-            result["vllm"] = subprocess.run([a.python, "-c", "import vllm; print(vllm.__version__)"],
-                                            capture_output=True, text=True).stdout.strip() or "?"
-        log(f"GPU: {result['gpu']}; vLLM {result['vllm']}")
+        result["vllm"] = subprocess.run([a.python, "-c", "import vllm; print(vllm.__version__)"],
+                                        capture_output=True, text=True).stdout.strip() or "?"
+        log(f"GPU: {result['gpu']}; vLLM {result['vllm']}; servers {wanted}")
+    if not a.dry_run:
         t0 = time.time()
         make_model(model_dir)
         make_adapters(lora_dir, a.n_loras, a.rank, model_dir)
         log(f"model + {a.n_loras} adapters ready in {time.time() - t0:.0f} s")
-        gpu_bytes = gpu_total_bytes()
-    else:
-        gpu_bytes = None
+    gpu_bytes = None if a.dry_run else gpu_total_bytes()
+    if a.prep:
+        t1 = time.time()
+        build_deltas(lora_dir, names, delta_dir)
+        log(f"delta adapters ready in {time.time() - t1:.0f} s")
+        t1 = time.time()
+        make_small_assets(Path("/tmp/agree"), a.n_loras, a.rank)
+        log(f"agreement assets ready in {time.time() - t1:.0f} s")
+        return 0
 
     plans: dict[str, dict] = {}
     base_spec = None
     if not a.no_planner:
         # The planner's own LaunchSpec and memory prediction, from a recipe describing this setup.
-        for tag, n_ad, ml in (("nolora", 0, None), ("lora8", a.n_loras, min(8, a.n_loras)),
-                              ("lora4", a.n_loras, 4)):
-            rp = write_recipe(out_recipes / f"{tag}.yaml", a, model_dir, lora_dir, n_ad, ml)
+        for tag, n_ad, mlx in (("merged", 0, None), ("plain", a.n_loras, ml)):
+            rp = write_recipe(out_recipes / f"{tag}.yaml", a, model_dir, lora_dir, n_ad, mlx)
             plans[tag] = plan_for(rp, gpu_bytes=gpu_bytes, dry_run=a.dry_run)
-        if "spec" in plans["lora8"]:
-            base_spec = plans["lora8"]["spec"]
+        if "spec" in plans["plain"]:
+            base_spec = plans["plain"]["spec"]
+        result["planner_errors"] = {k: v.get("error") or v.get("plan_errors") for k, v in plans.items()}
     if base_spec is None:
         common: list[tuple[str, str | None]] = [
             ("--served-model-name", "base"), ("--load-format", "dummy"), ("--dtype", "bfloat16"),
@@ -320,116 +483,193 @@ def main() -> int:
         base_spec = LaunchSpec(recipe_name="gpu-bench-8b", recipe_hash="-", mode="serve", model=str(model_dir),
                                model_source="llama3-8b-shaped (dummy weights)", served_model_name="base",
                                host="127.0.0.1", port=a.port, device="cuda", args=tuple(common), adapters=adapters)
-    if a.eager:
-        base_spec = variant(base_spec, adapters=[x.name for x in base_spec.adapters] or None,
-                            extra_args=[("--enforce-eager", None)])
+        base_spec = variant(base_spec, adapters=names, max_loras=ml, max_lora_rank=a.rank)
     names = [x.name for x in base_spec.adapters] or names
-    served = base_spec.served_model_name
-    servers = [("nolora", variant(base_spec, adapters=None, mode="merge"), None),
-               ("lora8", variant(base_spec, adapters=names, max_loras=min(8, a.n_loras), max_lora_rank=a.rank),
-                min(8, a.n_loras))]
-    if a.with_max_loras_4:
-        servers.append(("lora4", variant(base_spec, adapters=names, max_loras=4, max_lora_rank=a.rank), 4))
-    # setups: (name, server tag, adapters (hottest first; () = base model))
-    setups = [("no LoRA (= merged model)", "nolora", ()),
-              ("LoRA on, base traffic", "lora8", ()),
-              ("1 adapter", "lora8", (names[0],)),
-              (f"{a.n_loras} adapters Zipf({a.zipf:g}), max_loras {min(8, a.n_loras)}", "lora8", tuple(names))]
-    if a.with_max_loras_4:
-        setups.append((f"{a.n_loras} adapters Zipf({a.zipf:g}), max_loras 4", "lora4", tuple(names)))
+    plain = base_spec  # exactly what the planner emits for this recipe (policy serve)
+    zipf = tuple(names)
+    shares = model_shares(WorkloadConfig(adapters=zipf, zipf_alpha=a.zipf, concurrency=1))
+    result["zipf_shares"] = shares
+    result["hot_share"] = shares.get(names[0])
+    DS, SP = {"VLLM_LORA_ENABLE_DUAL_STREAM": "1"}, ("--specialize-active-lora", None)
+    hyb_rank = 2 * a.rank
+    deltas_paths = {n: delta_dir / n for n in ["base", *names[1:]]}
+
+    def hyb() -> LaunchSpec:
+        return hybrid_spec(plain, deltas_paths, names[0], hyb_rank, ml)
+
+    # tag -> (description, spec factory, max_loras, setups [(label, adapters hottest first)], kind)
+    zl = f"{a.n_loras} adapters Zipf({a.zipf:g})"
+    catalog = {
+        "merged": ("merged single model (no LoRA)", lambda: variant(plain, adapters=None, mode="merge"), None,
+                   [("merged (no LoRA)", ())], "graphs"),
+        "plain": (f"plain multi-LoRA, planner default (max_loras {ml}, max_lora_rank {a.rank})", lambda: plain, ml,
+                  [(f"plain multi-LoRA, {zl}", zipf)], "graphs"),
+        "plain_base": ("plain multi-LoRA server, base traffic only", lambda: plain, ml,
+                       [("LoRA on, base traffic only", ())], "graphs"),
+        "tuned": ("plain + VLLM_LORA_ENABLE_DUAL_STREAM=1 + --specialize-active-lora",
+                  lambda: variant(with_env(plain, **DS), adapters=names, extra_args=[SP]), ml,
+                  [(f"tuned multi-LoRA (dual stream + specialize), {zl}", zipf)], "graphs"),
+        "ds": ("plain + VLLM_LORA_ENABLE_DUAL_STREAM=1", lambda: with_env(plain, **DS), ml,
+               [(f"multi-LoRA + dual stream, {zl}", zipf)], "graphs"),
+        "sp": ("plain + --specialize-active-lora", lambda: variant(plain, adapters=names, extra_args=[SP]), ml,
+               [(f"multi-LoRA + specialize-active-lora, {zl}", zipf)], "graphs"),
+        "ml4": ("plain with max_loras 4", lambda: variant(plain, adapters=names, max_loras=4), 4,
+                [(f"multi-LoRA max_loras 4, {zl}", zipf)], "graphs"),
+        "mnbt2k": ("plain with --max-num-batched-tokens 2048",
+                   lambda: variant(plain, adapters=names, extra_args=[("--max-num-batched-tokens", "2048")]), ml,
+                   [(f"multi-LoRA max_num_batched_tokens 2048, {zl}", zipf)], "graphs"),
+        "hybrid": (f"hybrid: {names[0]} merged (served as {names[0]}, no LoRA), others + base as rank-{hyb_rank} "
+                   f"deltas, max_lora_rank {hyb_rank}", hyb, ml, [(f"hybrid ({names[0]} merged), {zl}", zipf)], "graphs"),
+        "hybrid_tuned": ("hybrid + VLLM_LORA_ENABLE_DUAL_STREAM=1 + --specialize-active-lora",
+                         lambda: variant(with_env(hyb(), **DS), adapters=[x for x in ["base", *names[1:]]],
+                                         extra_args=[SP]), ml,
+                         [(f"hybrid + dual stream + specialize, {zl}", zipf)], "graphs"),
+        "profile": ("plain multi-LoRA with the torch profiler (30 decode-heavy iterations)",
+                    lambda: variant(plain, adapters=names, extra_args=[("--profiler-config", json.dumps(
+                        {"profiler": "torch", "torch_profiler_dir": "/tmp/vllm_prof", "torch_profiler_with_stack": False,
+                         "torch_profiler_use_gzip": True, "delay_iterations": 20, "max_iterations": 30}))]), ml,
+                    [("LoRA on (plain server), base traffic only", ())], "profile"),
+        "agreement": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: plain vs hybrid", None, ml,
+                      [], "agreement"),
+    }
     exe = (a.python, "-m", "vllm.entrypoints.cli.main")
 
-    def wl(adapt: tuple[str, ...], n: int, seed: int) -> WorkloadConfig:
-        return WorkloadConfig(adapters=adapt, base_model=served, zipf_alpha=a.zipf,
+    def wl(adapt: tuple[str, ...], n: int, seed: int, base_name: str) -> WorkloadConfig:
+        return WorkloadConfig(adapters=adapt, base_model=base_name, zipf_alpha=a.zipf,
                               base_share=0.0 if adapt else 1.0, num_requests=n, concurrency=a.concurrency,
                               input_len=a.input_len, output_len=a.output_len, seed=seed)
 
     if a.dry_run:
-        for tag, spec, _ in servers:
-            print(f"# server {tag}\n{' '.join(f'{k}={v}' for k, v in spec.env)} {shlex.join(spec.argv(exe))}")
+        for tag in wanted:
+            desc, fac, _, setups, kind = catalog[tag]
+            if fac is None:
+                print(f"# {tag}: {desc}")
+                continue
+            spec = fac()
+            print(f"# server {tag}: {desc}\n{' '.join(f'{k}={v}' for k, v in spec.env)} {shlex.join(spec.argv(exe))}")
+            for label, adapt in setups:
+                w = build_workload(wl(adapt, a.num_requests, 0, spec.served_model_name))
+                print(f"#   setup {label!r}: {len(w.requests)} requests, per model {w.counts()}, "
+                      f"models {sorted({r.model for r in w.requests})}")
         for tag, p in plans.items():
             print(f"# planner {tag}: {p.get('error') or p.get('kv', {}).get('kv_tokens')} KV tokens predicted")
-        for name, tag, adapt in setups:
-            w = build_workload(wl(adapt, a.num_requests, 0))
-            print(f"# setup {name!r} on {tag}: {len(w.requests)} requests, concurrency {a.concurrency}, "
-                  f"{a.input_len} words in, {a.output_len} tokens out, per model {w.counts()}")
+        print(f"# Zipf shares: {shares}")
         return 0
 
-    def save() -> None:
-        report.write_json(result, out / "gpu_bench.json")
+    logs: list[Path] = []
 
-    ref_tok_s = None
-    for tag, spec, max_loras in servers:
-        elapsed = time.time() - t_begin
-        if elapsed > a.deadline_s - 150:
-            log(f"skipping server {tag}: {elapsed:.0f} s elapsed, deadline {a.deadline_s:.0f} s")
-            result["servers"][tag] = {"skipped": f"deadline ({elapsed:.0f} s elapsed)"}
-            save()
-            continue
-        srv = Server(spec, log_path=out / f"vllm_{tag}.log", executable=exe, ready_timeout_s=300)
-        _current[0] = srv
-        log(f"[{tag}] {shlex.join(srv.argv())}")
+    def pack_logs() -> None:
+        import tarfile
+
         try:
-            srv.start()
+            with tarfile.open(out / "logs.tar.gz", "w:gz") as tf:
+                for p in logs:
+                    if p.exists():
+                        tf.add(p, arcname=p.name)
         except Exception as e:  # noqa: BLE001
-            log(f"[{tag}] failed to start: {e}")
-            result["servers"][tag] = {"error": str(e)[-3000:]}
+            log(f"pack logs: {e}")
+
+    ref = {"tok_s": None}
+    done = set(DONE.read_text().split()) if a.skip_done and DONE.exists() else set()
+    for tag in wanted:
+        desc, fac, max_loras, setups, kind = catalog[tag]
+        if tag in done:
+            log(f"skipping {tag}: measured by an earlier call ({DONE})")
+            continue
+        elapsed = time.time() - t_begin
+        if elapsed + EST_S[kind] > a.deadline_s:
+            log(f"skipping {tag}: {elapsed:.0f} s elapsed, needs ~{EST_S[kind]} s, deadline {a.deadline_s:.0f} s")
+            result["servers"][tag] = {"skipped": f"deadline ({elapsed:.0f} s elapsed)", "description": desc}
             save()
             continue
         try:
-            kv = parse_kv(srv.log_path.read_text(errors="replace"))
-            pl = plans.get(tag) or {}
-            pred = dict(pl.get("kv") or {})
-            if not pred.get("kv_tokens"):
-                pred = predict_kv(model_dir, gpu_bytes=gpu_bytes, util=a.gpu_memory_utilization, max_loras=max_loras,
-                                  rank=a.rank, max_num_seqs=a.max_num_seqs,
-                                  max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len)
-                pred["planner_error"] = pl.get("error")
-            err = None
-            if kv.get("kv_tokens") and pred.get("kv_tokens"):
-                err = (pred["kv_tokens"] - kv["kv_tokens"]) / kv["kv_tokens"]
-            result["servers"][tag] = {"argv": srv.argv(), "ready_s": srv.ready_s, "vllm_kv": kv,
-                                      "planner_kv": pred, "kv_prediction_error": err}
-            log(f"[{tag}] ready in {srv.ready_s:.0f} s; vLLM KV {kv}; planner {pred.get('kv_tokens')} tokens"
-                + (f" ({err * 100:+.1f}%)" if err is not None else f" {pred.get('error', '')}"))
-            save()
-            for name, stag, adapt in setups:
-                if stag != tag:
-                    continue
-                if time.time() - t_begin > a.deadline_s - 20:
-                    log(f"skipping {name}: deadline")
-                    result["setups"].append({"setup": name, "server": tag, "skipped": "deadline"})
-                    continue
-                run_workload_sync(srv.url, build_workload(wl(adapt, a.warmup_requests, 1000)))
-                sums = []
-                for i in range(a.runs):
-                    w = build_workload(wl(adapt, a.num_requests, i))  # run i: seed i (no prefix-cache replay)
-                    rr = run_workload_sync(srv.url, w)
-                    s = report.summarize(rr, w)
-                    sums.append(s)
-                    o = s["overall"]
-                    log(f"  {name} run {i + 1}: {o['output_tok_s']:.0f} out tok/s, TTFT p50 "
-                        f"{(o['ttft_s']['p50'] or 0) * 1000:.0f} ms, TPOT p50 {(o['tpot_s']['p50'] or 0) * 1000:.1f} ms, "
-                        f"errors {o['errors']}")
-                med = report.median_summary(sums)
-                mo = med["overall"]
-                row = {"setup": name, "server": tag, "max_loras": max_loras, "adapters": list(adapt),
-                       "output_tok_s": mo["output_tok_s"], "req_s": mo["req_s"],
-                       "runs_tok_s": [x["overall"]["output_tok_s"] for x in sums],
-                       "ttft_p50": mo["ttft_s"]["p50"], "ttft_p99": mo["ttft_s"]["p99"],
-                       "tpot_p50": mo["tpot_s"]["p50"], "tpot_p99": mo["tpot_s"]["p99"],
-                       "e2e_p50": mo["e2e_s"]["p50"], "e2e_p99": mo["e2e_s"]["p99"],
-                       "errors": med["errors_total"], "input_tokens_per_req":
-                           (mo.get("input_tokens") or 0) / max(1, mo.get("ok") or 1),
-                       "median": med, "run_summaries": sums}
-                if tag == "nolora":
-                    ref_tok_s = row["output_tok_s"]
-                row["ratio"] = row["output_tok_s"] / ref_tok_s if ref_tok_s and row["output_tok_s"] else None
-                result["setups"].append(row)
+            if tag in ("hybrid", "hybrid_tuned"):
+                t1 = time.time()
+                build_deltas(lora_dir, names, delta_dir)
+                log(f"delta adapters ready in {time.time() - t1:.0f} s")
+            if kind == "agreement":
+                result["agreement"] = run_agreement(a, exe, out, logs)
                 save()
-        finally:
-            srv.stop()
-            log(f"[{tag}] stopped")
+                pack_logs()
+                if "hybrid_vs_plain" in result["agreement"]:
+                    with open(DONE, "a") as f:
+                        f.write(tag + "\n")
+                continue
+            spec = fac()
+            srv = Server(spec, log_path=tmp / f"vllm_{tag}.log", executable=exe, ready_timeout_s=300)
+            logs.append(srv.log_path)
+            _current[0] = srv
+            log(f"[{tag}] {' '.join(f'{k}={v}' for k, v in spec.env)} {shlex.join(srv.argv())}")
+            try:
+                srv.start()
+            except Exception as e:  # noqa: BLE001
+                log(f"[{tag}] failed to start: {str(e)[-2000:]}")
+                result["servers"][tag] = {"error": str(e)[-3000:], "description": desc}
+                save()
+                pack_logs()
+                continue
+            try:
+                text = srv.log_path.read_text(errors="replace")
+                kv = parse_kv(text)
+                pl = plans.get("merged" if tag == "merged" else "plain" if tag in ("plain", "tuned", "ds", "sp") else "", {})
+                pred = dict(pl.get("kv") or {})
+                err = None
+                if kv.get("kv_tokens") and pred.get("kv_tokens"):
+                    err = (pred["kv_tokens"] - kv["kv_tokens"]) / kv["kv_tokens"]
+                result["servers"][tag] = {"description": desc, "argv": srv.argv(), "env": dict(spec.env),
+                                          "ready_s": srv.ready_s, "vllm_kv": kv,
+                                          "planner_kv": pred or None, "kv_prediction_error": err,
+                                          "log_lines": [ln for ln in text.splitlines()
+                                                        if re.search(r"KV cache|Maximum concurrency|CUDA graph|"
+                                                                     r"Model loading took|torch.compile|cudagraph|"
+                                                                     r"memory profiling|Available KV", ln)][-20:]}
+                log(f"[{tag}] ready in {srv.ready_s:.0f} s; vLLM KV {kv}; planner {pred.get('kv_tokens')}"
+                    + (f" ({err * 100:+.2f}%)" if err is not None else ""))
+                save()
+                served = spec.served_model_name
+                for label, adapt in setups:
+                    run_workload_sync(srv.url, build_workload(wl(adapt, a.warmup_requests, 1000, served)))
+                    sums = []
+                    for i in range(a.runs):
+                        w = build_workload(wl(adapt, a.num_requests, i, served))  # run i: seed i
+                        rr = run_workload_sync(srv.url, w)
+                        s = report.summarize(rr, w)
+                        sums.append(s)
+                        o = s["overall"]
+                        log(f"  {label} run {i + 1}: {o['output_tok_s']:.0f} out tok/s, TTFT p50 "
+                            f"{(o['ttft_s']['p50'] or 0) * 1000:.0f} ms, TPOT p50 "
+                            f"{(o['tpot_s']['p50'] or 0) * 1000:.1f} ms, errors {o['errors']}, per model "
+                            f"{w.counts()}")
+                    med = report.median_summary(sums)
+                    mo = med["overall"]
+                    row = {"setup": label, "server": tag, "max_loras": max_loras, "adapters": list(adapt),
+                           "output_tok_s": mo["output_tok_s"], "req_s": mo["req_s"],
+                           "runs_tok_s": [x["overall"]["output_tok_s"] for x in sums],
+                           "ttft_p50": mo["ttft_s"]["p50"], "ttft_p99": mo["ttft_s"]["p99"],
+                           "tpot_p50": mo["tpot_s"]["p50"], "tpot_p99": mo["tpot_s"]["p99"],
+                           "e2e_p50": mo["e2e_s"]["p50"], "e2e_p99": mo["e2e_s"]["p99"],
+                           "errors": med["errors_total"], "median": med}
+                    if tag == "merged":
+                        ref["tok_s"] = row["output_tok_s"]
+                    row["ratio"] = row["output_tok_s"] / ref["tok_s"] if ref["tok_s"] and row["output_tok_s"] else None
+                    result["setups"].append(row)
+                    save()
+                if kind == "profile":
+                    result["profile"] = run_profile(srv, a, zipf, served, out)
+                    save()
+                with open(DONE, "a") as f:
+                    f.write(tag + "\n")
+            finally:
+                srv.stop()
+                _current[0] = None
+                log(f"[{tag}] stopped")
+                pack_logs()
+        except Exception as e:  # noqa: BLE001 - keep going with the next server
+            import traceback
+
+            log(f"[{tag}] FAILED: {type(e).__name__}: {e}")
+            result["servers"].setdefault(tag, {})["error"] = traceback.format_exc()[-3000:]
+            save()
 
     rows = [r for r in result["setups"] if "output_tok_s" in r]
     from peftdeploy.bench.compare import ratio_rows
@@ -437,29 +677,157 @@ def main() -> int:
     head, trows = ratio_rows(rows)
     md = [f"GPU: {result['gpu']}; vLLM {result['vllm']}; Llama-3-8B-shaped, dummy weights, bf16; "
           f"{a.n_loras} random rank-{a.rank} all-linear adapters; closed loop {a.concurrency} concurrent, "
-          f"{a.input_len}-word prompts, {a.output_len} output tokens; median of {a.runs} runs after warm-up; "
-          f"{'eager' if a.eager else 'CUDA graphs'}", "", report.format_table(head, trows), ""]
-    zipf_row = next((r for r in rows if r["server"] == "lora8" and len(r["adapters"]) > 1), None)
-    if zipf_row and zipf_row.get("ratio"):
-        result["ratio_unmerged_zipf_vs_merged"] = zipf_row["ratio"]
-        md.append(f"unmerged ({a.n_loras} adapters, Zipf {a.zipf:g}) / merged throughput = {zipf_row['ratio']:.2f}")
-    md.append("")
-    md.append("| server | vLLM KV tokens | planner predicted | error |")
-    md.append("|---|---|---|---|")
+          f"{a.input_len}-word prompts, {a.output_len} output tokens; median of {a.runs} runs after warm-up",
+          "", report.format_table(head, trows) if trows else "(no throughput rows in this call)", ""]
+    md.append("| server | vLLM KV tokens | planner predicted | error | ready s |")
+    md.append("|---|---|---|---|---|")
     for tag, s in result["servers"].items():
         vk = (s.get("vllm_kv") or {}).get("kv_tokens")
         pk = (s.get("planner_kv") or {}).get("kv_tokens")
         e = s.get("kv_prediction_error")
-        md.append(f"| {tag} | {vk if vk is not None else '-'} | {pk if pk is not None else (s.get('planner_kv') or {}).get('error', '-')} | "
-                  f"{f'{e * 100:+.1f}%' if e is not None else '-'} |")
+        md.append(f"| {tag} | {vk if vk is not None else '-'} | {pk if pk is not None else '-'} | "
+                  f"{f'{e * 100:+.2f}%' if e is not None else '-'} | {s.get('ready_s') or s.get('skipped') or s.get('error', '')[:60]} |")
+    if result.get("agreement"):
+        md.append("")
+        md.append("agreement: " + json.dumps(result["agreement"].get("summary"), default=str))
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     result["total_s"] = time.time() - t_begin
     save()
     (out / "gpu_bench.md").write_text("\n".join(md) + "\n")
-    report.plot_compare(rows, out / "gpu_bench.png", title="8B-shaped, H200: merged vs multi-LoRA (vLLM 0.26)")
     print("\n".join(md))
     log(f"total {time.time() - t_begin:.0f} s")
-    return 0 if rows else 1
+    return 0 if rows or result.get("agreement") else 1
+
+
+def run_profile(srv: Server, a: argparse.Namespace, zipf: tuple[str, ...], served: str, out: Path) -> dict:
+    """/start_profile, a short Zipf burst, /stop_profile; keep vLLM's key_averages table (CUDA time)."""
+    import glob
+    import threading
+    import urllib.request
+
+    def post(path: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(srv.url + path, data=b"", method="POST"), timeout=300).read()
+
+    w = build_workload(WorkloadConfig(adapters=zipf, base_model=served, zipf_alpha=a.zipf, num_requests=128,
+                                      concurrency=a.concurrency, input_len=a.input_len, output_len=a.output_len,
+                                      seed=77))
+    t0 = time.time()
+    post("/start_profile")
+    th = threading.Thread(target=run_workload_sync, args=(srv.url, w))
+    th.start()
+    th.join()
+    post("/stop_profile")
+    tables = sorted(glob.glob("/tmp/vllm_prof/**/profiler_out_*.txt", recursive=True))
+    res: dict = {"seconds": time.time() - t0, "tables": tables}
+    if tables:
+        text = Path(tables[0]).read_text(errors="replace")
+        (out / "profile_table.txt").write_text(text)
+        res["summary"] = summarize_profile(text)
+    log(f"  profile: {res.get('summary')}")
+    return res
+
+
+def summarize_profile(text: str) -> dict:
+    """Self CUDA time by kernel class from torch's key_averages table (sorted by self CUDA time)."""
+    lines = text.splitlines()
+    hdr = next((ln for ln in lines if "Self CUDA" in ln), None)
+    if hdr is None:
+        return {}
+    cols = re.split(r"\s{2,}", hdr.strip())
+    try:
+        ci = cols.index("Self CUDA")
+    except ValueError:
+        return {}
+    unit = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+    cls: dict[str, float] = {}
+    total = 0.0
+    for ln in lines:
+        parts = re.split(r"\s{2,}", ln.strip())
+        if len(parts) != len(cols) or parts[0] == cols[0]:
+            continue
+        m = re.match(r"([\d.]+)(us|ms|s)$", parts[ci])
+        if not m:
+            continue
+        t = float(m.group(1)) * unit[m.group(2)]
+        name = parts[0].lower()
+        if any(x in name for x in ("lora", "sgmv", "bgmv", "shrink", "expand")):
+            k = "lora"
+        elif any(x in name for x in ("flash", "attn", "attention", "fmha")):
+            k = "attention"
+        elif any(x in name for x in ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul", "mm_")):
+            k = "gemm"
+        elif name.startswith(("aten::", "vllm::", "cuda", "profilerstep", "execute_")):
+            continue  # CPU-side ops that aggregate kernels: skip (kernels are counted by name)
+        else:
+            k = "other kernels"
+        cls[k] = cls.get(k, 0.0) + t
+        total += t
+    return {"by_class_s": cls, "share": {k: v / total for k, v in cls.items()} if total else {}}
+
+
+def run_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: list[Path]) -> dict:
+    """bf16 greedy tokens: plain multi-LoRA (W, l0..l7) vs hybrid (W + l0 merged; base and l1..l7 as deltas)
+    for every model name, on a 4-layer model with real random weights (dummy weights cannot carry a merge)."""
+    t0 = time.time()
+    root = Path("/tmp/agree")
+    assets = make_small_assets(root, a.n_loras, a.rank)
+    names = [f"l{i}" for i in range(a.n_loras)]
+    log(f"[agreement] assets in {time.time() - t0:.0f} s")
+    rng = __import__("random").Random(5)
+    prompts = [synthetic_prompt(rng, 40 + 7 * i) for i in range(16)]
+    common = [("--dtype", "bfloat16"), ("--max-model-len", "1024"), ("--gpu-memory-utilization", "0.3"),
+              ("--max-num-seqs", "64"), ("--enforce-eager", None), ("--host", "127.0.0.1"), ("--port", str(a.port)),
+              ("--enable-lora", None), ("--max-loras", "8"), ("--max-cpu-loras", "8")]
+    specs = {
+        "plain": LaunchSpec(recipe_name="agree", recipe_hash="-", mode="serve", model=str(assets["model"]),
+                            model_source="random", served_model_name="base", host="127.0.0.1", port=a.port,
+                            device="cuda", args=(("--served-model-name", "base"), *common, ("--max-lora-rank", str(a.rank)), ("--lora-modules", None),
+                                                 *((f"{n}={assets['loras'] / f'lora{i}'}", None) for i, n in enumerate(names)))),
+        "hybrid": LaunchSpec(recipe_name="agree", recipe_hash="-", mode="hybrid", model=str(assets["merged"]),
+                             model_source="random", served_model_name=names[0], host="127.0.0.1", port=a.port,
+                             device="cuda", args=(("--served-model-name", names[0]), *common,
+                                                  ("--max-lora-rank", str(2 * a.rank)), ("--lora-modules", None),
+                                                  *((f"{n}={assets['delta'] / n}", None) for n in ["base", *names[1:]]))),
+    }
+    outs: dict[str, dict[str, list]] = {}
+    res: dict = {"model": {k: SMALL[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size")},
+                 "prompts": len(prompts), "max_tokens": 48, "note": "eager, bf16, greedy; token strings as ids"}
+    for tag, spec in specs.items():
+        srv = Server(spec, log_path=Path("/tmp") / f"vllm_agree_{tag}.log", executable=exe, ready_timeout_s=240)
+        logs.append(srv.log_path)
+        _current[0] = srv
+        log(f"[agreement/{tag}] {shlex.join(srv.argv())}")
+        try:
+            srv.start()
+            log(f"[agreement/{tag}] ready in {srv.ready_s:.0f} s")
+            outs[tag] = {n: greedy(srv.url, n, prompts, 48, 16) for n in ["base", *names]}
+            if tag == "plain":  # noise floor: same server, same prompts, one at a time instead of 16 in flight
+                outs["plain_serial"] = {n: greedy(srv.url, n, prompts, 48, 1) for n in ["base", names[0], names[1]]}
+                # how much the adapters change the outputs at all
+                res["adapter_vs_base_agreement"] = {n: agreement(outs["plain"][n], outs["plain"]["base"])
+                                                    for n in names}
+        except Exception as e:  # noqa: BLE001
+            res[f"{tag}_error"] = str(e)[-2000:]
+            log(f"[agreement/{tag}] failed: {str(e)[-1500:]}")
+        finally:
+            srv.stop()
+            _current[0] = None
+    if "plain" in outs and "hybrid" in outs:
+        res["hybrid_vs_plain"] = {n: agreement(outs["hybrid"][n], outs["plain"][n]) for n in ["base", *names]}
+    if "plain_serial" in outs:
+        res["plain_batch16_vs_serial"] = {n: agreement(outs["plain"][n], outs["plain_serial"][n])
+                                          for n in outs["plain_serial"]}
+    summ = {}
+    for k in ("hybrid_vs_plain", "plain_batch16_vs_serial", "adapter_vs_base_agreement"):
+        if k in res:
+            v = [x for x in res[k].values() if x.get("n")]
+            if v:
+                summ[k] = {m: statistics.mean(x[m] for x in v) for m in ("token_agreement", "sequences_identical",
+                                                                        "prefix_agreement")}
+    res["summary"] = summ
+    res["seconds"] = time.time() - t0
+    log(f"[agreement] {json.dumps(summ)}")
+    return res
 
 
 if __name__ == "__main__":

@@ -1,27 +1,45 @@
 #!/bin/bash
-# GPU run of issue 10 (second device call; the first one copied part00 to /tmp/stage):
-#   reassemble + check + extract the vLLM 0.26.0 site (/work/shared/gpu), then scripts/gpu_bench.py:
-#   8B-shaped dummy model + 8 random rank-16 all-linear adapters; no-LoRA (= merged) server and one
-#   LoRA server (max_loras 8): base traffic, 1 adapter, 8 adapters Zipf(1.0); peftdeploy's load
-#   generator, 64 concurrent, ~200-word prompts, 128 output tokens, warm-up + 2 runs;
-#   KV tokens vLLM reports vs the planner's prediction. Results: $OUT/gpu_bench.{json,md,png} + logs.
-# Usage (repo root): PART1=path/to/vllm026_site.tar.xz.part01 bash scripts/gpu_bench.sh [gpu_bench.py flags]
-#   e.g. --with-max-loras-4 (a third server; adds ~2 min), --eager, --runs 3
+# GPU run of issues 10 and 11 on one H200 (vLLM 0.26.0 from ../shared/gpu, offline machine, 64 MiB per transfer).
+# Measures, in one run on one machine: merged single model (= 1.00), plain multi-LoRA (planner default),
+# tuned multi-LoRA (VLLM_LORA_ENABLE_DUAL_STREAM=1, --specialize-active-lora, ...), and the hybrid policy
+# (hot adapter l0 merged, the others + the bare backbone as exact delta LoRAs of rank 32); plus the
+# planner's KV prediction vs vLLM's "GPU KV cache size", bf16 greedy agreement hybrid vs plain (small
+# real-weights model), and a torch-profiler kernel breakdown of multi-LoRA. See scripts/gpu_bench.py.
+#
+# Exactly how it was run (device tool, kind nvidia-h200; calls back to back: the machine is given back
+# after 30 s idle and /tmp is lost with it):
+#   here, once:  printf '/.gpu_stage0/\n/.gpu_stage1/\n' >> .git/info/exclude; mkdir -p .gpu_stage0 .gpu_stage1
+#                cp ../shared/gpu/vllm026_site.tar.xz.part00 .gpu_stage0/; cp ../shared/gpu/vllm026_site.tar.xz.part01 .gpu_stage1/
+#   call 1 (carry .gpu_stage0):  PREP=1 bash scripts/gpu_bench.sh     # stage part00, build model/adapters/deltas
+#   call 2 (carry .gpu_stage1):  bash scripts/gpu_bench.sh --servers merged,plain,hybrid,tuned --skip-done
+#   call 3 (carry .gpu_stage1):  bash scripts/gpu_bench.sh --servers <the rest> --skip-done
+# On a GPU machine with network and vLLM 0.26 installed, one command does it all (no staging):
+#   PY=python3 OUT=out/gpu bash scripts/gpu_bench.sh --servers merged,plain,hybrid,tuned,hybrid_tuned,agreement,ds,sp,profile --deadline-s 1e9
+# Results: $OUT/gpu_bench.{json,md,log}, $OUT/logs.tar.gz (server logs), $OUT/profile_table.txt.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-/opt/torch/.venv/bin/python3}
 OUT=${OUT:-$PWD/out/gpu}; mkdir -p "$OUT"; export OUT
-PART1=${PART1:-.gpu_stage/vllm026_site.tar.xz.part01}
-if [ ! -f /tmp/site/vllm/__init__.py ]; then
-  [ -f /tmp/stage/vllm026_site.tar.xz.part00 ] || { echo "missing /tmp/stage/vllm026_site.tar.xz.part00 (first call)"; exit 2; }
-  [ -f "$PART1" ] || { echo "missing $PART1"; exit 2; }
-  cat /tmp/stage/vllm026_site.tar.xz.part00 "$PART1" > /tmp/stage/site.tar.xz
-  (cd /tmp/stage && echo "b1188486b08565125f96e40f075abcc8b0250ef060ea799887456aef8b918e37  site.tar.xz" | sha256sum -c) || exit 3
-  mkdir -p /tmp/site && tar -xJf /tmp/stage/site.tar.xz -C /tmp/site || exit 4
-  rm -f /tmp/stage/site.tar.xz
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
+       DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+if [ -n "${PREP:-}" ]; then
+  mkdir -p /tmp/stage && cp .gpu_stage0/vllm026_site.tar.xz.part00 /tmp/stage/ && ls -la /tmp/stage
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY scripts/gpu_bench.py --prep --out "$OUT" "$@" 2>&1 | tee "$OUT/prep.log"
+  exit ${PIPESTATUS[0]}
 fi
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-       VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if ! $PY -c "import vllm" 2>/dev/null; then
+  PART1=${PART1:-.gpu_stage1/vllm026_site.tar.xz.part01}
+  if [ ! -f /tmp/site/vllm/__init__.py ]; then
+    [ -f /tmp/stage/vllm026_site.tar.xz.part00 ] || { echo "missing /tmp/stage/vllm026_site.tar.xz.part00 (first call; fresh machine?)"; exit 2; }
+    [ -f "$PART1" ] || { echo "missing $PART1"; exit 2; }
+    cat /tmp/stage/vllm026_site.tar.xz.part00 "$PART1" > /tmp/stage/site.tar.xz
+    (cd /tmp/stage && echo "b1188486b08565125f96e40f075abcc8b0250ef060ea799887456aef8b918e37  site.tar.xz" | sha256sum -c) || exit 3
+    mkdir -p /tmp/site && tar -xJf /tmp/stage/site.tar.xz -C /tmp/site || exit 4
+    rm -f /tmp/stage/site.tar.xz
+  fi
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY scripts/gpu_bench.py --out "$OUT" --python "$PY" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
 exit ${PIPESTATUS[0]}
