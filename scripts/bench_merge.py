@@ -16,8 +16,9 @@ its own process, one after the other:
   mergekit          mergekit-yaml, passthrough of "model+lora" (from --mergekit-venv; skipped
                     with a note if it is not installed there)
 
-and reports wall time and peak RSS (ru_maxrss of the child, from wait4) of each, with ratios to
-cp and to PEFT, as a table and as JSON (--json prints it; it is always written to
+and reports wall time, CPU time (user + sys) and peak RSS (ru_maxrss of the child) of each, with
+ratios to cp and to PEFT, and the 1-minute load average at each run (the machine may be shared:
+CPU time is the figure other jobs disturb least), as a table and as JSON (--json prints it; it is always written to
 out/bench_merge.json). The page cache cannot be dropped without root, so every run reads a warm
 cache (cp runs first, twice); `sync` is run between runs so that one run's dirty pages are not
 written back during the next one.
@@ -161,6 +162,7 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict | None = N
     tfile = log.with_suffix(".time")
     use_time = os.access(TIME, os.X_OK)
     full = [TIME, "-f", "%M %U %S", "-o", str(tfile)] + argv if use_time else argv
+    load0 = os.getloadavg()[0]
     with open(log, "wb") as lf:
         t = time.perf_counter()
         p = subprocess.Popen(full, stdout=lf, stderr=subprocess.STDOUT, env=env or os.environ.copy())
@@ -175,10 +177,12 @@ def run_measured(name: str, argv: list[str], log_dir: Path, env: dict | None = N
         except (OSError, ValueError, IndexError):
             pass
     res = {"name": name, "wall_s": round(wall, 3), "max_rss_bytes": rss, "user_s": round(user, 2),
-           "sys_s": round(sys_, 2), "rc": p.returncode, "log": str(log)}
+           "sys_s": round(sys_, 2), "cpu_s": round(user + sys_, 2), "rc": p.returncode, "log": str(log),
+           "load_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     if p.returncode != 0:
         res["error"] = log.read_text(errors="replace")[-2000:]
-    print(f"  {name:20s} {wall:7.2f} s  {rss / 2**20:8.0f} MiB  rc={p.returncode}", file=sys.stderr, flush=True)
+    print(f"  {name:20s} {wall:7.2f} s  cpu {user + sys_:6.2f} s  {rss / 2**20:8.0f} MiB  load {load0:5.2f}  "
+          f"rc={p.returncode}", file=sys.stderr, flush=True)
     return res
 
 
@@ -188,12 +192,14 @@ def summarize(name: str, runs: list[dict]) -> dict:
     if not ok:
         return dict(runs[-1], name=name)
     walls = sorted(r["wall_s"] for r in ok)
+    cpus = sorted(r["cpu_s"] for r in ok)
     out = dict(ok[0], name=name)
     out["wall_s"] = walls[len(walls) // 2]
     out["wall_min_s"] = walls[0]
+    out["cpu_s"] = cpus[len(cpus) // 2]
     out["max_rss_bytes"] = max(r["max_rss_bytes"] for r in ok)
-    out["samples"] = [{"wall_s": r["wall_s"], "max_rss_bytes": r["max_rss_bytes"], "detail": r.get("detail")}
-                      for r in ok]
+    out["samples"] = [{"wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "max_rss_bytes": r["max_rss_bytes"],
+                       "load_1min": r["load_1min"], "detail": r.get("detail")} for r in ok]
     ins = [r["detail"]["total_s"] for r in ok if isinstance(r.get("detail"), dict) and "total_s" in r["detail"]]
     if ins:
         out["in_process_s"] = sorted(ins)[len(ins) // 2]
@@ -302,7 +308,9 @@ def main() -> int:
     notes = ["page cache not dropped (needs root): all runs read a warm page cache; cp ran once first to warm it",
              "sync between runs; wall s = the whole process (ours/peft include python+torch start-up); "
              "in-proc s = merge_model's own time",
-             f"cp and ours: median of {a.repeat} interleaved runs (peak RSS: max)"]
+             f"cp and ours: median of {a.repeat} interleaved runs (peak RSS: max)",
+             "CPU s = user + sys of the process (less sensitive than wall time to other jobs on a shared "
+             "machine); load_1min per run in the JSON"]
     results = []
     try:
         print(f"model: {model_bytes / 1e9:.2f} GB in {len(shards)} shards (largest {largest / 1e9:.2f} GB)",
@@ -376,6 +384,7 @@ def main() -> int:
     for r in results:
         if cp and r["rc"] == 0:
             r["wall_vs_cp"] = round(r["wall_s"] / cp["wall_s"], 2)
+            r["cpu_vs_cp"] = round(r["cpu_s"] / max(cp["cpu_s"], 0.01), 2)
         r["rss_vs_largest_shard"] = round(r["max_rss_bytes"] / largest, 3)
         if peft and peft["rc"] == 0 and r["rc"] == 0:
             r["peft_wall_over_this"] = round(peft["wall_s"] / r["wall_s"], 2)
@@ -420,15 +429,17 @@ def _table(rep: dict) -> None:
     t = Table(title=f"LoRA merge: {m['bytes'] / 1e9:.2f} GB bf16 Llama, {m['shards']} shards "
                     f"(largest {m['largest_shard_bytes'] / 1e9:.2f} GB), rank-{rep['adapter']['rank']} LoRA on "
                     f"{'all linear projections' if rep['adapter']['targets'] == TARGETS else ','.join(rep['adapter']['targets'])}")
-    for c in ("run", "wall s", "in-proc s", "peak RSS MiB", "wall / cp", "RSS / shard", "PEFT wall / this",
-              "PEFT RSS / this"):
+    for c in ("run", "wall s", "in-proc s", "CPU s", "peak RSS MiB", "wall / cp", "CPU / cp", "RSS / shard",
+              "PEFT wall / this", "PEFT RSS / this"):
         t.add_column(c, justify="left" if c == "run" else "right")
     for r in rep["results"]:
         t.add_row(r["name"] + ("" if r["rc"] == 0 else " (FAILED)"), f"{r['wall_s']:.2f}",
                   f"{r['in_process_s']:.2f}" if r.get("in_process_s") is not None else "",
-                  f"{r['max_rss_bytes'] / 2**20:.0f}", str(r.get("wall_vs_cp", "")), f"{r['rss_vs_largest_shard']:.2f}",
+                  f"{r.get('cpu_s', 0):.2f}",
+                  f"{r['max_rss_bytes'] / 2**20:.0f}", str(r.get("wall_vs_cp", "")), str(r.get("cpu_vs_cp", "")),
+                  f"{r['rss_vs_largest_shard']:.2f}",
                   str(r.get("peft_wall_over_this", "")), str(r.get("peft_rss_over_this", "")))
-    con = Console(stderr=True, width=130)
+    con = Console(stderr=True, width=170)
     con.print(t)
     for k, v in rep["targets"].items():
         con.print(f"  target {k}: {'met' if v else 'NOT met'}")

@@ -300,6 +300,143 @@ def test_chunking_threads_and_progress_do_not_change_bytes(models, tmp_path, mon
     assert "merge" in capsys.readouterr().err
 
 
+def test_numpy_casts_match_torch():
+    """The numpy kernels (no torch at merge time) load and round exactly as torch's casts do."""
+    import numpy as np
+
+    from peftdeploy.merge import engine
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-3, 1.0, 1e3)])
+    bits = x.view(torch.int32)
+    ties = (bits & ~0xFFFF) | 0x8000  # exactly halfway between two bf16 values: round to even
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.3895e38, -3.3895e38, 1e-40, -1e-40,
+                            65504.0, 65520.0, 6e-8, 1e-45])
+    x = torch.cat([x, ties.view(torch.float32), special]).reshape(4, -1).contiguous()
+    for code, tdt in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
+        src = x.numpy().copy()
+        dst = np.empty(src.shape, np.dtype(engine.stio.NP_STORAGE[code]))
+        engine._store_f32(code, src, dst, np.empty(src.shape, np.uint32))
+        want = x.to(tdt)
+        got = torch.from_numpy(dst.view(np.int16) if code != "F32" else dst).view(tdt)
+        assert torch.equal(got.view(torch.int16 if code != "F32" else torch.int32),
+                           want.view(torch.int16 if code != "F32" else torch.int32)), code
+        back = np.empty(src.shape, np.float32)
+        engine._load_f32(code, dst, back)
+        assert torch.equal(torch.from_numpy(back), want.float()), code
+    # NaN stays NaN whatever its payload (a naive round-to-nearest-even turns some into inf)
+    nan = np.array([[0x7F800001, 0xFF800001, 0x7FC00000, 0x7FFFFFFF]], np.uint32).view(np.float32)
+    dst = np.empty(nan.shape, np.uint16)
+    engine._store_f32("BF16", nan.copy(), dst, np.empty(nan.shape, np.uint32))
+    assert torch.isnan(torch.from_numpy(dst.view(np.int16)).view(torch.bfloat16)).all()
+
+
+def test_untouched_tensors_are_copied_bit_for_bit_without_torch(models, tmp_path):
+    """Untouched tensors are byte ranges copied from the backbone shard (copy_file_range), and the
+    merge itself (numpy kernels) never imports torch."""
+    from peftdeploy.merge.stio import read_header
+
+    src = models["llama_bf16"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "down_proj"))
+    out = tmp_path / "o"
+    code = ("import sys, json; from peftdeploy.merge import AdapterInput, merge_model; "
+            f"r = merge_model({str(src)!r}, [AdapterInput('a', {str(ad)!r})], {str(out)!r}, progress=False); "
+            "print(json.dumps([r.provenance['stats'], 'torch' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    stats, torch_imported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert torch_imported is False
+    raw_in = {}
+    for f in sorted(src.glob("*.safetensors")):
+        data = f.read_bytes()
+        raw_in.update({n: data[t.offset:t.offset + t.nbytes] for n, t in read_header(f).tensors.items()})
+    raw_out = {}
+    for f in sorted(out.glob("*.safetensors")):
+        data = f.read_bytes()
+        raw_out.update({n: data[t.offset:t.offset + t.nbytes] for n, t in read_header(f).tensors.items()})
+    assert set(raw_in) == set(raw_out)
+    same = {n for n in raw_in if raw_in[n] == raw_out[n]}
+    adapted = {n for n in raw_in if ".q_proj." in n or ".down_proj." in n}
+    assert same == set(raw_in) - adapted
+    assert stats["copied"] == len(same) and stats["merged"] == len(adapted)
+
+
+def test_numpy_and_torch_paths_agree(models, base_tensors, tmp_path, monkeypatch):
+    """The torch fallback (DoRA, float64/float8 tensors) and the numpy kernels compute the same merge."""
+    from peftdeploy.merge import engine
+
+    for name in ("llama", "llama_bf16", "gpt2"):
+        src = models[name]
+        ad = build_tiny_lora(src, tmp_path / f"ad-{name}", lora_bias=name == "gpt2")
+        _, fast = merge(tmp_path, src, [AdapterInput("a", ad, 0.7)])
+        monkeypatch.setattr(engine, "FAST", set())
+        _, slow = merge(tmp_path, src, [AdapterInput("a", ad, 0.7)])
+        monkeypatch.undo()
+        base = base_tensors[name]
+        assert set(fast) == set(slow) == set(base)
+        for k in fast:
+            assert fast[k].dtype == slow[k].dtype == base[k].dtype
+            diff = (fast[k].float() - slow[k].float()).abs()
+            if fast[k].dtype == torch.bfloat16:
+                assert bool((diff <= torch.maximum(bf16_ulp(fast[k]), bf16_ulp(slow[k]))).all()), k
+            else:
+                assert diff.max().item() <= 1e-6 * (slow[k].abs().max().item() or 1.0), k
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_direct_and_buffered_write_the_same_file(tmp_path, direct):
+    """O_DIRECT writes (aligned staging buffer, padded last block truncated) give the very bytes of a
+    buffered write, whatever the tensor sizes relative to the buffer and block size."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from peftdeploy.merge import stio
+
+    rng = np.random.default_rng(0)
+    arrays = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in
+              enumerate([1, 1023, 1024, 5000, 3, 20000, 0, 7])}
+    src = tmp_path / "src.bin"
+    blob = b"".join(a.tobytes() for a in arrays.values())
+    src.write_bytes(b"xyz" + blob)  # odd offset: copy_from must not need alignment
+    outs = [stio.OutTensor(k, "F32", a.shape) for k, a in arrays.items()]
+    files = []
+    for mode in (direct, False):
+        p = tmp_path / f"{mode}-{len(files)}.safetensors"
+        w = stio.ShardWriter(p, outs, direct=mode, buffer_bytes=8192)
+        off = 3
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            for i, (k, a) in enumerate(arrays.items()):
+                if i % 2:
+                    w.copy_from(k, fd, off, a.nbytes)
+                else:
+                    w.write_bytes(k, a.tobytes())
+                off += a.nbytes
+            w.close()
+        finally:
+            os.close(fd)
+        assert p.stat().st_size == w.size
+        files.append(p)
+    assert files[0].read_bytes() == files[1].read_bytes()
+    back = load_file(str(files[0]))
+    assert all(np.array_equal(back[k], a) for k, a in arrays.items())
+
+
+def test_merge_direct_io_and_page_cache_outputs_are_identical(models, tmp_path, monkeypatch):
+    from peftdeploy.merge import engine
+
+    src = models["llama3"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "down_proj"))
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(engine.DIRECT_IO_ENV, flag)
+        out = tmp_path / f"o{flag}"
+        merge_model(src, [AdapterInput("a", ad)], out, progress=False, shard_size_bytes=150_000)
+        outs.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+    assert len(outs[0]) >= 2 and outs[0] == outs[1]
+
+
 def test_pickle_adapter_only_with_allow_pickle(models, base_tensors, tmp_path):
     from safetensors.torch import load_file
 

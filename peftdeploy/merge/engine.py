@@ -7,9 +7,20 @@ tensor at a time:
 * the backbone's safetensors headers are parsed up front, so the whole output layout (shards, JSON
   headers, index) is known before any byte of data is read, and every adapter/backbone mismatch is
   reported before anything is written;
-* untouched tensors whose dtype does not change are copied kernel-side (``copy_file_range``) —
-  they never enter this process's memory; the others are read with ``pread`` (one tensor), and
-  adapted weights are computed in float32 row chunks of ~``CHUNK_BYTES``;
+* the output is written with ``O_DIRECT`` through an aligned staging buffer where the filesystem
+  allows it (see :class:`~peftdeploy.merge.stio.ShardWriter`; ``PEFTDEPLOY_MERGE_DIRECT_IO=0``
+  writes through the page cache instead): filling the page cache with a new multi-GB file costs
+  the kernel more CPU than the merge arithmetic, and evicts what other processes cached;
+* untouched tensors whose dtype does not change are byte ranges of the backbone shard, copied bit
+  for bit (``pread`` into the staging buffer, or ``copy_file_range`` kernel-side when writing
+  through the page cache); the others are read with ``pread`` (one tensor), and adapted weights
+  are computed in float32 row chunks of ~``CHUNK_BYTES`` that stay in cache: one load
+  (bf16/f16 -> f32), one fused ``C += coef·B@A`` per adapter (numpy's bundled OpenBLAS
+  ``cblas_sgemm`` through ctypes, single-threaded; numpy matmul + add if it is not there), one
+  rounding (round to nearest even, bit for bit torch's casts);
+* the merge runs on numpy and does not import torch (importing torch alone takes longer than
+  copying a 2 GB model); torch is imported only for DoRA, pickled adapters and float64/float8
+  tensors;
 * each output shard's header is written first and the tensors' bytes are streamed after it, so
   peak memory is one tensor plus the prefetch window, independent of shard and model size;
 * a worker thread prepares the next tensors while the main thread writes; the SHA-256 of the
@@ -23,6 +34,8 @@ templates and every other non-weight file, and ``peftdeploy-provenance.json``.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -32,9 +45,9 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 
 import peftdeploy
 from peftdeploy.errors import MergeError
@@ -45,11 +58,17 @@ from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_
 from peftdeploy.merge.hashing import HashCache
 from peftdeploy.merge.lora import LoraAdapter, LoraModule, adapter_fingerprint_files, open_adapter
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["merge_model", "plan_merge", "resolve_dtype", "default_threads", "AdapterInput", "MergeResult",
            "open_backbone", "DEFAULT_SHARD_SIZE", "MERGE_ENGINE_VERSION", "PROVENANCE_FILE", "COMPLETE_MARKER"]
 
-CHUNK_BYTES = 4 << 20  # float32 working set per row chunk of an adapted weight (fits in L2/L3)
+CHUNK_BYTES = 512 << 10  # float32 working set per row chunk of an adapted weight (two of them fit in L2)
+FAST = {"BF16", "F16", "F32"}  # dtypes the numpy kernels load and store (others: torch fallback)
+_NAME_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 TEST_DELAY_ENV = "PEFTDEPLOY_MERGE_TEST_DELAY"  # tests only: seconds to sleep after each tensor
+DIRECT_IO_ENV = "PEFTDEPLOY_MERGE_DIRECT_IO"  # "0": write the output through the page cache
 
 
 def default_threads() -> int:
@@ -59,10 +78,22 @@ def default_threads() -> int:
     return max(1, min(4, n - 2))
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The output torch dtype; None for "auto" (keep each tensor's stored dtype)."""
+def _torch():  # noqa: ANN202 - torch is only needed for DoRA, pickled adapters and exotic dtypes
+    import torch
+
+    return torch
+
+
+def resolve_dtype(dtype: "str | torch.dtype | None") -> "torch.dtype | None":
+    """The output torch dtype; None for "auto" (keep each tensor's stored dtype). Imports torch."""
     name = dtype_name(dtype)
-    return None if name is None else getattr(torch, name)
+    return None if name is None else getattr(_torch(), name)
+
+
+def _out_code(dtype: Any) -> str | None:
+    """safetensors code of the output dtype (a name, a torch dtype or None/"auto")."""
+    name = dtype_name(dtype)
+    return None if name is None else _NAME_CODE[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,13 +141,16 @@ def _fmt_list(items: Sequence[str], n: int = 8) -> str:
 
 
 def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Sequence[float],
-               out_dtype: torch.dtype | None, shard_size_bytes: int) -> Plan:
-    """Check every adapter against the backbone and lay the output out. Reads no tensor data."""
+               out_dtype: "torch.dtype | str | None", shard_size_bytes: int) -> Plan:
+    """Check every adapter against the backbone and lay the output out. Reads no backbone tensor data.
+
+    `out_dtype`: a torch dtype or a dtype name ("bfloat16", ...); None or "auto" keeps each tensor's."""
     plans = {}
+    oc = _out_code(out_dtype)
     for n, t in backbone.tensors.items():
         od = t.dtype
-        if out_dtype is not None and t.dtype in stio.FLOAT_ST:
-            od = stio.st_code(out_dtype)
+        if oc is not None and t.dtype in stio.FLOAT_ST:
+            od = oc
         plans[n] = TensorPlan(n, t, od)
 
     unmatched: list[str] = []
@@ -167,9 +201,9 @@ def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Seq
             tp = plans[target]
             if tp.replacement is not None:
                 prev_ai, prev_key = tp.replacement
-                a = adapters[prev_ai].tensor(prev_key)
-                b = ad.tensor(key)
-                if a.dtype != b.dtype or not torch.equal(a, b):
+                pa = adapters[prev_ai]
+                if pa.dtype_code(prev_key) != ad.dtype_code(key) or not _values_equal(
+                        ad.dtype_code(key), pa.raw(prev_key), ad.raw(key)):
                     raise MergeError(
                         f"adapters {adapters[prev_ai].name!r} and {ad.name!r} both replace {target} "
                         "(modules_to_save) with different values; a merge can keep only one",
@@ -226,23 +260,23 @@ class _BufferPool:
 
     def __init__(self, keep: int):
         self.keep = keep
-        self._free: list[torch.Tensor] = []
+        self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def get(self, nbytes: int) -> torch.Tensor:
+    def get(self, nbytes: int) -> np.ndarray:
         with self._lock:
-            fit = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            fit = [i for i, b in enumerate(self._free) if b.size >= nbytes]
             if fit:
-                return self._free.pop(min(fit, key=lambda i: self._free[i].numel()))
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+                return self._free.pop(min(fit, key=lambda i: self._free[i].size))
+        return np.empty(max(nbytes, 1), dtype=np.uint8)
 
-    def put(self, buf: torch.Tensor | None) -> None:
+    def put(self, buf: np.ndarray | None) -> None:
         if buf is None:
             return
         with self._lock:
             self._free.append(buf)
-            if len(self._free) > self.keep:  # drop the smallest (tensors are compared by identity)
-                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].numel()))
+            if len(self._free) > self.keep:  # drop the smallest
+                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].size))
 
 
 class _Ctx:
@@ -261,33 +295,162 @@ class _Ctx:
             os.close(fd)
         self.fds = {}
 
-    def workspace(self, numel: int) -> torch.Tensor:
+    def workspace(self, numel: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two float32 scratch arrays of this thread (the chunk, and the chunk's delta)."""
         ws = getattr(self._local, "ws", None)
-        if ws is None or ws.numel() < numel:
-            ws = self._local.ws = torch.empty(numel, dtype=torch.float32)
-        return ws[:numel]
+        if ws is None or ws[0].size < numel:
+            ws = self._local.ws = (np.empty(numel, np.float32), np.empty(numel, np.float32))
+        return ws[0][:numel], ws[1][:numel]
 
-    def lora(self, ai: int, key: str) -> torch.Tensor:
-        t = self.adapters[ai].tensor(key).float()
-        if not torch.isfinite(t).all():
+    def lora(self, ai: int, key: str) -> np.ndarray:
+        """An adapter tensor as float32 (numpy), checked finite."""
+        t = self.adapters[ai].array(key)
+        if not np.isfinite(t).all():
             raise MergeError(f"adapter {self.adapters[ai].name!r}: {key} holds NaN/inf values",
                              fix="the adapter is broken; re-train or re-export it")
         return t
 
+    def lora_t(self, ai: int, key: str) -> "torch.Tensor":
+        return _torch().from_numpy(self.lora(ai, key))
+
 
 @dataclass
 class _Prepared:
-    """A tensor ready to be written, and the pooled buffers to give back once it is."""
+    """The bytes of a tensor ready to be written, and the pooled buffers to give back once it is."""
 
-    tensor: torch.Tensor
-    buffers: list[torch.Tensor]
+    data: memoryview
+    buffers: list[np.ndarray]
+
+
+# -- numpy kernels: float32 chunk <-> storage dtype --------------------------------------------
+def _load_f32(code: str, src: np.ndarray, dst: np.ndarray) -> None:
+    """dst (float32) = src (storage dtype of `code`), exactly."""
+    if code == "BF16":  # bf16 bits are the top half of the float32 bits
+        np.left_shift(src, 16, out=dst.view(np.uint32), dtype=np.uint32)
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _store_f32(code: str, src: np.ndarray, dst: np.ndarray, tmp: np.ndarray) -> None:
+    """dst (storage dtype of `code`) = src (float32) rounded to nearest even, as torch casts.
+    Clobbers src and tmp (a uint32 array of src's shape)."""
+    if code != "BF16":
+        with np.errstate(over="ignore", invalid="ignore"):  # out of float16 range -> inf, as torch
+            np.copyto(dst, src, casting="unsafe")  # f32 copy / f32->f16 (IEEE round to nearest even)
+        return
+    # NaNs whose payload sits in the low 16 bits would round to inf below: find them (rare) first
+    nan = np.isnan(src) if np.isnan(np.maximum.reduce(src, axis=None)) else None
+    u = src.view(np.uint32)
+    np.right_shift(u, 16, out=tmp)
+    np.bitwise_and(tmp, 1, out=tmp)
+    np.add(u, 0x7FFF, out=u)
+    np.add(u, tmp, out=u)
+    np.right_shift(u, 16, out=u)
+    np.copyto(dst, u, casting="unsafe")
+    if nan is not None and nan.any():
+        dst[nan] = 0x7FC0
+
+
+def _values_equal(code: str, a: np.ndarray, b: np.ndarray) -> bool:
+    """torch.equal for two storage arrays of the same dtype code (bf16 compared as values)."""
+    if a.shape != b.shape:
+        return False
+    if code == "BF16":
+        a, b = stio.to_float32(code, a), stio.to_float32(code, b)
+    return bool(np.array_equal(a, b))
+
+
+def _merge_rows(W: np.ndarray, wc: str, out: np.ndarray, oc: str,
+                factors: list[tuple[np.ndarray, np.ndarray, float]], ctx: _Ctx) -> None:
+    """out = W + Σ coef · left @ right, in float32, in row chunks that stay in cache; one rounding to `oc`.
+
+    W and out may be the same buffer (same dtype): each chunk is loaded before it is stored."""
+    if W.size == 0:
+        return
+    rows = W.shape[0] if W.ndim else 1
+    cols = W.size // rows
+    W2 = W.reshape(rows, cols)
+    O2 = out.reshape(rows, cols)
+    step = max(1, CHUNK_BYTES // (4 * cols))
+    cbuf, dbuf = ctx.workspace(min(rows, step) * cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        k = (r1 - r0) * cols
+        c = cbuf[:k].reshape(r1 - r0, cols)
+        d = dbuf[:k].reshape(r1 - r0, cols)
+        _load_f32(wc, W2[r0:r1], c)
+        for left, right, coef in factors:
+            _addmm(c, left[r0:r1], right, coef, d)
+        _store_f32(oc, c, O2[r0:r1], d.view(np.uint32))
+
+
+def _as_bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
 def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
-    """The output tensor (out dtype) of one non-passthrough plan entry."""
+    """The output bytes (out dtype) of one non-passthrough plan entry."""
+    wc = tp.src.dtype
+    if tp.replacement is not None:
+        ai, key = tp.replacement
+        wc = ctx.adapters[ai].dtype_code(key)
+    oc = tp.out_dtype
+    if tp.dora is not None or wc not in FAST or oc not in FAST or tp.src.dtype not in FAST:
+        return _compute_torch(tp, ctx)
+
+    fd = ctx.fds[tp.src.file]
+    bufs: list[np.ndarray] = []
+    if tp.replacement is not None:
+        ai, key = tp.replacement
+        W = ctx.adapters[ai].raw(key)
+        if ctx.weights[ai] != 1.0:
+            base = stio.read_array(fd, tp.src)
+            if not (tp.src.dtype == wc and _values_equal(wc, base, W)):
+                raise MergeError(
+                    f"adapter {ctx.adapters[ai].name!r} replaces {tp.name} (modules_to_save) and has weight "
+                    f"{ctx.weights[ai]}; a replaced tensor cannot be scaled",
+                    fix="give this adapter weight 1.0, or merge it without modules_to_save")
+            del base
+    else:
+        bufs.append(ctx.pool.get(tp.src.nbytes))
+        W = stio.read_array(fd, tp.src, bufs[-1])
+
+    if tp.bias_from:  # 1-D bias vector: tiny
+        if tp.contributions:  # a tensor is either a weight or a bias
+            raise AssertionError(tp.name)
+        Wf = stio.to_float32(wc, W).reshape(1, -1)
+        for ai, m in tp.bias_from:
+            Wf += ctx.lora(ai, m.bias_key).reshape(1, -1) * (float(ctx.weights[ai]) * m.scale)
+        res = stio.raw_array(oc, np.empty(tp.out.nbytes, np.uint8), (1, Wf.shape[1]))
+        _store_f32(oc, Wf, res, np.empty(Wf.shape, np.uint32))
+        return _Prepared(_as_bytes(res), bufs)
+
+    if wc == oc:
+        out = W
+    else:
+        bufs.append(ctx.pool.get(tp.out.nbytes))
+        out = stio.raw_array(oc, bufs[-1], tuple(tp.src.shape))
+    if not tp.contributions and wc == oc:  # a replacement kept as is
+        return _Prepared(_as_bytes(out), bufs)
+
+    factors = []
+    for c in tp.contributions:
+        A = ctx.lora(c.adapter, c.module.a_key)  # (r, in) | embedding (r, vocab)
+        B = ctx.lora(c.adapter, c.module.b_key)  # (out, r) | embedding (dim, r)
+        if c.transposed:  # delta = (B @ A).T = A.T @ B.T ; rows of the delta <-> columns of A
+            left, right = np.ascontiguousarray(A.T), np.ascontiguousarray(B.T)
+        else:  # rows of the delta <-> rows of B
+            left, right = B, A
+        factors.append((left, right, c.coef))
+    _merge_rows(W, wc, out, oc, factors, ctx)
+    return _Prepared(_as_bytes(out), bufs)
+
+
+def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
+    """The torch path: DoRA, and dtypes the numpy kernels do not handle (float64, float8 …)."""
+    torch = _torch()
     od = stio.torch_dtype(tp.out_dtype)
     fd = ctx.fds[tp.src.file]
-    bufs: list[torch.Tensor] = []
     if tp.replacement is not None:
         ai, key = tp.replacement
         rep = ctx.adapters[ai].tensor(key)
@@ -301,60 +464,36 @@ def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
             del base
         W = rep
     else:
-        bufs.append(ctx.pool.get(tp.src.nbytes))
-        W = stio.read_tensor(fd, tp.src, bufs[-1])
+        W = stio.read_tensor(fd, tp.src)
 
     if tp.dora is not None:
-        return _Prepared(_compute_dora(W, tp, ctx, od), bufs)
+        return _Prepared(stio.tensor_bytes(_compute_dora(W, tp, ctx, od)), [])
 
-    if tp.bias_from:  # 1-D bias vector: tiny
+    if tp.bias_from:
         Wf = W.float()
         for ai, m in tp.bias_from:
-            Wf += ctx.lora(ai, m.bias_key) * (float(ctx.weights[ai]) * m.scale)
-        if tp.contributions:  # a tensor is either a weight or a bias
-            raise AssertionError(tp.name)
-        return _Prepared(Wf.to(od), bufs)
-
-    if W.dtype == od:
-        out = W
-    else:
-        bufs.append(ctx.pool.get(tp.out.nbytes))
-        out = bufs[-1][: tp.out.nbytes].view(od).reshape(W.shape)
-    if not tp.contributions:  # dtype conversion only
-        if out is not W:
-            out.copy_(W)
-        return _Prepared(out, bufs)
-
-    factors = []
+            Wf += ctx.lora_t(ai, m.bias_key) * (float(ctx.weights[ai]) * m.scale)
+        return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
+    if not tp.contributions:
+        return _Prepared(stio.tensor_bytes(W.to(od)), [])
+    Wf = W.float()
     for c in tp.contributions:
-        A = ctx.lora(c.adapter, c.module.a_key)  # (r, in) | embedding (r, vocab)
-        B = ctx.lora(c.adapter, c.module.b_key)  # (out, r) | embedding (dim, r)
-        if c.transposed:  # delta = (B @ A).T = A.T @ B.T ; rows of the delta <-> columns of A
-            factors.append((A.t(), B.t(), c.coef))
-        else:  # rows of the delta <-> rows of B
-            factors.append((B, A, c.coef))
-
-    # W' = W + Σ coef · left @ right, in float32, in row chunks that stay in cache
-    rows = W.shape[0]
-    cols = W.numel() // max(rows, 1)
-    step = max(1, CHUNK_BYTES // max(4 * cols, 1))
-    ws = ctx.workspace(min(rows, step) * cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        chunk = ws[: (r1 - r0) * cols].view(r1 - r0, cols)
-        chunk.copy_(W[r0:r1])
-        for left, right, coef in factors:
-            chunk.addmm_(left[r0:r1], right, alpha=coef)
-        out[r0:r1].copy_(chunk)
-    return _Prepared(out, bufs)
+        A = ctx.lora_t(c.adapter, c.module.a_key)
+        B = ctx.lora_t(c.adapter, c.module.b_key)
+        if c.transposed:
+            Wf.addmm_(A.t(), B.t(), alpha=c.coef)
+        else:
+            Wf.addmm_(B, A, alpha=c.coef)
+    return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
 
 
-def _compute_dora(W: torch.Tensor, tp: TensorPlan, ctx: _Ctx, od: torch.dtype) -> torch.Tensor:
+def _compute_dora(W: "torch.Tensor", tp: TensorPlan, ctx: _Ctx, od: "torch.dtype") -> "torch.Tensor":
     """PEFT's DoRA merge: W' = m / ||W + ΔW||_row · (W + ΔW), rows = output features."""
+    torch = _torch()
     ai, m, tr = tp.dora
-    A = ctx.lora(ai, m.a_key)
-    B = ctx.lora(ai, m.b_key)
-    mag = ctx.lora(ai, m.magnitude_key).reshape(-1)
+    A = ctx.lora_t(ai, m.a_key)
+    B = ctx.lora_t(ai, m.b_key)
+    mag = ctx.lora_t(ai, m.magnitude_key).reshape(-1)
     delta = (B @ A) * m.scale  # (out, in), like peft's get_delta_weight before transpose
     Wf = W.float()
     Wn = Wf.t() if tr else Wf  # (out, in) view
@@ -363,6 +502,100 @@ def _compute_dora(W: torch.Tensor, tp: TensorPlan, ctx: _Ctx, od: torch.dtype) -
     merged = (mag / norm).view(-1, 1) * merged
     res = merged.t() if tr else merged
     return res.contiguous().to(od)
+
+
+# -- BLAS ----------------------------------------------------------------------------------------
+# numpy's matmul cannot accumulate into its output (C += A @ B) and lets OpenBLAS spawn threads for
+# these small GEMMs; numpy's bundled OpenBLAS (ILP64, symbol suffix 64_) exports cblas_sgemm, which
+# does both for us: called through ctypes (which releases the GIL), with a self-test at first use,
+# and np.matmul + np.add whenever it is not there.
+_BLAS: dict[str, Any] = {}
+
+
+def _openblas_libs() -> list[ctypes.CDLL]:
+    libs = []
+    try:
+        paths = set()
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.rsplit(None, 1)[-1]
+                if p.startswith("/") and "openblas" in os.path.basename(p).lower():
+                    paths.add(p)
+        for p in sorted(paths):
+            libs.append(ctypes.CDLL(p))
+    except (OSError, ValueError):
+        pass
+    return libs
+
+
+def _blas_init() -> dict[str, Any]:
+    if _BLAS:
+        return _BLAS
+    threads = sgemm = None
+    for lib in _openblas_libs():
+        for g, s_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                      ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+                      ("openblas_get_num_threads", "openblas_set_num_threads")):
+            if threads is None and hasattr(lib, g) and hasattr(lib, s_):
+                get, set_ = getattr(lib, g), getattr(lib, s_)
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                threads = (get, set_)
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):  # 64-bit integer interface only
+            if sgemm is None and hasattr(lib, name):
+                f = getattr(lib, name)
+                i64, fl, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+                f.restype = None
+                f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, fl, vp, i64, vp, i64, fl,
+                              vp, i64]
+                if _sgemm_selftest(f):
+                    sgemm = f
+    _BLAS.update(threads=threads, sgemm=sgemm)
+    return _BLAS
+
+
+def _sgemm_selftest(f: Any) -> bool:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 3), dtype=np.float32)
+    b = rng.standard_normal((3, 7), dtype=np.float32)
+    c = rng.standard_normal((5, 7), dtype=np.float32)
+    want = c + np.float32(0.5) * (a @ b)
+    try:
+        f(101, 111, 111, 5, 7, 3, 0.5, a.ctypes.data, 3, b.ctypes.data, 7, 1.0, c.ctypes.data, 7)
+    except Exception:  # noqa: BLE001 - any ctypes trouble: use numpy
+        return False
+    return bool(np.allclose(c, want, rtol=1e-5, atol=1e-6))
+
+
+def _addmm(c: np.ndarray, left: np.ndarray, right: np.ndarray, coef: float, d: np.ndarray) -> None:
+    """c += coef · left @ right (float32, C-contiguous); d: scratch of c's shape."""
+    sgemm = (_BLAS or _blas_init())["sgemm"]
+    if sgemm is not None:
+        m, k = left.shape
+        n = right.shape[1]
+        sgemm(101, 111, 111, m, n, k, coef, left.ctypes.data, k, right.ctypes.data, n, 1.0, c.ctypes.data, n)
+        return
+    np.matmul(left, right, out=d)
+    if coef != 1.0:
+        np.multiply(d, np.float32(coef), out=d)
+    np.add(c, d, out=c)
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Rank-r GEMMs on row chunks are far too small for BLAS threads (they would spin on the cores
+    the writer and the hasher need): run them on the calling thread."""
+    f = _blas_init()["threads"]
+    if f is None:
+        yield
+        return
+    get, set_ = f
+    prev = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(prev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +724,7 @@ def merge_model(
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise MergeError(f"adapter names are not unique: {names}", fix="give each adapter its own name")
-    od = resolve_dtype(dtype)
+    od = dtype_name(dtype)  # None: auto
     if shard_size_bytes <= 0:
         raise MergeError("shard_size_bytes must be positive", fix="use e.g. 5_000_000_000")
 
@@ -526,7 +759,7 @@ def merge_model(
 
 
 def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInput], weights: list[float],
-         plan: Plan, out: Path, od: torch.dtype | None, threads: int | None, progress: bool,
+         plan: Plan, out: Path, od: str | None, threads: int | None, progress: bool,
          provenance: dict[str, Any] | None, hash_cache: HashCache | None, fsync: bool,
          timings: dict[str, float], t0: float, extra: dict[str, Any]) -> MergeResult:
     hc = hash_cache if hash_cache is not None else HashCache(None)
@@ -557,6 +790,7 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     timings["copy_aux_s"] = time.perf_counter() - t
 
     delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    direct = os.environ.get(DIRECT_IO_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
     workers = default_threads() if threads is None else max(0, int(threads))
     ctx = _Ctx(bb, opened, weights, keep=workers + 2)
     total = sum(tp.out.nbytes for tp in plan.tensors)
@@ -567,16 +801,14 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     def prepare(tp: TensorPlan) -> _Prepared | None:
         return None if tp.passthrough else _compute(tp, ctx)
 
-    # Row chunks of rank-r updates are far too small for intra-op parallelism (OpenMP barriers
-    # cost more than the arithmetic, badly so on a busy machine): one torch thread per worker.
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    blas = _single_threaded_blas()
+    blas.__enter__()
     results = _ordered(plan.tensors, prepare, workers)
     try:
         weight_map: dict[str, str] = {}
         shard_meta = []
         for shard, fname in zip(plan.shards, plan.shard_names):
-            w = stio.ShardWriter(out / fname, [tp.out for tp in shard])
+            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct)
             try:
                 for tp in shard:
                     res = next(results)
@@ -584,7 +816,7 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
                         w.copy_from(tp.name, ctx.fds[tp.src.file], tp.src.offset, tp.src.nbytes)
                         n_copied += 1
                     else:
-                        w.write_bytes(tp.name, stio.tensor_bytes(res.tensor))
+                        w.write_bytes(tp.name, res.data)
                         for b in res.buffers:
                             ctx.pool.put(b)
                         del res
@@ -608,7 +840,7 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
         raise
     finally:
         results.close()  # joins the workers
-        torch.set_num_threads(prev_threads)
+        blas.__exit__(None, None, None)
         prog.close()
         ctx.close()
     timings["tensors_s"] = time.perf_counter() - t

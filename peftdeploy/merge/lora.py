@@ -41,7 +41,15 @@ from peftdeploy.errors import MergeError
 from peftdeploy.merge import stio
 
 if TYPE_CHECKING:  # imported lazily: parsing an adapter does not need torch
+    import numpy as np
     import torch
+
+
+def _torch():  # noqa: ANN202 - only pickled adapters need torch here
+    import torch
+
+    return torch
+
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -176,6 +184,28 @@ class LoraAdapter:
             if self._fd < 0:
                 self._fd = os.open(self.weights_path, os.O_RDONLY)
         return stio.read_tensor(self._fd, self._infos[key])
+
+    def dtype_code(self, key: str) -> str:
+        """safetensors dtype code of a tensor ("BF16", "F32", ...)."""
+        if self._pickled is not None:
+            return stio.st_code(self._pickled[key].dtype)
+        return self._infos[key].dtype
+
+    def raw(self, key: str) -> "np.ndarray":
+        """One tensor as a numpy array in its storage dtype (bf16 as uint16), without torch for
+        safetensors adapters (a private copy)."""
+        if self._pickled is not None:
+            t = self._pickled[key].detach().contiguous()
+            return stio.raw_array(stio.st_code(t.dtype), t.view(-1).view(_torch().uint8).numpy().copy(),
+                                  tuple(t.shape))
+        with self._lock:
+            if self._fd < 0:
+                self._fd = os.open(self.weights_path, os.O_RDONLY)
+        return stio.read_array(self._fd, self._infos[key])
+
+    def array(self, key: str) -> "np.ndarray":
+        """One float tensor of the adapter as a float32 numpy array (a private copy)."""
+        return stio.to_float32(self.dtype_code(key), self.raw(key))
 
     def close(self) -> None:
         with self._lock:
