@@ -233,12 +233,16 @@ def test_extra_args_checked(tmp_path: Path) -> None:
     (3, None, "serve"),
     (3, "{a0: 1.0, a1: 0, a2: 0}", "merge"),
     (3, "{a0: 0.9, a1: 0.1}", "serve"),
+    (3, "{a0: 0.7, a1: 0.2, base: 0.1}", "serve"),  # hybrid predicted no better: 30% still need LoRA
+    (3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "hybrid"),  # most batches hold no LoRA request once a0 is merged
 ])
 def test_mode_auto(tmp_path: Path, n: int, traffic: str | None, mode: str) -> None:
     extra = "policy:\n  mode: auto\n" + (f"  traffic: {traffic}\n" if traffic else "")
     p = _multi(tmp_path, [8] * n, extra)
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
-    assert plan.mode == mode and plan.mode_reason.startswith("auto")
+    assert plan.mode == mode and plan.mode_reason.startswith("auto"), plan.mode_reason
+    if n > 1:
+        assert "predicted throughput vs merged on cpu" in plan.mode_reason
     if mode == "merge":
         assert plan.launch.merge is not None and plan.launch.model == plan.launch.merge.output_dir
         assert "--enable-lora" not in plan.launch.argv()
@@ -395,3 +399,15 @@ def test_int8_with_served_lora_on_cpu_is_refused(tmp_path: Path, merged: list[st
     if expect:
         assert f["quantization-lora"].severity == Severity.ERROR and "a1" in f["quantization-lora"].message
         assert "CPUInt8ScaledMMLinearKernel" in f["quantization-lora"].message
+
+
+
+def test_predicted_ratio_model() -> None:
+    from peftdeploy.plan.policy import RATIOS, predicted_ratio
+
+    cuda = RATIOS["cuda"]
+    assert predicted_ratio(0.0, "cuda") == pytest.approx(cuda["idle"])
+    assert predicted_ratio(1.0, "cuda") == pytest.approx(cuda["active"])
+    # at 64 requests per batch, 5% LoRA traffic already puts a LoRA request in 96% of batches
+    assert predicted_ratio(0.05, "cuda") == pytest.approx(cuda["active"] + 0.95 ** 64 * (cuda["idle"] - cuda["active"]))
+    assert predicted_ratio(0.05, "cuda") < cuda["active"] + 0.05

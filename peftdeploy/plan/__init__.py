@@ -79,7 +79,7 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     dev = device if device not in (None, "auto") else memory.detect_device()
     r = loaded.recipe
     qm = inventory.model.quant_method if inventory.model else None
-    mode, reason, merge_adapters = policy.choose_mode(r, model_quant_method=qm)
+    mode, reason, merge_adapters = policy.choose_mode(r, model_quant_method=qm, device=dev)
     merged = set(merge_adapters)
     if mode == "merge" and r.policy.mode == "auto":
         served = []  # auto merges only when the other adapters get no traffic: they are not served
