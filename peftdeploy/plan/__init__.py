@@ -90,8 +90,10 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     lora_enabled = bool(served) or (mode == "serve" and r.policy.dynamic_loading and bool(r.policy.catalog))
     # hybrid: the hot adapter's B·A is part of every delta, so every adapter is checked as served
     checked = {a.name for a in inventory.adapters} if mode == "hybrid" else {a.name for a in served}
+    served_ranks = {a.name: a.max_rank for a in served} if mode == "hybrid" else {}
     ctx = findings.CheckContext(loaded=loaded, inventory=inventory, mode=mode,
-                                served=frozenset(checked), merged=frozenset(merged), device=dev)
+                                served=frozenset(checked), merged=frozenset(merged), device=dev,
+                                served_ranks=served_ranks)
     fs = findings.check(ctx)
     derived, budget, mem_findings = derive.derive(
         r, inventory, device=dev, served=served, lora_enabled=lora_enabled,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable, Iterable
@@ -31,6 +31,8 @@ class CheckContext:
     served: frozenset[str]  # adapters vLLM serves as LoRA
     merged: frozenset[str]  # adapters folded into the backbone
     device: str = "cuda"
+    # hybrid: the rank vLLM actually serves per adapter (r_i + r_hot), when it differs from the file's
+    served_ranks: dict[str, int] = dc_field(default_factory=dict)
 
     @property
     def recipe(self):
@@ -106,20 +108,21 @@ def _rank(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
     if a.name not in ctx.served:
         return
     ranks = accepted_ranks()
-    r = a.max_rank
+    r = ctx.served_ranks.get(a.name, a.max_rank)
+    what = "rank" if r == a.max_rank else f"served delta rank (its rank {a.max_rank} + the hot adapter's {r - a.max_rank})"
     explicit = ctx.recipe.serving.max_lora_rank
     rounded = round_rank(r)
     if rounded is None:
-        yield _f("rank-too-large", E, f"adapter {a.name!r} has rank {r}, above the largest rank vLLM accepts "
+        yield _f("rank-too-large", E, f"adapter {a.name!r} has {what} {r}, above the largest rank vLLM accepts "
                  f"({ranks[-1]})", f"merge it instead (policy.mode: merge), or retrain with r <= {ranks[-1]}",
                  a.name, ctx.aloc(a), rank=r)
         return
     if isinstance(explicit, int) and r > explicit:
-        yield _f("rank-exceeds-max", E, f"LoRA rank {r} of adapter {a.name!r} is greater than max_lora_rank "
+        yield _f("rank-exceeds-max", E, f"LoRA {what} {r} of adapter {a.name!r} is greater than max_lora_rank "
                  f"{explicit}: vLLM would refuse to load it", f"set serving.max_lora_rank: auto (or >= {rounded})",
                  a.name, ctx.loc("serving", "max_lora_rank"), rank=r, max_lora_rank=explicit)
     elif r not in ranks:
-        yield _f("rank-rounded", W, f"adapter {a.name!r} has rank {r}, which is not a rank vLLM accepts "
+        yield _f("rank-rounded", W, f"adapter {a.name!r} has {what} {r}, which is not a rank vLLM accepts "
                  f"({', '.join(map(str, ranks))}); max_lora_rank is rounded up to {rounded}, so its LoRA slots "
                  f"hold {rounded - r} padding columns", f"nothing to do (plan uses max_lora_rank {rounded}); "
                  f"retrain with r={rounded} or a lower accepted rank to waste no slot memory",

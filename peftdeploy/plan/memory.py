@@ -499,7 +499,9 @@ def gib(n: int | float | None) -> str:
         return "-"
     if abs(n) >= GiB:
         return f"{n / GiB:.2f} GiB"
-    return f"{n / MiB:.1f} MiB"
+    if abs(n) >= MiB or n == 0:
+        return f"{n / MiB:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
 
 
 __all__ = [

@@ -29,13 +29,22 @@ def render(plan: Any, console: Any) -> None:
         t = Table(title="adapters", title_justify="left")
         for c in ("name", "role", "rank", "alpha", "targets", "size", "dtype", "findings"):
             t.add_column(c)
+        hybrid = plan.mode == "hybrid"
+        hot_rank = next((a.max_rank for a in plan.inventory.adapters if a.name in plan.merge_adapters), 0)
         for a in plan.inventory.adapters:
-            role = "merge" if a.name in plan.merge_adapters else "serve (LoRA)"
+            if a.name in plan.merge_adapters:
+                role = "merged (hot, no LoRA)" if hybrid else "merge"
+            else:
+                role = "delta LoRA" if hybrid else "serve (LoRA)"
             fs = [f for f in plan.findings if f.subject == a.name]
             ftxt = ", ".join(f"[{_SEV_STYLE[f.severity]}]{f.code}[/]" for f in fs) or "ok"
             rank = str(a.r) if a.max_rank == a.r else f"{a.r} (max {a.max_rank})"
+            if hybrid and a.name not in plan.merge_adapters:
+                rank += f" → served {a.max_rank + hot_rank}"
             t.add_row(a.name, role, rank, f"{a.lora_alpha:g}" + (" rs" if a.use_rslora else ""),
                       ",".join(a.target_modules), gib(a.bytes), a.dtype or "?", ftxt)
+        if hybrid:
+            t.add_row(r.name, "base as delta LoRA", f"served {hot_rank}", "", "(hot adapter's)", "", "", "")
         console.print(t)
 
     if plan.findings:
