@@ -22,7 +22,6 @@ Nothing here imports torch or transformers at module import time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftdeploy.errors import SourceError
+from peftdeploy.util import sha256_file
 
 __all__ = [
     "DEMO_BASE_NAME",
@@ -263,7 +263,7 @@ def build_demo_model(name: str = DEFAULT_DEMO_MODEL, *, force: bool = False, pro
                 "gguf_size": gguf.stat().st_size,
                 "dtype": model.dtype,
                 "sha256": {
-                    "model.safetensors": _sha256(tmp / "model.safetensors"),
+                    "model.safetensors": sha256_file(tmp / "model.safetensors"),
                 },
             }
             (tmp / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
@@ -297,12 +297,6 @@ def _fix_modes(d: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ resolve

@@ -35,6 +35,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
+def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Move the finished directory `tmp` to `final` (same file system), replacing what is there.
+
+    Readers see the old directory or the new one, never a mix: the old one is renamed aside
+    (``.old-<name>-<pid>``, a name cache sweepers recognise), the new one renamed in, then the old
+    one removed.
+    """
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists() or final.is_symlink():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,6 @@ torch / transformers / peft are imported inside the functions only.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from peftdeploy.util import sha256_file  # noqa: E402,F401  (tests call fx.sha256_file)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_NAMES = ("pirate", "json", "shout")
@@ -71,12 +72,6 @@ def adapter_dir(name: str) -> Path:
     return demo_adapter_dir(name)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=None)

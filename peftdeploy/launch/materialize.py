@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LaunchError
+from ..util import replace_dir
 
 COMPLETE_MARKER = ".peftdeploy-complete"
 
@@ -86,13 +87,7 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         (tmp / COMPLETE_MARKER).write_text(json.dumps(
             {"key": key, "source": str(src), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             + "\n")
-        old = None
-        if final.exists() or final.is_symlink():
-            old = parent / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

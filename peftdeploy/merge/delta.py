@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from filelock import FileLock, Timeout
 
 from ..errors import MergeError
+from ..util import replace_dir
 from .common import COMPLETE_MARKER, sha256_json
 from .hashing import HashCache
 from .lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, LoraAdapter, open_adapter
@@ -276,13 +277,7 @@ def build_delta_cached(hot: AdapterSpec, others: list[AdapterSpec], out_dir: str
                   "format": DELTA_FORMAT_VERSION, "hot": hot[0], "base_name": base_name, "ranks": ranks,
                   "identity": identity}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        old = None
-        if final.exists() or final.is_symlink():
-            old = parent / f".old-{final.name}-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
