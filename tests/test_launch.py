@@ -106,9 +106,10 @@ def test_metrics_snapshot():
     assert snap.running_adapters == ["json", "pirate"]  # the newest label combination wins
     assert snap.waiting_adapters == ["shout"]
     assert snap.requests_finished == 12 and snap.prompt_tokens == 120 and snap.generation_tokens == 96
-    assert snap.per_adapter["pirate"] == {"running": True, "waiting": False}
-    assert snap.per_adapter["shout"] == {"running": False, "waiting": True}
-    assert snap.per_adapter["other"] == {"running": False, "waiting": False}
+    # no peftdeploy_requests_total in this text: request counts unknown (None), not zero
+    assert snap.per_adapter["pirate"] == {"running": True, "waiting": False, "requests": None, "share": None}
+    assert snap.per_adapter["shout"] == {"running": False, "waiting": True, "requests": None, "share": None}
+    assert snap.per_adapter["other"] == {"running": False, "waiting": False, "requests": None, "share": None}
     samples = mx.parse_prometheus(METRICS)
     w = [s for s in samples if s.name == "weird"][0]
     assert w.labels == {"label": 'with "quote", comma'}

@@ -192,6 +192,9 @@ def test_derived_values_and_launch(tmp_path: Path) -> None:
     env = dict(spec.env)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PEFTDEPLOY_RECIPE"] == str(p.resolve())
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    # requests per served name: the traffic middleware, counting exactly the served names (base first)
+    assert argv[argv.index("--middleware") + 1] == "peftdeploy.vllm_plugin.traffic.TrafficMiddleware"
+    assert env["PEFTDEPLOY_MODEL_NAMES"] == "t,a0,a1,a2" == ",".join(spec.model_names)
     assert dict(spec.secret_env) == {"VLLM_API_KEY": "MY_KEY"}
     assert "--gpu-memory-utilization" not in argv
     assert plan.memory and plan.memory.kv_tokens == (1 << 30) // plan.memory.kv_bytes_per_token

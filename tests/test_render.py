@@ -226,13 +226,16 @@ def test_no_local_paths_in_output(recipe_path: Path, caches: list[dict[str, str]
                  str(ROOT), str(RECIPES), os.path.expanduser("~") + "/"}
         planned_blob = json.dumps(launch.to_dict())
         assert str(ROOT) in planned_blob  # the plan does carry local paths: the renderers drop them
+        assert "--middleware" in planned_blob and "PEFTDEPLOY_MODEL_NAMES" in planned_blob  # ... and these
         if launch.adapters or launch.merge:
             assert cache["HF_HUB_CACHE"] in planned_blob or cache["PEFTDEPLOY_CACHE"] in planned_blob
         for target, files in out.items():
             for name, text in files.items():
                 for p in local:
                     assert p not in text, f"{target}/{name} contains the local path {p}"
-                for word in ("/tmp/", "snapshots/", "models--", "PEFTDEPLOY_RECIPE"):
+                # nor what only a host with peftdeploy installed can run (the traffic middleware)
+                for word in ("/tmp/", "snapshots/", "models--", "PEFTDEPLOY_RECIPE", "PEFTDEPLOY_MODEL_NAMES",
+                             "--middleware", "peftdeploy.vllm_plugin"):
                     assert word not in text, f"{target}/{name} contains {word!r}"
 
 

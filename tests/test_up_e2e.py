@@ -208,6 +208,51 @@ def test_status_reports_adapters(serve):
     assert serve.name in p.stdout and "health: ok" in p.stdout
 
 
+def test_requests_counted_per_model(serve):
+    """The traffic middleware `up` loads counts requests per served name in /metrics
+    (peftdeploy_requests_total): exact deltas for a known extra load, and `status --json` shows them."""
+    import httpx
+    from openai import NotFoundError
+
+    from peftdeploy.launch.metrics import parse_prometheus, requests_by_model
+
+    root = serve.base_url.removesuffix("/v1")
+    base = serve.info["base_model"]
+
+    def counts() -> dict[str, float]:
+        c = requests_by_model(parse_prometheus(httpx.get(root + "/metrics", timeout=30).text))
+        assert c is not None, "peftdeploy_requests_total is not in /metrics"
+        return c
+
+    before = counts()
+    assert set(before) == set(serve.models) | {"__other__"}  # every served name (and only those) from the start
+    c = _client(serve)
+    for p in PROMPTS[:3]:
+        _complete(c, "pirate", p)
+    c.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    stream = c.chat.completions.create(model=base, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    with pytest.raises(NotFoundError):  # an unknown name is refused by vLLM: not a request of any model
+        c.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    after = counts()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta == {**{m: 0.0 for m in serve.models}, "__other__": 0.0, "pirate": 3.0, base: 2.0}, delta
+
+    p = subprocess.run(peftdeploy_cmd("status", serve.name, "--json"), env=cli_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    m = json.loads(p.stdout)["deployments"][0]["metrics"]
+    assert m["requests_by_model"] == after
+    total = sum(after.values())
+    assert m["observed_shares"] == pytest.approx({k: v / total for k, v in after.items()})
+    assert m["per_adapter"]["pirate"]["requests"] == after["pirate"]
+    p = subprocess.run(peftdeploy_cmd("status", serve.name), env={**cli_env(), "COLUMNS": "160"},
+                       capture_output=True, text=True, timeout=60)
+    row = next(ln.split() for ln in p.stdout.splitlines() if ln.split()[:1] == ["pirate"])
+    assert row[-2:] == [f"{after['pirate']:g}", f"{after['pirate'] / total:.2f}"], p.stdout
+
+
 def test_port_in_use_is_refused(serve, recipes):
     rec = recipes["serve"].with_name("e2e-port.yaml")
     rec.write_text(f"apiVersion: peftdeploy/v1\nextends: {recipes['serve']}\nname: e2e-port\n")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..launch.spec import LaunchSpec, ServedAdapter
+from ..launch.spec import MODEL_NAMES_ENV, LaunchSpec, ServedAdapter
 from .client import wait_ready
 
 __all__ = ["LORA_FLAGS", "Server", "recipe_spec", "variant", "merge_adapters"]
@@ -189,6 +189,9 @@ def variant(spec: LaunchSpec, *, adapters: Sequence[str] | None, max_loras: int 
     if mode is not None:
         changes["mode"] = mode
     out = dataclasses.replace(spec, **changes)
+    if MODEL_NAMES_ENV in env:  # the traffic middleware counts the names this variant serves
+        env[MODEL_NAMES_ENV] = ",".join(out.model_names)
+        out = dataclasses.replace(out, env=tuple(env.items()))
     if port is not None:
         out = _set_flag(dataclasses.replace(out, port=port), "--port", str(port))
     for k, v in extra_args:

@@ -31,6 +31,7 @@ import click
 
 from ..cli_common import emit_json, json_option, user_errors
 from ..errors import LaunchError
+from .metrics import OTHER_MODEL
 
 STOP_GRACE = 20.0
 
@@ -193,7 +194,9 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             state = st.DeploymentState(
                 name=spec.recipe_name, pid=sup.proc.pid, pgid=sup.pgid, host=spec.host, port=spec.port,
                 log_path=str(sup.log_path), model_names=spec.model_names, served_model_name=spec.served_model_name,
-                adapters=[a.name for a in spec.adapters], mode=spec.mode, recipe_path=str(loaded.path),
+                adapters=[a.name for a in spec.adapters], mode=spec.mode,
+                merge_adapters=list(spec.merge.adapters) if spec.merge is not None else [],
+                recipe_path=str(loaded.path),
                 recipe_hash=spec.recipe_hash, supervisor_pid=None if detach else os.getpid(),
                 api_key_env=_api_key_env(spec), command_line=spec.command_line())
             st.write_state(state)
@@ -414,13 +417,22 @@ def status_cmd(name: str | None, as_json: bool) -> None:
             t.add_column("loaded")
             t.add_column("running")
             t.add_column("waiting")
+            counts = m.get("requests_by_model") if m else None
+            shares = (m.get("observed_shares") if m else None) or {}
+            if counts is not None:  # peftdeploy_requests_total (the traffic middleware `up` adds)
+                t.add_column("requests", justify="right")
+                t.add_column("share", justify="right")
             per = m.get("per_adapter", {}) if m else {}
             ads = set(per) | set(models[1:])
-            for mid in models:
-                st_ = per.get(mid, {})
-                kind = "base" if mid not in ads or mid == models[0] else "adapter"
-                t.add_row(mid, kind, "yes", "yes" if st_.get("running") else "-",
-                          "yes" if st_.get("waiting") else "-")
+            rows = [(mid, "base" if mid not in ads or mid == models[0] else "adapter", "yes",
+                     "yes" if per.get(mid, {}).get("running") else "-",
+                     "yes" if per.get(mid, {}).get("waiting") else "-") for mid in models]
+            if counts is not None and counts.get(OTHER_MODEL) and OTHER_MODEL not in models:
+                rows.append((OTHER_MODEL, "(other names)", "-", "-", "-"))
+            for row in rows:
+                extra = () if counts is None else (_n(counts.get(row[0], 0.0)),
+                                                   f"{shares[row[0]]:.2f}" if row[0] in shares else "-")
+                t.add_row(*row, *extra)
             con.print(t)
         con.print(f"  log: {d['log']}", markup=False, highlight=False)
 

@@ -12,8 +12,14 @@ Names are those of vLLM 0.32 (`vllm/v1/metrics/loggers.py`):
 * ``vllm:request_success_total`` (labels ``finished_reason``), ``vllm:prompt_tokens_total``,
   ``vllm:generation_tokens_total`` — counters.
 
-vLLM labels its request counters with the base model's served name only, so "per adapter" here
-means which adapters have requests running / waiting (vLLM does not export per-adapter counts).
+vLLM labels its request counters with the base model's served name only, so from vLLM's own series
+"per adapter" means which adapters have requests running / waiting (vLLM does not export per-adapter
+counts). Deployments started by `up` also export peftdeploy's own counter (vLLM API-server middleware
+`peftdeploy.vllm_plugin.traffic`):
+
+* ``peftdeploy_requests_total`` (label ``model``: a served model name, or ``other`` for any other
+  name) — successful requests to the OpenAI inference routes per model name: `requests_by_model`
+  and `observed_shares` (None when the series is absent: a server started without the middleware).
 
 Pure text parsing, no dependencies.
 """
@@ -24,7 +30,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-__all__ = ["Sample", "parse_prometheus", "Snapshot", "snapshot", "fetch_metrics"]
+__all__ = ["Sample", "parse_prometheus", "Snapshot", "snapshot", "fetch_metrics", "requests_by_model",
+           "shares", "traffic_from_requests", "REQUESTS_METRIC", "OTHER_MODEL"]
+
+REQUESTS_METRIC = "peftdeploy_requests_total"  # peftdeploy.vllm_plugin.traffic
+OTHER_MODEL = "__other__"  # its label value for names the deployment does not serve
 
 _SAMPLE_RE = re.compile(
     r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
@@ -104,6 +114,10 @@ class Snapshot:
     requests_finished: float | None = None  # vllm:request_success_total summed over reasons
     prompt_tokens: float | None = None
     generation_tokens: float | None = None
+    # peftdeploy_requests_total per model label (served names and "other"); None: not exported
+    requests_by_model: dict[str, float] | None = None
+    # each label's share of requests_by_model (sums to 1); None: not exported, or no request counted yet
+    observed_shares: dict[str, float] | None = None
     per_adapter: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +129,27 @@ def _sum(samples: Iterable[Sample], name: str) -> float | None:
     return sum(vals) if vals else None
 
 
+def requests_by_model(samples: Iterable[Sample]) -> dict[str, float] | None:
+    """``peftdeploy_requests_total`` per ``model`` label (summed over any other labels, e.g. several
+    API-server processes); None when the metric is not in the samples."""
+    out: dict[str, float] | None = None
+    for s in samples:
+        if s.name == REQUESTS_METRIC and "model" in s.labels and math.isfinite(s.value):
+            out = {} if out is None else out
+            out[s.labels["model"]] = out.get(s.labels["model"], 0.0) + s.value
+    return out
+
+
+def shares(counts: dict[str, float] | None) -> dict[str, float] | None:
+    """Each key's fraction of the total (None when there is nothing counted)."""
+    if not counts:
+        return None
+    total = sum(counts.values())
+    if total <= 0:
+        return None
+    return {k: v / total for k, v in counts.items()}
+
+
 def snapshot(text: str, adapters: Iterable[str] = ()) -> Snapshot:
     """Figures from a `/metrics` text; `adapters` are the names that get a `per_adapter` row."""
     samples = parse_prometheus(text)
@@ -124,7 +159,9 @@ def snapshot(text: str, adapters: Iterable[str] = ()) -> Snapshot:
         requests_finished=_sum(samples, "vllm:request_success_total"),
         prompt_tokens=_sum(samples, "vllm:prompt_tokens_total"),
         generation_tokens=_sum(samples, "vllm:generation_tokens_total"),
+        requests_by_model=requests_by_model(samples),
     )
+    snap.observed_shares = shares(snap.requests_by_model)
     kv = [s.value for s in samples if s.name == "vllm:kv_cache_usage_perc"]
     if kv:
         snap.kv_cache_usage = max(kv)
@@ -141,6 +178,8 @@ def snapshot(text: str, adapters: Iterable[str] = ()) -> Snapshot:
         snap.per_adapter[name] = {
             "running": name in snap.running_adapters,
             "waiting": name in snap.waiting_adapters,
+            "requests": None if snap.requests_by_model is None else snap.requests_by_model.get(name, 0.0),
+            "share": None if snap.observed_shares is None else snap.observed_shares.get(name, 0.0),
         }
     return snap
 
@@ -153,3 +192,46 @@ def fetch_metrics(base_url: str, *, timeout: float = 3.0, api_key: str | None = 
     r = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout, headers=headers)
     r.raise_for_status()
     return r.text
+
+
+def traffic_from_requests(counts: dict[str, float], *, recipe_name: str, served_model_name: str, mode: str,
+                          merge_adapters: Iterable[str] = (), adapter_names: Iterable[str] = ()
+                          ) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Observed request counts per served name -> `policy.traffic` shares (adapter names and "base").
+
+    Returns (shares, requests attributed, counts left out). The served names map to traffic keys as
+    the deployment serves them: the recipe's name is the bare backbone ("base": the base model in
+    serve mode, its exact delta in hybrid mode) except in merge mode, where the served model *is*
+    the merged adapter (attributed to it when exactly one was merged; a merge of several cannot be
+    split, so raises ValueError); adapter names are themselves. "other" and names that are not
+    adapters of the recipe are left out.
+    """
+    adapters = set(adapter_names)
+    merged = list(merge_adapters)
+    by_key: dict[str, float] = {}
+    left_out: dict[str, float] = {}
+    for name, n in counts.items():
+        if mode == "merge" and name == served_model_name:
+            if len(merged) != 1:
+                if n > 0:
+                    raise ValueError(f"the running deployment serves one model merged from "
+                                     f"{', '.join(merged) or 'its adapters'}: its {n:g} requests cannot be "
+                                     f"attributed to one adapter")
+                continue
+            key = merged[0]
+        elif name == recipe_name:
+            key = "base"
+        elif name in adapters:
+            key = name
+        else:
+            if n > 0:
+                left_out[name] = left_out.get(name, 0.0) + n
+            continue
+        if key != "base" and key not in adapters:
+            if n > 0:
+                left_out[name] = left_out.get(name, 0.0) + n
+            continue
+        by_key[key] = by_key.get(key, 0.0) + n
+    total = sum(by_key.values())
+    out = {k: (v / total if total > 0 else 0.0) for k, v in by_key.items()}
+    return out, total, left_out

@@ -10,6 +10,12 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# Requests per served model name, counted inside vLLM's API server (peftdeploy.vllm_plugin.traffic):
+# `up` adds ("--middleware", TRAFFIC_MIDDLEWARE) and MODEL_NAMES_ENV (the served names, base first,
+# comma-joined); renderers drop both, since cluster images (vllm/vllm-openai) have no peftdeploy.
+TRAFFIC_MIDDLEWARE = "peftdeploy.vllm_plugin.traffic.TrafficMiddleware"
+MODEL_NAMES_ENV = "PEFTDEPLOY_MODEL_NAMES"
+
 
 @dataclass(frozen=True)
 class ServedAdapter:

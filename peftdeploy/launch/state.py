@@ -78,6 +78,7 @@ class DeploymentState:
     served_model_name: str
     adapters: list[str] = field(default_factory=list)
     mode: str = "serve"
+    merge_adapters: list[str] = field(default_factory=list)  # merged into the served model (merge, hybrid)
     recipe_path: str | None = None
     recipe_hash: str | None = None
     started_at: float = field(default_factory=time.time)

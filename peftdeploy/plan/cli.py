@@ -1,7 +1,13 @@
-"""`peftdeploy plan RECIPE`: inspect adapters, derive vLLM settings, print the plan (exit 2 on errors)."""
+"""`peftdeploy plan RECIPE`: inspect adapters, derive vLLM settings, print the plan (exit 2 on errors).
+
+``--observed``: the recipe's running deployment (`up`'s state file) is asked for its /metrics, and the
+observed request shares per model (``peftdeploy_requests_total``, counted by the traffic middleware
+`up` adds) replace ``policy.traffic`` for this plan, so mode auto decides with real traffic.
+"""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -16,9 +22,11 @@ from ..cli_common import emit_json, json_option, stdout_console, user_errors
 @click.option("--gpu-memory", default=None, help="GPU memory to plan for, e.g. 80GiB (default: detected).")
 @click.option("--host-memory", default=None, help="Host RAM to plan for, e.g. 64GiB (default: detected).")
 @click.option("--offline", is_flag=True, default=None, help="Never contact the hub (like HF_HUB_OFFLINE=1).")
+@click.option("--observed", is_flag=True,
+              help="Use the request shares observed by the recipe's running deployment as policy.traffic.")
 @user_errors
 def plan_cmd(recipe: str, as_json: bool, device: str, gpu_memory: str | None, host_memory: str | None,
-             offline: bool | None) -> None:
+             offline: bool | None, observed: bool) -> None:
     """Inspect adapters, derive vLLM settings, print the plan."""
     from ..errors import PeftDeployError
     from ..recipe import load_recipe
@@ -31,13 +39,89 @@ def plan_cmd(recipe: str, as_json: bool, device: str, gpu_memory: str | None, ho
         except ValueError as e:
             raise PeftDeployError(f"{opt}: {e}", fix="write e.g. 80GiB")
     loaded = load_recipe(recipe)
+    traffic = None
+    if observed:
+        loaded, traffic = with_observed_traffic(loaded)
     plan = make_plan(loaded, device=device, gpu_memory=gpu_memory, host_memory=host_memory,
                      offline=True if offline else None)
     if as_json:
-        emit_json(plan.to_dict())
+        d = plan.to_dict()
+        if traffic is not None:
+            d["traffic"] = traffic
+        emit_json(d)
     else:
         from ..plan.report import render
 
+        if traffic is not None:
+            click.echo(traffic_line(traffic))
         render(plan, stdout_console())
     if plan.errors:
         sys.exit(2)
+
+
+def with_observed_traffic(loaded: Any) -> tuple[Any, dict[str, Any]]:
+    """(the recipe with policy.traffic replaced by the shares its running deployment observed, what was
+    observed). Raises LaunchError (exit 2) when the deployment is not running or has nothing to say."""
+    import dataclasses
+    import os
+
+    import httpx
+
+    from ..errors import LaunchError, Location
+    from ..launch import state as st
+    from ..launch.metrics import fetch_metrics, parse_prometheus, requests_by_model, traffic_from_requests
+
+    r = loaded.recipe
+    where = Location(file=str(loaded.path))
+    s = st.read_state(r.name)
+    if s is None or not s.alive:
+        raise LaunchError(f"--observed: no deployment of recipe {r.name!r} is running"
+                          + (" (its state file names a process that is gone)" if s is not None else ""),
+                          fix=f"start it with `peftdeploy up {loaded.path} --detach` and send it traffic, or plan "
+                              "without --observed (policy.traffic from the recipe)", location=where)
+    key = os.environ.get(s.api_key_env) if s.api_key_env else None
+    try:
+        text = fetch_metrics(s.base_url, api_key=key)
+    except httpx.HTTPError as e:
+        raise LaunchError(f"--observed: cannot read {s.base_url}/metrics of deployment {r.name!r} "
+                          f"({type(e).__name__}: {e})",
+                          fix=f"check it with `peftdeploy status {r.name}` (log: {s.log_path})", location=where) from None
+    counts = requests_by_model(parse_prometheus(text))
+    if counts is None:
+        raise LaunchError(f"--observed: deployment {r.name!r} at {s.base_url} does not export "
+                          "peftdeploy_requests_total (it was started without peftdeploy's traffic middleware)",
+                          fix=f"restart it: `peftdeploy down {r.name}` then `peftdeploy up {loaded.path} --detach`",
+                          location=where)
+    try:
+        shares, n, left_out = traffic_from_requests(
+            counts, recipe_name=r.name, served_model_name=s.served_model_name, mode=s.mode,
+            merge_adapters=s.merge_adapters or (r.merge_adapter_names() if r.policy.mode == "merge" else []),
+            adapter_names=[a.name for a in r.adapters])
+    except ValueError as e:
+        raise LaunchError(f"--observed: {e}", fix="give the expected shares in the recipe's policy.traffic and plan "
+                          "without --observed", location=where) from None
+    if n <= 0:
+        raise LaunchError(f"--observed: deployment {r.name!r} has counted no requests for this recipe's models yet"
+                          + (f" (requests for other names: {_counts(left_out)})" if left_out else ""),
+                          fix="send it traffic first, or plan without --observed (policy.traffic from the recipe)",
+                          location=where)
+    recipe = r.model_copy(update={"policy": r.policy.model_copy(update={"traffic": shares})})
+    info = {"source": "observed", "endpoint": f"{s.base_url}/v1", "requests": n, "shares": shares,
+            "requests_by_model": counts, "left_out": left_out, "recipe_traffic": r.policy.traffic}
+    return dataclasses.replace(loaded, recipe=recipe), info
+
+
+def _counts(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def traffic_line(info: dict[str, Any]) -> str:
+    shares = sorted(info["shares"].items(), key=lambda kv: (-kv[1], kv[0]))
+    line = (f"traffic: observed from the running deployment ({info['requests']:g} requests): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in shares))
+    if info.get("left_out"):
+        line += f"; left out (not models of this recipe): {_counts(info['left_out'])}"
+    if info.get("recipe_traffic"):
+        line += "\n  (replaces the recipe's policy.traffic: " + ", ".join(
+            f"{k} {v:g}" for k, v in info["recipe_traffic"].items()) + ")"
+    return line

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..launch.spec import LaunchSpec, MergeStep, ServedAdapter
+from ..launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args
@@ -207,12 +207,16 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
         if mods:
             args.append(("--lora-modules", mods[0]))
             args += [(m, None) for m in mods[1:]]
+    # requests per served name (peftdeploy_requests_total on /metrics): `up` runs peftdeploy-vllm, so the
+    # serving host has peftdeploy, as for the plugin reading PEFTDEPLOY_RECIPE; render drops both
+    args.append(("--middleware", TRAFFIC_MIDDLEWARE))
     args += extra_arg_flags(s.extra_args)
 
     env: list[tuple[str, str]] = []
     if device == "cpu" and "cpu_kvcache_space" in derived:
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(derived["cpu_kvcache_space"].value)))
     env.append(("PEFTDEPLOY_RECIPE", str(loaded.path)))
+    env.append((MODEL_NAMES_ENV, ",".join([served_name, *(a.name for a in adapters)])))
     if lora_enabled and r.policy.dynamic_loading and mode == "serve":
         env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     secret_env: list[tuple[str, str]] = []
