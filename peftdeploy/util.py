@@ -4,7 +4,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 def cache_root() -> Path:
@@ -52,6 +54,45 @@ def replace_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> N
     os.rename(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def dir_build(final: str | os.PathLike[str], *, lock_timeout: float,
+              on_timeout: Callable[[Path], Exception]) -> Iterator[Path]:
+    """Build the directory `final` exclusively and atomically.
+
+    Takes the file lock ``<parent>/.<name>.lock`` (``on_timeout(lock_path)`` is raised when it cannot),
+    removes leftovers of killed builds (``.tmp-<name>-*`` / ``.old-<name>-*``), and yields the path of a
+    temporary directory next to `final` (not yet created). If the block fills it, it replaces `final`
+    on normal exit (:func:`replace_dir`); on an exception it is removed. A block that finds `final`
+    already complete just returns without creating it.
+    """
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    lock_path = parent / f".{final.name}.lock"
+    lock = FileLock(str(lock_path), timeout=lock_timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise on_timeout(lock_path) from None
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
+    try:
+        for p in parent.iterdir():  # leftovers of killed builds of this directory (we hold its lock)
+            if p.name.startswith((f".tmp-{final.name}-", f".old-{final.name}-")):
+                shutil.rmtree(p, ignore_errors=True)
+        yield tmp
+        if tmp.exists():
+            replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -239,6 +239,17 @@ def _plt() -> Any:
         return None
 
 
+
+def _save(plt: Any, fig: Any, title: str, path: str | Path) -> Path:
+    """Title, tight layout, write the PNG (parents created), close the figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
 def plot_load_curve(points: Sequence[dict[str, Any]], path: str | Path, title: str = "latency vs load") -> Path | None:
     """Latency (TTFT and e2e p50/p99) and TPOT against achieved throughput, one point per load level.
 
@@ -261,13 +272,7 @@ def plot_load_curve(points: Sequence[dict[str, Any]], path: str | Path, title: s
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, title, path)
 
 
 def plot_per_adapter(summary: dict[str, Any], path: str | Path, title: str = "per adapter") -> Path | None:
@@ -294,13 +299,7 @@ def plot_per_adapter(summary: dict[str, Any], path: str | Path, title: str = "pe
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, title, path)
 
 
 def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "policy comparison") -> Path | None:
@@ -331,10 +330,4 @@ def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path, title: str = 
         ax.set_xticks(idx)
         ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(title)
-    fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(plt, fig, title, path)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LaunchError
-from ..util import replace_dir
+from ..util import dir_build
 
 COMPLETE_MARKER = ".peftdeploy-complete"
 
@@ -55,27 +55,17 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     A `dst` that already has the marker of `key` is kept (returns True: a hit); one of another key is
     replaced. Returns False when it was (re)built.
     """
-    from filelock import FileLock, Timeout
-
     src, final = Path(src), Path(dst).expanduser().absolute()
     if _marker_key(final) == key:
         return True
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    lock_path = parent / f".{final.name}.lock"
-    try:
-        lock = FileLock(str(lock_path), timeout=lock_timeout)
-        lock.acquire()
-    except Timeout:
-        raise LaunchError(f"timed out waiting for another `up` installing {final}",
-                          fix=f"wait for it, or remove a stale {lock_path} if none is running") from None
-    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
-    try:
+
+    def timed_out(lock_path: Path) -> Exception:
+        return LaunchError(f"timed out waiting for another `up` installing {final}",
+                           fix=f"wait for it, or remove a stale {lock_path} if none is running")
+
+    with dir_build(final, lock_timeout=lock_timeout, on_timeout=timed_out) as tmp:
         if _marker_key(final) == key:
             return True
-        for p in parent.iterdir():
-            if p.name.startswith((f".tmp-{final.name}-", f".old-{final.name}-")):
-                shutil.rmtree(p, ignore_errors=True)
         tmp.mkdir()
         for root, dirs, files in os.walk(src):
             rel = Path(root).relative_to(src)
@@ -87,12 +77,6 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
         (tmp / COMPLETE_MARKER).write_text(json.dumps(
             {"key": key, "source": str(src), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
     return False
 
 

@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from filelock import FileLock, Timeout
 
 from ..errors import MergeError
-from ..util import replace_dir
+from ..util import dir_build
 from .common import COMPLETE_MARKER, sha256_json
 from .hashing import HashCache
 from .lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, LoraAdapter, open_adapter
@@ -256,31 +255,18 @@ def build_delta_cached(hot: AdapterSpec, others: list[AdapterSpec], out_dir: str
     hit = _hit(final, key, t0)
     if hit:
         return hit
-    lock_path = parent / f".{final.name}.lock"
-    try:
-        lock = FileLock(str(lock_path), timeout=lock_timeout)
-        lock.acquire()
-    except Timeout:
-        raise MergeError(f"timed out after {lock_timeout}s waiting for another build of {final}",
-                         fix=f"wait for it, or remove a stale {lock_path} if no `peftdeploy up` is running") from None
-    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
-    try:
+    def timed_out(lock_path: Path) -> Exception:
+        return MergeError(f"timed out after {lock_timeout}s waiting for another build of {final}",
+                          fix=f"wait for it, or remove a stale {lock_path} if no `peftdeploy up` is running")
+
+    with dir_build(final, lock_timeout=lock_timeout, on_timeout=timed_out) as tmp:
         hit = _hit(final, key, t0)
         if hit:
             return hit
-        for p in parent.iterdir():  # leftovers of killed builds of this directory (we hold its lock)
-            if p.name.startswith((f".tmp-{final.name}-", f".old-{final.name}-")):
-                shutil.rmtree(p, ignore_errors=True)
         built = build_delta_adapters(hot, others, tmp, base_name=base_name, progress=progress)
         ranks = {n: int(json.loads((d / ADAPTER_CONFIG).read_text())["r"]) for n, d in built.items()}
         marker = {"key": key, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "format": DELTA_FORMAT_VERSION, "hot": hot[0], "base_name": base_name, "ranks": ranks,
                   "identity": identity}
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        lock.release()
     return DeltaResult(final, False, key, time.perf_counter() - t0, {n: final / n for n in ranks}, ranks)
