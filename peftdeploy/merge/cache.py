@@ -52,6 +52,7 @@ from typing import Any, Sequence
 from filelock import FileLock, Timeout
 
 from peftdeploy.errors import MergeError
+from peftdeploy.util import cache_root
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      AdapterInput, MergeResult, backbone_fingerprint, dtype_name, sha256_json)
 from peftdeploy.merge.hashing import HashCache
@@ -64,21 +65,18 @@ _OLD_RE = re.compile(r"^\.old-(?P<key>[0-9a-f]{64})-(?P<pid>\d+)$")
 
 def default_cache_root() -> Path:
     """$PEFTDEPLOY_CACHE/merged, else $XDG_CACHE_HOME/peftdeploy/merged, else ~/.cache/peftdeploy/merged."""
-    base = os.environ.get("PEFTDEPLOY_CACHE")
-    if base:
-        return Path(base).expanduser() / "merged"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "peftdeploy" / "merged"
+    return cache_root() / "merged"
 
 
-def _adapter_files(a: AdapterInput) -> tuple[Path, Path]:
-    p = Path(a.path)
+def adapter_files(name: str, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """(adapter_config.json, weights file) of a PEFT adapter directory; MergeError when it is not one."""
+    p = Path(path)
     cfg = p / ADAPTER_CONFIG
     w = p / ADAPTER_SAFETENSORS
     if not w.is_file():
         w = p / ADAPTER_PICKLE
     if not cfg.is_file() or not w.is_file():
-        raise MergeError(f"adapter {a.name!r}: {p} is not a PEFT adapter directory "
+        raise MergeError(f"adapter {name!r}: {p} is not a PEFT adapter directory "
                          f"({ADAPTER_CONFIG} + {ADAPTER_SAFETENSORS})",
                          fix="point the adapter at a directory saved with peft's save_pretrained")
     return cfg, w
@@ -92,7 +90,7 @@ def merge_key(backbone_dir: str | os.PathLike[str], adapters: Sequence[AdapterIn
     od = dtype_name(dtype)
     ads = []
     for a in adapters:
-        cfg, w = _adapter_files(a)
+        cfg, w = adapter_files(a.name, a.path)
         hs = hc.sha256_many([cfg, w], threads=1)
         ads.append({"config_sha256": hs[str(cfg)], "weights_sha256": hs[str(w)], "weights_file": w.name,
                     "weight": float(a.weight)})

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import MergeError
 from ..util import dir_build
+from .cache import adapter_files
 from .common import COMPLETE_MARKER, sha256_json
 from .hashing import HashCache
-from .lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, LoraAdapter, open_adapter
+from .lora import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, LoraAdapter, open_adapter
 
 if TYPE_CHECKING:
     import torch
@@ -196,14 +197,7 @@ class DeltaResult:
 
 def _adapter_identity(spec: AdapterSpec, hc: HashCache) -> dict[str, Any]:
     name, path, weight = spec
-    p = Path(path)
-    cfg, w = p / ADAPTER_CONFIG, p / ADAPTER_SAFETENSORS
-    if not w.is_file():
-        w = p / ADAPTER_PICKLE
-    if not cfg.is_file() or not w.is_file():
-        raise MergeError(f"adapter {name!r}: {p} is not a PEFT adapter directory "
-                         f"({ADAPTER_CONFIG} + {ADAPTER_SAFETENSORS})",
-                         fix="point the adapter at a directory saved with peft's save_pretrained")
+    cfg, w = adapter_files(name, path)
     hs = hc.sha256_many([cfg, w], threads=1)
     return {"name": name, "config_sha256": hs[str(cfg)], "weights_sha256": hs[str(w)], "weights_file": w.name,
             "weight": float(weight)}

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from filelock import FileLock, Timeout
 
 from peftdeploy.errors import MergeError
+from peftdeploy.util import cache_root
 from peftdeploy.quantize.rtn import QUANTIZER_VERSION, QuantizeResult, canonical_scheme, quantize_model
 
 COMPLETE_MARKER = ".peftdeploy-complete"
@@ -34,11 +35,8 @@ HASH_MEMO = ".file-hashes.json"
 
 
 def default_quant_cache_root() -> Path:
-    base = os.environ.get("PEFTDEPLOY_CACHE")
-    if base:
-        return Path(base).expanduser() / "quantized"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "peftdeploy" / "quantized"
+    """$PEFTDEPLOY_CACHE/quantized, else $XDG_CACHE_HOME/peftdeploy/quantized, else ~/.cache/peftdeploy/quantized."""
+    return cache_root() / "quantized"
 
 
 def _marker_key(d: Path) -> str | None:
