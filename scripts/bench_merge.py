@@ -7,9 +7,17 @@ safetensors shards (TinyLlama dimensions with 16 layers: hidden 2048, intermedia
 its own process, one after the other:
 
   cp -r (x2)        copying the model directory: the disk/page-cache limit (1st run warms the cache)
-  ours              peftdeploy.merge.merge_model (no cache: the backbone's sha256 is computed
-                    while merging)
-  ours cached cold  merge_cached into an empty cache (hashes the backbone first, then merges)
+  ours (hub-cache backbone)
+                    peftdeploy.merge.merge_model on the model laid out as a Hugging Face hub cache
+                    (blobs hard-linked, snapshot symlinks): how an `hf://` backbone sits on disk;
+                    the shards' SHA-256 (provenance) are their blob names
+  ours (local dir, hash memoized)
+                    the plain directory, with the shards' SHA-256 memoized (a HashCache that has
+                    seen them: every merge after the first from that directory)
+  ours (local dir, first sight)
+                    the plain directory, never hashed: SHA-256 of every shard runs alongside the
+                    merge (on this 2-core machine SHA-256 of 1.67 GB alone costs ~0.8 s of CPU)
+  ours cached cold  merge_cached (content-addressed cache, hub-cache backbone) into an empty cache
   ours cached hit   merge_cached again (key lookup only)
   peft              AutoModelForCausalLM.from_pretrained(bf16) + PeftModel + merge_and_unload +
                     save_pretrained
@@ -142,6 +150,44 @@ def build_adapter(d: Path, model: Path, a: argparse.Namespace) -> Path:
     return d
 
 
+def build_hub_layout(root: Path, model: Path) -> Path:
+    """The model as a Hugging Face hub cache holds it (blobs named by their hash, a snapshot of
+    symlinks to them), without copying: blobs are hard links to the model's files. This is what a
+    backbone from `hf://` looks like on disk: the LFS blob names are the files' SHA-256, so the
+    merge knows the backbone's hashes without reading it."""
+    import hashlib
+
+    from peftdeploy.merge.hashing import sha256_file
+
+    repo = root / "models--bench--llama"
+    rev = "0" * 40
+    snap = repo / "snapshots" / rev
+    stamp = repo / ".bench-complete"
+    files = sorted(p for p in model.iterdir() if p.is_file() and not p.name.startswith("."))
+    spec = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return snap
+    shutil.rmtree(repo, ignore_errors=True)
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for p in files:
+        if p.suffix == ".safetensors":  # LFS: blob name = sha256 of the content
+            name = sha256_file(p)
+        else:  # git blob id, as the hub names small files
+            data = p.read_bytes()
+            name = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        blob = repo / "blobs" / name
+        try:
+            os.link(p, blob)
+        except OSError:
+            shutil.copy2(p, blob)
+        (snap / p.name).symlink_to(Path("../../blobs") / name)
+    stamp.write_text(json.dumps(spec))
+    return snap
+
+
 # ---------------------------------------------------------------------------------------------
 # runs
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +252,11 @@ def summarize(name: str, runs: list[dict]) -> dict:
     return out
 
 
+def _lora_scale(adapter: Path) -> float:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    return cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+
+
 def _detail(r: dict) -> dict:
     try:
         r["detail"] = json.loads(Path(r["log"]).read_text().strip().splitlines()[-1])
@@ -214,6 +265,9 @@ def _detail(r: dict) -> dict:
     return r
 
 
+HUB = "ours (hub-cache backbone)"
+MEMO_ROW = "ours (local dir, hash memoized)"
+FIRST = "ours (local dir, first sight)"
 OURS = """
 import sys, json
 from peftdeploy.merge import AdapterInput, HashCache, merge_model
@@ -248,21 +302,39 @@ m.save_pretrained(sys.argv[3], max_shard_size=int(sys.argv[4]))
 CHECK = """
 import sys, json, torch
 from safetensors import safe_open
-def load(d, names):
-    wm = json.load(open(d + "/model.safetensors.index.json"))["weight_map"]
+def load(d, names, prefix=""):
+    try:
+        wm = json.load(open(d + "/model.safetensors.index.json"))["weight_map"]
+    except FileNotFoundError:
+        wm = None
     out = {}
     for n in names:
-        with safe_open(d + "/" + wm[n], "pt") as f:
-            out[n] = f.get_tensor(n)
+        with safe_open(d + "/" + (wm[prefix + n] if wm else "adapter_model.safetensors"), "pt") as f:
+            out[n] = f.get_tensor(prefix + n)
     return out
-names = sys.argv[3].split(",")
-a, b = load(sys.argv[1], names), load(sys.argv[2], names)
-worst = 0.0
+names, scale = sys.argv[5].split(","), float(sys.argv[6])
+ours, peft, base = load(sys.argv[1], names), load(sys.argv[2], names), load(sys.argv[3], names)
+lora = [n for n in names if n.endswith("_proj.weight")]
+ad = load(sys.argv[4], [n[:-len("weight")] + s for n in lora for s in ("lora_A.weight", "lora_B.weight")],
+          prefix="base_model.model.")
+def ulp(x):  # bf16 ulp of |x|
+    return torch.pow(2.0, torch.floor(torch.log2(torch.clamp(x.abs(), min=1e-30))) - 7)
+res = {"tensors": len(names), "max_ulps_vs_peft": 0.0}
 for n in names:
-    x, y = a[n].float(), b[n].float()
-    ulp = torch.pow(2.0, torch.floor(torch.log2(torch.clamp(torch.maximum(x.abs(), y.abs()), min=1e-30))) - 7)
-    worst = max(worst, ((x - y).abs() / ulp).max().item())
-print(json.dumps({"max_ulps": worst, "tensors": len(names)}))
+    x, y = ours[n].double(), peft[n].double()
+    res["max_ulps_vs_peft"] = max(res["max_ulps_vs_peft"], ((x - y).abs() / ulp(torch.maximum(x.abs(), y.abs()))).max().item())
+for who, t in (("ours", ours), ("peft", peft)):
+    worst, exact_n, total = 0.0, 0, 0
+    for n in lora:
+        W = base[n].double()
+        D = scale * (ad[n[:-len("weight")] + "lora_B.weight"].double() @ ad[n[:-len("weight")] + "lora_A.weight"].double())
+        exact = W + D
+        got = t[n].double()
+        worst = max(worst, ((got - exact).abs() / ulp(torch.maximum(W.abs(), D.abs()))).max().item())
+        exact_n += int((got == exact.to(torch.bfloat16).double()).sum())
+        total += exact.numel()
+    res[who] = {"max_err_operand_ulps": worst, "correctly_rounded": exact_n / total}
+print(json.dumps(res))
 """
 
 
@@ -312,6 +384,7 @@ def main() -> int:
              "CPU s = user + sys of the process (less sensitive than wall time to other jobs on a shared "
              "machine); load_1min per run in the JSON"]
     results = []
+    report_check = None
     try:
         print(f"model: {model_bytes / 1e9:.2f} GB in {len(shards)} shards (largest {largest / 1e9:.2f} GB)",
               file=sys.stderr)
@@ -321,22 +394,26 @@ def main() -> int:
         dst = work / "cp"
         memo = work / "hash-memo.json"
         subprocess.run([py, "-c", MEMO, str(model), str(memo)], env=env, check=True)
+        hub = build_hub_layout(a.cache_dir / "hub", model)
         results.append(run_measured("cp -r (first)", ["cp", "-r", str(model), str(dst)], logs))
         shutil.rmtree(dst)
-        ours_argv = [py, "-c", OURS, str(model), str(adapter), str(ours_out), str(shard_bytes), str(a.threads)]
+        tail = [str(adapter), str(ours_out), str(shard_bytes), str(a.threads)]
+        hub_runs = []
         for i in range(a.repeat):  # interleaved, so all see the same machine conditions
             cp_runs.append(run_measured("cp -r", ["cp", "-r", str(model), str(dst)], logs))
             shutil.rmtree(dst)
-            shutil.rmtree(ours_out, ignore_errors=True)
-            ours_runs.append(_detail(run_measured("ours", ours_argv, logs, env)))
-            shutil.rmtree(ours_out, ignore_errors=True)
-            memo_runs.append(_detail(run_measured("ours (hash memo)", ours_argv + [str(memo)], logs, env)))
+            for runs, nm, argv in ((hub_runs, "ours (hub)", [py, "-c", OURS, str(hub)] + tail),
+                                   (memo_runs, "ours (memo)", [py, "-c", OURS, str(model)] + tail + [str(memo)]),
+                                   (ours_runs, "ours (first sight)", [py, "-c", OURS, str(model)] + tail)):
+                shutil.rmtree(ours_out, ignore_errors=True)
+                runs.append(_detail(run_measured(nm, argv, logs, env)))
         results.append(summarize("cp -r (warm)", cp_runs))
-        results.append(summarize("ours", ours_runs))
-        results.append(summarize("ours (backbone hash memoized)", memo_runs))
+        results.append(summarize(HUB, hub_runs))
+        results.append(summarize(MEMO_ROW, memo_runs))
+        results.append(summarize(FIRST, ours_runs))
         croot = work / "cache"
-        for nm in ("ours cached (cold)", "ours cached (hit)"):
-            r = _detail(run_measured(nm, [py, "-c", OURS_CACHED, str(model), str(adapter), str(croot),
+        for nm in ("ours cached (cold, hub backbone)", "ours cached (hit)"):
+            r = _detail(run_measured(nm, [py, "-c", OURS_CACHED, str(hub), str(adapter), str(croot),
                                           str(shard_bytes), str(a.threads)], logs, env))
             if isinstance(r.get("detail"), dict):
                 r["in_process_s"] = round(r["detail"].get("seconds", 0), 3)
@@ -350,11 +427,20 @@ def main() -> int:
                 names = [f"model.layers.{i}.{m}.weight" for i in (0, a.layers - 1)
                          for m in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")]
                 names += ["lm_head.weight", "model.layers.0.input_layernorm.weight"]
-                chk = subprocess.run([py, "-c", CHECK, str(ours_out), str(peft_out), ",".join(names)],
-                                     capture_output=True, text=True, env=env)
+                chk = subprocess.run([py, "-c", CHECK, str(ours_out), str(peft_out), str(model), str(adapter),
+                                      ",".join(names), str(_lora_scale(adapter))], capture_output=True, text=True, env=env)
                 if chk.returncode == 0:
                     c = json.loads(chk.stdout.strip().splitlines()[-1])
-                    notes.append(f"ours vs PEFT on {c['tensors']} sampled tensors: max {c['max_ulps']:.0f} bf16 ulp")
+                    notes.append(
+                        f"accuracy on {c['tensors']} sampled tensors vs the exact float64 merge W + (alpha/r)·B@A: "
+                        f"ours max error {c['ours']['max_err_operand_ulps']:.2f} bf16 ulp of max(|W|, |ΔW|), "
+                        f"{100 * c['ours']['correctly_rounded']:.4f}% correctly rounded; PEFT (rounds ΔW to bf16, "
+                        f"adds in bf16) max {c['peft']['max_err_operand_ulps']:.2f} ulp, "
+                        f"{100 * c['peft']['correctly_rounded']:.4f}% correctly rounded; ours vs PEFT max "
+                        f"{c['max_ulps_vs_peft']:.0f} ulp of the result (where W and ΔW cancel)")
+                    report_check = c
+                else:
+                    notes.append("accuracy check failed: " + chk.stderr[-500:])
             shutil.rmtree(peft_out, ignore_errors=True)
         shutil.rmtree(ours_out, ignore_errors=True)
         mk = a.mergekit_venv / "bin" / "mergekit-yaml"
@@ -390,7 +476,7 @@ def main() -> int:
             r["peft_wall_over_this"] = round(peft["wall_s"] / r["wall_s"], 2)
             r["peft_rss_over_this"] = round(peft["max_rss_bytes"] / r["max_rss_bytes"], 2)
     targets = {}
-    for label in ("ours", "ours (backbone hash memoized)"):
+    for label in (HUB, MEMO_ROW, FIRST):
         ours = by.get(label)
         if not ours or ours["rc"] != 0:
             continue
@@ -409,12 +495,22 @@ def main() -> int:
         "adapter": {"rank": a.rank, "targets": a.targets,
                     "bytes": (adapter / "adapter_model.safetensors").stat().st_size},
         "machine": {"cpus": os.cpu_count()},
-        "results": results, "targets": targets, "notes": notes, "logs": str(logs),
+        "results": results, "targets": targets, "notes": notes, "logs": str(logs), "accuracy": report_check,
     }
     report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     report["load_average_before"] = load_before
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(report, indent=2) + "\n")
+    if cp:
+        from peftdeploy.bench.report import plot_wall_bars
+
+        m = report["model"]
+        png = plot_wall_bars([(r["name"], r["wall_s"]) for r in results if r["rc"] == 0 and r["name"] != "cp -r (first)"],
+                             a.out.with_suffix(".png"),
+                             f"LoRA merge of a {m['bytes'] / 1e9:.2f} GB bf16 model, rank-{a.rank} all-linear "
+                             f"({os.cpu_count()} cores)", ref=("cp -r", cp["wall_s"]), limit=1.5 * cp["wall_s"])
+        if png:
+            print(f"plot: {png}", file=sys.stderr)
     _table(report)
     if a.json:
         print(json.dumps(report, indent=2))

@@ -98,10 +98,35 @@ def changed(ours: dict, backbone: dict) -> set[str]:
     return {k for k in ours if not torch.equal(ours[k], backbone[k])}
 
 
+_STATS: list[dict] = []  # provenance stats of the merges of the current test (see kernel_mode)
+
+
 def merge(tmp: Path, model: Path, adapters, **kw):
     out = tmp / f"out-{len(list(tmp.glob('out-*')))}"
     res = merge_model(model, adapters, out, progress=False, **kw)
+    _STATS.append(res.provenance["stats"])
     return res, load_dir(out)
+
+
+@pytest.fixture(params=["fused", "numpy"])
+def kernel_mode(request, monkeypatch):
+    """Run the test with the compiled fused kernel and with the numpy fallback; check that the
+    merges really took that path (the fused kernel handles every LoRA weight of the float dtypes)."""
+    from peftdeploy.merge import kernels
+
+    if request.param == "numpy":
+        monkeypatch.setenv(kernels.KERNEL_ENV, "numpy")
+    else:
+        monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+        assert kernels.load() is not None, "merge kernel extension not built (pip install -e .)"
+    _STATS.clear()
+    yield request.param
+    fused = [st["fused_kernel"] for st in _STATS]
+    assert fused, "no merge ran"
+    if request.param == "numpy":
+        assert not any(fused)
+    else:
+        assert all(fused), _STATS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +155,7 @@ def base_tensors(models):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["plain", "rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
                                      "modules_to_save", "embed_lm_head"])
+@pytest.mark.usefixtures("kernel_mode")
 def test_llama_variants_match_peft(variant, models, base_tensors, tmp_path):
     kw = {
         "plain": {},
@@ -164,6 +190,7 @@ def test_llama_variants_match_peft(variant, models, base_tensors, tmp_path):
     assert ch  # the merge did something
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_gpt2_fan_in_fan_out_and_lora_bias(models, base_tensors, tmp_path):
     ad = build_tiny_lora(models["gpt2"], tmp_path / "ad", lora_bias=True)
     assert read_adapter_config(ad)["fan_in_fan_out"] is True
@@ -175,6 +202,7 @@ def test_gpt2_fan_in_fan_out_and_lora_bias(models, base_tensors, tmp_path):
     assert "lm_head.weight" not in ours  # tied, as in the backbone
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_weighted_adapters_match_sequential_peft(models, base_tensors, tmp_path):
     a1 = build_tiny_lora(models["llama"], tmp_path / "a1", r=8, alpha=16, seed=1)
     a2 = build_tiny_lora(models["llama"], tmp_path / "a2", r=4, alpha=4, use_rslora=True, seed=2,
@@ -189,6 +217,7 @@ def test_weighted_adapters_match_sequential_peft(models, base_tensors, tmp_path)
     assert res.provenance["adapters"][1]["scales"] == [2.0]
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_multishard_backbone_and_output_load_in_transformers(models, base_tensors, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -217,6 +246,7 @@ def test_multishard_backbone_and_output_load_in_transformers(models, base_tensor
     assert any(p.name.startswith("chat_template") for p in res.path.iterdir())
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_bf16_within_one_ulp_of_peft(models, base_tensors, tmp_path):
     src = models["llama_bf16"]
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "v_proj", "down_proj", "lm_head"))
@@ -234,6 +264,7 @@ def test_bf16_within_one_ulp_of_peft(models, base_tensors, tmp_path):
     assert changed(ours, base)
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_dtype_conversion_and_config(models, base_tensors, tmp_path):
     src = models["llama"]
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj",))
@@ -249,6 +280,7 @@ def test_dtype_conversion_and_config(models, base_tensors, tmp_path):
     assert st["merged"] == 2 and st["converted"] == len(ours) - 2 and st["copied"] == 0
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_tied_embeddings_embedding_lora(models, base_tensors, tmp_path):
     src = models["llama_tied"]
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("embed_tokens", "q_proj"))
@@ -269,6 +301,7 @@ def test_dora_matches_peft(model, models, base_tensors, tmp_path):
     assert res.provenance["adapters"][0]["use_dora"] is True
 
 
+@pytest.mark.usefixtures("kernel_mode")
 def test_packed_projections_phi3(models, base_tensors, tmp_path):
     ad = build_tiny_lora(models["phi3"], tmp_path / "ad")  # qkv_proj, o_proj, gate_up_proj, down_proj
     res, ours = merge(tmp_path, models["phi3"], [AdapterInput("a", ad)])
@@ -281,22 +314,38 @@ def test_packed_projections_phi3(models, base_tensors, tmp_path):
 
 
 def test_chunking_threads_and_progress_do_not_change_bytes(models, tmp_path, monkeypatch, capsys):
-    from peftdeploy.merge import engine
+    """The fused kernel writes the same bytes however a weight is cut (threads, pieces, staging
+    buffers that end mid-tensor or mid-row); the numpy path too whatever the threads, and its row
+    chunking changes the GEMM's rounding only just."""
+    from peftdeploy.merge import engine, kernels
 
     src = models["gpt2"]  # transposed (Conv1D) deltas
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("c_attn", "c_fc", "wte"))
-    outs = []
-    for chunk, threads, progress in [(engine.CHUNK_BYTES, 1, False), (engine.CHUNK_BYTES, 0, True),
-                                     (engine.CHUNK_BYTES, 3, False), (1000, 1, False), (4096, 2, False)]:
-        monkeypatch.setattr(engine, "CHUNK_BYTES", chunk)
-        out = tmp_path / f"o{len(outs)}"
-        merge_model(src, [AdapterInput("a", ad)], out, threads=threads, progress=progress)
-        outs.append(out)
-    raw = [{p.name: p.read_bytes() for p in o.glob("*.safetensors")} for o in outs]
-    assert raw[0] == raw[1] == raw[2]  # deterministic whatever the threads
+
+    def run(threads=1, progress=False, **patch):
+        out = tmp_path / f"o{len(list(tmp_path.glob('o*')))}"
+        with monkeypatch.context() as m:
+            for k, v in patch.items():
+                m.setattr(engine, k, v)
+            res = merge_model(src, [AdapterInput("a", ad)], out, threads=threads, progress=progress)
+        return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}, res.provenance["stats"]
+
+    fused = [run(1), run(0, True), run(3), run(2, PIECE_ELEMENTS=7), run(1, WRITE_BUFFER_BYTES=4096),
+             run(3, PIECE_ELEMENTS=1000, WRITE_BUFFER_BYTES=8192)]
+    assert all(st["fused_kernel"] == st["merged"] > 0 for _, st in fused)  # every adapted weight
+    assert all(raw == fused[0][0] for raw, _ in fused)
+    monkeypatch.setenv(kernels.KERNEL_ENV, "numpy")
+    outs = [run(1), run(0), run(3), run(1, CHUNK_BYTES=1000), run(2, CHUNK_BYTES=4096)]
+    monkeypatch.delenv(kernels.KERNEL_ENV)
+    assert all(st["fused_kernel"] == 0 for _, st in outs)
+    assert outs[0][0] == outs[1][0] == outs[2][0]  # deterministic whatever the threads
+    from safetensors.torch import load as st_load
+
     base = load_dir(src)
-    for o in outs[3:]:  # other row-chunkings: the GEMM may round differently, but only just
-        assert_close_rel(load_dir(o), load_dir(outs[0]), base)
+    for raw, _ in outs[3:] + [fused[0]]:  # other row-chunkings / the fused kernel: only just different
+        a = {k: v for f in raw.values() for k, v in st_load(f).items()}
+        b = {k: v for f in outs[0][0].values() for k, v in st_load(f).items()}
+        assert_close_rel(a, b, base)
     assert "merge" in capsys.readouterr().err
 
 
@@ -421,6 +470,75 @@ def test_shard_writer_direct_and_buffered_write_the_same_file(tmp_path, direct):
     assert files[0].read_bytes() == files[1].read_bytes()
     back = load_file(str(files[0]))
     assert all(np.array_equal(back[k], a) for k, a in arrays.items())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_spans_and_shared_queue(tmp_path, direct):
+    """spans(): the caller fills the staging buffer in place, elements that straddle two staging
+    buffers included (after an odd-sized tensor); shards sharing one WriteQueue are all complete
+    once the queue is closed; files the safetensors library reads back."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from peftdeploy.merge import stio
+
+    rng = np.random.default_rng(1)
+    shards = [{"odd": rng.integers(0, 255, 4099, dtype=np.uint8), "w": rng.standard_normal((37, 129), np.float32),
+               "h": rng.standard_normal(5001).astype(np.float16)},
+              {"v": rng.standard_normal(20000).astype(np.float32)}]
+    code = {np.dtype(np.uint8): "U8", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+    q = stio.WriteQueue(buffer_bytes=8192, buffers=2)
+    paths = []
+    for i, arrays in enumerate(shards):
+        p = tmp_path / f"s{i}.safetensors"
+        w = stio.ShardWriter(p, [stio.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()],
+                             direct=direct, queue=q)
+        for k, a in arrays.items():
+            flat = a.reshape(-1).view(np.uint8)
+            done, sizes = 0, []
+            for span in w.spans(k, a.nbytes, unit=a.itemsize, max_bytes=3000):
+                assert len(span) % a.itemsize == 0 or len(span) < a.itemsize
+                span[:] = flat[done:done + len(span)]
+                done += len(span)
+                sizes.append(len(span))
+            assert done == a.nbytes
+        w.close()
+        paths.append(p)
+    q.close()
+    for p, arrays in zip(paths, shards):
+        ref = tmp_path / f"ref-{p.name}"  # the same layout written from bytes at hand, unbuffered
+        w = stio.ShardWriter(ref, [stio.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()])
+        for k, a in arrays.items():
+            w.write_bytes(k, a.tobytes())
+        w.close()
+        assert p.read_bytes() == ref.read_bytes()
+        back = load_file(str(p))
+        assert all(np.array_equal(back[k], a) for k, a in arrays.items())
+
+
+def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, monkeypatch):
+    """A failing write on the writer thread (disk full) fails the merge with that error; nothing is left."""
+    import errno
+
+    from peftdeploy.merge import stio
+
+    src = models["llama3"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj",))
+    calls = []
+
+    def full(self, fd, mv):
+        calls.append(len(mv))
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(self, fd, mv)
+
+    orig = stio.ShardWriter._write_block
+    monkeypatch.setattr(stio.ShardWriter, "_write_block", full)
+    monkeypatch.setattr("peftdeploy.merge.engine.WRITE_BUFFER_BYTES", 4096)
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="No space left"):
+        merge_model(src, [AdapterInput("a", ad)], out, progress=False, shard_size_bytes=150_000)
+    assert len(calls) > 2 and not out.exists()
 
 
 def test_merge_direct_io_and_page_cache_outputs_are_identical(models, tmp_path, monkeypatch):

@@ -250,6 +250,32 @@ def _save(plt: Any, fig: Any, title: str, path: str | Path) -> Path:
     plt.close(fig)
     return p
 
+def plot_wall_bars(rows: Sequence[tuple[str, float]], path: str | Path, title: str,
+                   ref: tuple[str, float] | None = None, limit: float | None = None) -> Path | None:
+    """Wall time per run as horizontal bars (log scale), with the reference run's time and a
+    limit (e.g. 1.5x the reference) as vertical lines. None when matplotlib is missing."""
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+    names = [n for n, _ in rows][::-1]
+    vals = [v for _, v in rows][::-1]
+    bars = ax.barh(names, vals, color=["#4c72b0" if not n.startswith(("peft", "mergekit")) else "#999999"
+                                       for n in names])
+    for b, v in zip(bars, vals):
+        ax.text(v * 1.05, b.get_y() + b.get_height() / 2, f"{v:.2f} s", va="center", fontsize=8)
+    if ref is not None:
+        ax.axvline(ref[1], color="k", lw=1, ls="--", label=f"{ref[0]} {ref[1]:.2f} s")
+    if limit is not None:
+        ax.axvline(limit, color="#c44e52", lw=1, ls=":", label=f"target {limit:.2f} s")
+    ax.set_xscale("log")
+    ax.set_xlim(right=max(vals) * 3)
+    ax.set_xlabel("wall time, s (log scale)")
+    if ref is not None or limit is not None:
+        ax.legend(loc="upper right", fontsize=8)
+    return _save(plt, fig, title, path)
+
+
 def plot_load_curve(points: Sequence[dict[str, Any]], path: str | Path, title: str = "latency vs load") -> Path | None:
     """Latency (TTFT and e2e p50/p99) and TPOT against achieved throughput, one point per load level.
 

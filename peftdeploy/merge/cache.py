@@ -1,7 +1,9 @@
 """Content-addressed cache of merged models, and atomic writes of explicit merge outputs.
 
 Key
-    ``sha256`` of a canonical JSON of: the merge-engine version; the backbone's content (SHA-256 of
+    ``sha256`` of a canonical JSON of: the merge-engine version and its arithmetic (the fused
+    kernel, whose bytes are the same on every CPU, or the numpy/BLAS fallback, whose GEMM may round a
+    few elements differently: see :mod:`peftdeploy.merge.kernels`); the backbone's content (SHA-256 of
     every weight shard *and* of every non-weight file that is copied into the output — config,
     tokenizer, chat template — since they are part of the result); for each adapter in order, the
     SHA-256 of ``adapter_config.json`` and of its weights file, and its weight; the output dtype
@@ -94,8 +96,11 @@ def merge_key(backbone_dir: str | os.PathLike[str], adapters: Sequence[AdapterIn
         hs = hc.sha256_many([cfg, w], threads=1)
         ads.append({"config_sha256": hs[str(cfg)], "weights_sha256": hs[str(w)], "weights_file": w.name,
                     "weight": float(a.weight)})
+    from peftdeploy.merge.kernels import kernel_id
+
     identity = {
         "engine": MERGE_ENGINE_VERSION,
+        "kernel": kernel_id(),
         "backbone": backbone_fingerprint(backbone_dir, hc),
         "adapters": ads,
         "dtype": od or "auto",

@@ -16,7 +16,7 @@ from peftdeploy.merge.hashing import HashCache
 
 # Part of every cache key: bump it whenever a merge of the same inputs would write other bytes
 # (arithmetic, chunking, layout, copied files).
-MERGE_ENGINE_VERSION = "2"
+MERGE_ENGINE_VERSION = "3"
 PROVENANCE_FILE = "peftdeploy-provenance.json"
 COMPLETE_MARKER = ".peftdeploy-complete"
 DEFAULT_SHARD_SIZE = 5_000_000_000  # what the Hugging Face hub recommends (transformers "5GB")

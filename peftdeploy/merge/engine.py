@@ -7,25 +7,32 @@ tensor at a time:
 * the backbone's safetensors headers are parsed up front, so the whole output layout (shards, JSON
   headers, index) is known before any byte of data is read, and every adapter/backbone mismatch is
   reported before anything is written;
-* the output is written with ``O_DIRECT`` through an aligned staging buffer where the filesystem
-  allows it (see :class:`~peftdeploy.merge.stio.ShardWriter`; ``PEFTDEPLOY_MERGE_DIRECT_IO=0``
-  writes through the page cache instead): filling the page cache with a new multi-GB file costs
-  the kernel more CPU than the merge arithmetic, and evicts what other processes cached;
+* the output is written with ``O_DIRECT`` through block-aligned staging buffers where the
+  filesystem allows it (see :class:`~peftdeploy.merge.stio.ShardWriter`;
+  ``PEFTDEPLOY_MERGE_DIRECT_IO=0`` writes through the page cache instead): filling the page cache
+  with a new multi-GB file costs the kernel more CPU than the merge arithmetic, and evicts what
+  other processes cached. A writer thread (:class:`~peftdeploy.merge.stio.WriteQueue`, shared by
+  all shards) writes each full buffer while the next one is filled, so the disk never waits for
+  the arithmetic and the arithmetic never waits for the disk, shard boundaries included;
+* adapted weights of float16/bfloat16/float32 are merged by the compiled fused kernel
+  (:mod:`~peftdeploy.merge.kernels`, built by ``pip install``) straight into the staging buffer:
+  it reads the weight from the backbone file (``pread`` in cache-sized pieces), computes
+  ``W + Σ coef·L@R`` in float32 registers and rounds once (round to nearest even, bit for bit
+  torch's casts) — one pass over memory, the same bytes on every CPU; each buffer's range is cut
+  into pieces that the calling thread and ``threads`` helper threads take in turn (ctypes drops
+  the GIL). Without the kernel (no C compiler at install time, ``PEFTDEPLOY_MERGE_KERNEL=numpy``)
+  a worker thread computes whole tensors with numpy in float32 row chunks that stay in cache
+  (numpy's bundled OpenBLAS ``cblas_sgemm`` through ctypes for ``C += coef·B@A``);
 * untouched tensors whose dtype does not change are byte ranges of the backbone shard, copied bit
   for bit (``pread`` into the staging buffer, or ``copy_file_range`` kernel-side when writing
-  through the page cache); the others are read with ``pread`` (one tensor), and adapted weights
-  are computed in float32 row chunks of ~``CHUNK_BYTES`` that stay in cache: one load
-  (bf16/f16 -> f32), one fused ``C += coef·B@A`` per adapter (numpy's bundled OpenBLAS
-  ``cblas_sgemm`` through ctypes, single-threaded; numpy matmul + add if it is not there), one
-  rounding (round to nearest even, bit for bit torch's casts);
-* the merge runs on numpy and does not import torch (importing torch alone takes longer than
-  copying a 2 GB model); torch is imported only for DoRA, pickled adapters and float64/float8
-  tensors;
+  through the page cache);
+* the merge does not import torch (importing torch alone takes longer than copying a 2 GB
+  model); torch is imported only for DoRA, pickled adapters and float64/float8 tensors;
 * each output shard's header is written first and the tensors' bytes are streamed after it, so
-  peak memory is one tensor plus the prefetch window, independent of shard and model size;
-* a worker thread prepares the next tensors while the main thread writes; the SHA-256 of the
-  backbone shards (provenance) is computed by another thread while the merge runs (hashlib drops
-  the GIL) unless a :class:`~peftdeploy.merge.hashing.HashCache` already knows them.
+  peak memory is the staging buffers plus the adapters, independent of shard and model size;
+* the SHA-256 of the backbone shards (provenance) is computed by two other threads while the
+  merge runs (hashlib drops the GIL) unless they are known: memoized by a
+  :class:`~peftdeploy.merge.hashing.HashCache`, or the blob names of a Hugging Face hub cache.
 
 The output is a plain Hugging Face model directory: sharded ``model-0000k-of-0000n.safetensors`` +
 ``model.safetensors.index.json`` (or a single ``model.safetensors``), the backbone's config.json
@@ -51,7 +58,7 @@ import numpy as np
 
 import peftdeploy
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import stio
+from peftdeploy.merge import kernels, stio
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      SAFE_INDEX, SAFE_SINGLE, AdapterInput, Backbone, MergeResult, dtype_name,
                                      iter_aux_files, open_backbone)
@@ -64,6 +71,9 @@ if TYPE_CHECKING:
 __all__ = ["merge_model", "plan_merge", "resolve_dtype", "default_threads", "AdapterInput", "MergeResult",
            "open_backbone", "DEFAULT_SHARD_SIZE", "MERGE_ENGINE_VERSION", "PROVENANCE_FILE", "COMPLETE_MARKER"]
 
+WRITE_BUFFER_BYTES = 16 << 20  # O_DIRECT staging buffers: WRITE_BUFFERS of them in flight at most
+WRITE_BUFFERS = 4
+HASH_THREADS = 2  # backbone shards hashed at once when their SHA-256 is not known yet
 CHUNK_BYTES = 512 << 10  # float32 working set per row chunk of an adapted weight (two of them fit in L2)
 FAST = {"BF16", "F16", "F32"}  # dtypes the numpy kernels load and store (others: torch fallback)
 _NAME_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
@@ -72,10 +82,10 @@ DIRECT_IO_ENV = "PEFTDEPLOY_MERGE_DIRECT_IO"  # "0": write the output through th
 
 
 def default_threads() -> int:
-    """Worker threads preparing tensors: one per spare core, at most 4 (the writer and the
-    backbone hasher take a core each; beyond a few workers the disk is the limit)."""
+    """Helper threads beside the calling one: one per other core, at most 4 (the writer thread
+    mostly waits for the disk; beyond ~5 threads the disk is the limit)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, n - 2))
+    return max(1, min(4, n - 1))
 
 
 def _torch():  # noqa: ANN202 - torch is only needed for DoRA, pickled adapters and exotic dtypes
@@ -433,17 +443,80 @@ def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
     if not tp.contributions and wc == oc:  # a replacement kept as is
         return _Prepared(_as_bytes(out), bufs)
 
-    factors = []
+    _merge_rows(W, wc, out, oc, _factor_terms(tp, ctx), ctx)
+    return _Prepared(_as_bytes(out), bufs)
+
+
+def _factor_terms(tp: TensorPlan, ctx: _Ctx) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """(left, right, coef) per contribution with delta = left @ right in the weight's orientation."""
+    terms = []
     for c in tp.contributions:
         A = ctx.lora(c.adapter, c.module.a_key)  # (r, in) | embedding (r, vocab)
         B = ctx.lora(c.adapter, c.module.b_key)  # (out, r) | embedding (dim, r)
         if c.transposed:  # delta = (B @ A).T = A.T @ B.T ; rows of the delta <-> columns of A
-            left, right = np.ascontiguousarray(A.T), np.ascontiguousarray(B.T)
+            terms.append((np.ascontiguousarray(A.T), np.ascontiguousarray(B.T), c.coef))
         else:  # rows of the delta <-> rows of B
-            left, right = B, A
-        factors.append((left, right, c.coef))
-    _merge_rows(W, wc, out, oc, factors, ctx)
-    return _Prepared(_as_bytes(out), bufs)
+            terms.append((B, A, c.coef))
+    return terms
+
+
+def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
+    n = 1
+    for d in shape:
+        n *= d
+    rows = shape[0] if len(shape) else 1
+    return rows, (n // rows if rows else 0)
+
+
+@dataclass
+class _Fused:
+    """An adapted weight that the compiled kernel merges straight into the output's staging buffer."""
+
+    factors: kernels.Factors
+
+
+def _fusable(tp: TensorPlan, kern: kernels.Kernel | None) -> bool:
+    return (kern is not None and bool(tp.contributions) and tp.replacement is None and tp.dora is None
+            and not tp.bias_from and kern.supports(tp.src.dtype, tp.out_dtype) and tp.src.numel > 0)
+
+
+def _fused(tp: TensorPlan, ctx: _Ctx) -> _Fused:
+    rows, cols = _rows_cols(tp.src.shape)
+    return _Fused(kernels.Factors(_factor_terms(tp, ctx), rows, cols))
+
+
+PIECE_ELEMENTS = 1 << 20  # a thread's unit of work in _write_fused (2-4 MiB of output)
+
+
+def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, kern: kernels.Kernel,
+                 helpers: ThreadPoolExecutor | None, nhelpers: int) -> None:
+    """Merge one weight into the writer's staging buffers. Each span is cut into pieces that this
+    thread and the helpers take in turn (the kernel drops the GIL), so a thread that also does
+    other work (this one copies the untouched tensors) simply takes fewer pieces."""
+    sc, oc = tp.src.dtype, tp.out_dtype
+    osz = kernels.ITEMSIZE[oc]
+    fd, off = ctx.fds[tp.src.file], tp.src.offset
+    e = 0
+    for buf in w.spans(tp.name, tp.out.nbytes, unit=osz):
+        n = len(buf) // osz
+        pieces = deque((a, min(n, a + PIECE_ELEMENTS)) for a in range(0, n, PIECE_ELEMENTS))
+
+        def work(e: int = e, buf: np.ndarray = buf, pieces: deque = pieces) -> None:
+            while True:
+                try:
+                    a, b = pieces.popleft()
+                except IndexError:
+                    return
+                kern.merge_fd(fd, off, sc, buf[a * osz:b * osz], oc, fz.factors, e + a, e + b)
+
+        k = min(nhelpers, len(pieces) - 1) if helpers is not None else 0
+        futs = [helpers.submit(work) for _ in range(k)]
+        try:
+            work()
+        finally:
+            for f in futs:
+                f.result()
+        e += n
 
 
 def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
@@ -710,7 +783,8 @@ def merge_model(
     """Merge LoRA adapters into a backbone, streaming, and write a model directory to `out_dir`.
 
     `out_dir` must not exist or be empty; on error it is removed again (or emptied).
-    `threads`: worker threads preparing tensors ahead of the writer (default 1; 0 = none).
+    `threads`: helper threads (default: one per other core, at most 4; 0 = none): they merge pieces
+    of each weight with the calling thread (fused kernel), or prepare whole tensors ahead (numpy path).
     `fsync`: fsync every written file before returning (durability across power loss).
     """
     t0 = time.perf_counter()
@@ -768,19 +842,28 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     hash_err: list[BaseException] = []
     stop_hashing = threading.Event()
 
-    def _hash_all() -> None:
-        t = time.perf_counter()
+    todo = deque(bb.files)
+    hash_done: list[float] = []
+
+    def _hash_some() -> None:  # a hashing thread: shards in turn until none is left
         try:
-            for f in bb.files:
-                if stop_hashing.is_set():
+            while not stop_hashing.is_set():
+                try:
+                    f = todo.popleft()
+                except IndexError:
                     return
                 hashes[str(f)] = hc.sha256(f)
         except BaseException as e:  # reported after the merge
             hash_err.append(e)
-        timings["hash_backbone_s"] = time.perf_counter() - t
+        finally:
+            hash_done.append(time.perf_counter())
 
-    hasher = threading.Thread(target=_hash_all, name="peftdeploy-hash", daemon=True)
-    hasher.start()
+    t_hash = time.perf_counter()
+    known = sum(hc.lookup(f) is not None for f in bb.files)
+    n_hashers = 1 if len(bb.files) - known <= 1 else HASH_THREADS  # SHA-256 is serial per file
+    hashers = [threading.Thread(target=_hash_some, name="peftdeploy-hash", daemon=True) for _ in range(n_hashers)]
+    for h in hashers:
+        h.start()
 
     auto_name = bb.stored_dtype()
     out_name = dtype_name(od) if od is not None else auto_name
@@ -795,26 +878,38 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     ctx = _Ctx(bb, opened, weights, keep=workers + 2)
     total = sum(tp.out.nbytes for tp in plan.tensors)
     prog = _Progress(progress, total, len(plan.tensors), "merge")
-    n_merged = n_copied = n_converted = n_replaced = 0
+    n_merged = n_copied = n_converted = n_replaced = n_fused = 0
     t = time.perf_counter()
 
-    def prepare(tp: TensorPlan) -> _Prepared | None:
-        return None if tp.passthrough else _compute(tp, ctx)
+    kern = kernels.load()
+    helpers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="peftdeploy-kernel") if (
+        kern is not None and workers) else None
+
+    def prepare(tp: TensorPlan) -> _Prepared | _Fused | None:
+        if tp.passthrough:
+            return None
+        return _fused(tp, ctx) if _fusable(tp, kern) else _compute(tp, ctx)
 
     blas = _single_threaded_blas()
     blas.__enter__()
     results = _ordered(plan.tensors, prepare, workers)
+    # staging buffers no larger than a quarter of the output: small models do not pay for 64 MiB
+    wq = stio.WriteQueue(min(WRITE_BUFFER_BYTES, max(stio.DIRECT_ALIGN, total // 4)), WRITE_BUFFERS) if direct else None
     try:
         weight_map: dict[str, str] = {}
         shard_meta = []
         for shard, fname in zip(plan.shards, plan.shard_names):
-            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct)
+            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct, queue=wq)
             try:
                 for tp in shard:
                     res = next(results)
                     if res is None:
                         w.copy_from(tp.name, ctx.fds[tp.src.file], tp.src.offset, tp.src.nbytes)
                         n_copied += 1
+                    elif isinstance(res, _Fused):
+                        _write_fused(w, tp, res, ctx, kern, helpers, workers)
+                        n_merged += 1
+                        n_fused += 1
                     else:
                         w.write_bytes(tp.name, res.data)
                         for b in res.buffers:
@@ -835,11 +930,17 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
                 w.abort()
                 raise
             shard_meta.append({"file": fname, "size": w.size, "tensors": len(shard)})
+        if wq is not None:
+            wq.close()  # every shard written and closed
     except BaseException:
         stop_hashing.set()
+        if wq is not None:
+            wq.close(check=False)
         raise
     finally:
         results.close()  # joins the workers
+        if helpers is not None:
+            helpers.shutdown(wait=True)
         blas.__exit__(None, None, None)
         prog.close()
         ctx.close()
@@ -850,8 +951,10 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
         (out / SAFE_INDEX).write_text(json.dumps(idx, indent=2) + "\n")
 
     t = time.perf_counter()
-    hasher.join()
+    for h in hashers:
+        h.join()
     timings["hash_wait_s"] = time.perf_counter() - t
+    timings["hash_backbone_s"] = max(hash_done, default=t_hash) - t_hash
     if hash_err:
         raise hash_err[0]
     ad_hashes = [{str(p.name): hc.sha256(p) for p in adapter_fingerprint_files(Path(a.path))} for a in adapters]
@@ -861,6 +964,7 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     prov = {
         "peftdeploy_version": peftdeploy.__version__,
         "merge_engine_version": MERGE_ENGINE_VERSION,
+        "merge_kernel": kernels.kernel_id(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "pid": os.getpid(),
         "provenance": provenance or {},
@@ -876,7 +980,7 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
         ],
         "output": {"dtype": out_name, "shards": shard_meta, "total_size": total_size,
                    "files_copied": aux},
-        "stats": {"tensors": len(plan.tensors), "merged": n_merged, "copied": n_copied,
+        "stats": {"tensors": len(plan.tensors), "merged": n_merged, "fused_kernel": n_fused, "copied": n_copied,
                   "converted": n_converted, "replaced": n_replaced},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         **extra,
