@@ -51,7 +51,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from filelock import FileLock, Timeout
 
 from peftdeploy.errors import MergeError
 from peftdeploy.util import cache_root
@@ -142,6 +141,8 @@ def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
         m = _TMP_RE.match(p.name) or _OLD_RE.match(p.name)
         if not m:
             continue
+        from filelock import FileLock, Timeout  # imported here: ~25 ms that merge_model's callers need not pay
+
         lock = FileLock(str(root / f"{m['key']}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -233,6 +234,8 @@ def merge_cached(
             raise MergeError(f"merge output {final} holds a different merge (key {prev[:12]}…)",
                              fix="remove it, choose another output directory, or allow overwriting")
         return True
+
+    from filelock import FileLock, Timeout
 
     try:
         lock = FileLock(str(lock_path), timeout=lock_timeout)

@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
-from filelock import FileLock
 
 _BLOCK = 8 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -139,6 +138,8 @@ class HashCache:
         """Merge our new entries into the JSON file (atomic replace, under a file lock)."""
         if not self.path or not self._dirty:
             return
+        from filelock import FileLock  # imported here: ~25 ms that lookups need not pay
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
             data: dict = {}
