@@ -517,7 +517,7 @@ def test_shard_writer_spans_and_shared_queue(tmp_path, direct):
 
 
 def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, monkeypatch):
-    """A failing write on the writer thread (disk full) fails the merge with that error; nothing is left."""
+    """A failing write on the writer thread fails the merge; a full disk says so with a fix; nothing is left."""
     import errno
 
     from peftdeploy.merge import stio
@@ -536,9 +536,30 @@ def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, m
     monkeypatch.setattr(stio.ShardWriter, "_write_block", full)
     monkeypatch.setattr("peftdeploy.merge.engine.WRITE_BUFFER_BYTES", 4096)
     out = tmp_path / "o"
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(MergeError, match="filled up while writing") as ei:
         merge_model(src, [AdapterInput("a", ad)], out, progress=False, shard_size_bytes=150_000)
+    assert "PEFTDEPLOY_CACHE" in ei.value.fix
     assert len(calls) > 2 and not out.exists()
+    # other write errors stay what they are
+    monkeypatch.setattr(stio.ShardWriter, "_write_block",
+                        lambda self, fd, mv: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError, match="Input/output"):
+        merge_model(src, [AdapterInput("a", ad)], out, progress=False)
+    assert not out.exists()
+
+
+def test_not_enough_space_is_refused_before_writing(models, tmp_path, monkeypatch):
+    import collections
+    import shutil as sh
+
+    src = models["llama"]
+    ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj",))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 1 << 20))
+    out = tmp_path / "o"
+    with pytest.raises(MergeError, match=r"not enough space .* needs \d+\.\d KiB, 1\.0 MiB are free"):
+        merge_model(src, [AdapterInput("a", ad)], out, progress=False)
+    assert not out.exists()
 
 
 def test_merge_direct_io_and_page_cache_outputs_are_identical(models, tmp_path, monkeypatch):

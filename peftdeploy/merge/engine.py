@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -765,6 +766,33 @@ def _ordered(tasks: Sequence[TensorPlan], fn: Callable[[TensorPlan], Any], worke
         ex.shutdown(wait=True)
 
 
+_SPACE_FIX = ("free space there, or merge onto a larger disk: PEFTDEPLOY_CACHE (the merge cache) or "
+              "policy.merge.output in the recipe")
+
+
+def _check_space(out: Path, nbytes: int) -> None:
+    """Refuse up front when the output's filesystem cannot hold the merged weights (rather than
+    failing after writing gigabytes)."""
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        return
+    if free < nbytes + (16 << 20):
+        from peftdeploy.plan.memory import gib
+
+        raise MergeError(f"not enough space under {out}: the merged model needs {gib(nbytes)}, {gib(free)} "
+                         "are free", fix=_SPACE_FIX)
+
+
+def _cleanup(out: Path, created: bool) -> None:
+    """Remove what a failed merge wrote (the directory itself if this merge created it)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in list(out.iterdir()):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def merge_model(
     backbone_dir: str | os.PathLike[str],
     adapters: Sequence[AdapterInput],
@@ -817,14 +845,18 @@ def merge_model(
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         try:
+            _check_space(out, sum(tp.out.nbytes for tp in plan.tensors))
             result = _run(bb, opened, adapters, weights, plan, out, od, threads, progress, provenance,
                           hash_cache, fsync, timings, t0, _extra_provenance or {})
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                _cleanup(out, created)
+                raise MergeError(f"the disk under {out} filled up while writing the merged model ({e.strerror})",
+                                 fix=_SPACE_FIX) from None
+            _cleanup(out, created)
+            raise
         except BaseException:
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                for p in list(out.iterdir()):
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _cleanup(out, created)
             raise
         return result
     finally:
