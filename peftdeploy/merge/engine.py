@@ -378,8 +378,7 @@ def _merge_rows(W: np.ndarray, wc: str, out: np.ndarray, oc: str,
     W and out may be the same buffer (same dtype): each chunk is loaded before it is stored."""
     if W.size == 0:
         return
-    rows = W.shape[0] if W.ndim else 1
-    cols = W.size // rows
+    rows, cols = _rows_cols(W.shape)
     W2 = W.reshape(rows, cols)
     O2 = out.reshape(rows, cols)
     step = max(1, CHUNK_BYTES // (4 * cols))
