@@ -1,0 +1,287 @@
+#!/usr/bin/env python3
+"""Per-layer LoRA kernel micro-benchmark and check on one GPU: peftdeploy's Triton kernels
+(peftdeploy/vllm_plugin/lora_kernels/triton_ops.py) against vLLM's punica kernels (lora_shrink +
+lora_expand, called exactly as vLLM's PunicaWrapperGPU.add_lora_linear calls them) when vLLM is
+importable, on the Llama-3-8B layer shapes (qkv, o, gate_up, down), 8 adapters of rank 16, Zipf(1.0)
+over the adapters, batches of 1/16/64/256 tokens (decode) and 1024/8192 tokens (prefill segments of
+964 tokens).
+
+    python3 scripts/gpu_lora_kernels.py --out OUT [--sweep] [--check] [--bench] [--best-out FILE]
+
+--check  bf16 and fp16 against a float64 reference (‖out − ref‖ / ‖Δref‖, base rows bit-identical,
+         output poisoned first so unwritten rows show) for every shape and batch size; vLLM's too.
+--sweep  time candidate launch configurations per (token bucket, shape); write the fastest per key
+         to --best-out (the JSON that PEFTDEPLOY_LORA_KERNEL_CONFIG takes, and triton_ops.TUNED holds).
+--bench  µs per LoRA layer, peftdeploy (chosen config) vs vLLM, and the memory floor (adapter weights
+         of the active adapters + x + y read-modify-write, over the measured copy bandwidth).
+Timing: CUDA-graph replays (triton.testing.do_bench_cudagraph, median); each timed call runs 8
+layers with distinct weights (rotating past L2) and the figure is per layer. Writes OUT/lora_kernels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench_cudagraph
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O  # noqa: E402
+
+SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+          "down": (14336, (4096,))}
+TOKENS = (1, 16, 64, 256, 1024, 8192)
+L, R, LAYERS, PROMPT = 8, 16, 8, 964
+SMOKE = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # CPU dry run of this script's code paths
+if SMOKE:
+    SHAPES = {"qkv": (64, (64, 32, 32)), "down": (96, (32,))}
+    TOKENS = (5, 300)
+    LAYERS = 2
+
+
+def log(m: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
+
+
+def zipf_slots(T: int, seed: int, dev: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor([1.0 / (i + 1) for i in range(L)])
+    if T <= 256:  # decode: one token per request
+        return torch.multinomial(p, T, replacement=True, generator=g).to(dev)
+    out, t = [], 0
+    while t < T:  # prefill: contiguous prompt segments
+        n = min(PROMPT, T - t)
+        out += [int(torch.multinomial(p, 1, generator=g))] * n
+        t += n
+    return torch.tensor(out, device=dev)
+
+
+class Layer:
+    def __init__(self, K: int, widths: tuple[int, ...], dtype: torch.dtype, dev: str, seed: int):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        self.A = [(torch.randn(L, 1, R, K, generator=g, device=dev) / K ** 0.5).to(dtype) for _ in widths]
+        self.B = [(torch.randn(L, 1, w, R, generator=g, device=dev) / R ** 0.5).to(dtype) for w in widths]
+
+
+def reference(y, x, layer: Layer, slots) -> torch.Tensor:
+    out = y.double().clone()
+    col = 0
+    for a, b in zip(layer.A, layer.B):
+        w = b.shape[-2]
+        for s in range(L):
+            m = slots == s
+            if m.any():
+                h = x[m].double() @ a[s, 0].double().T
+                out[m, col:col + w] += h @ b[s, 0].double().T
+        col += w
+    return out
+
+
+def vllm_fn():
+    if SMOKE:
+        return None
+    try:
+        from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
+    except Exception as e:  # noqa: BLE001
+        log(f"vLLM's LoRA ops not importable ({type(e).__name__}: {e}); peftdeploy only")
+        return None
+
+    def make(T: int, slots: torch.Tensor):
+        meta = LoRAKernelMeta.make(L, T, device=slots.device)
+        meta.prepare_tensors(slots.to(torch.int32))
+
+        def run(y, x, layer: Layer):
+            buf = torch.empty((len(layer.A), T, R), dtype=torch.float32, device=x.device)
+            if "scaling" in str(getattr(getattr(lora_shrink, "default", None), "_schema", "scaling")):
+                lora_shrink(x, list(layer.A), buf, *meta.meta_args(T, False), 1.0)  # vLLM 0.26
+            else:
+                lora_shrink(x, list(layer.A), buf, *meta.meta_args(T, False))
+            lora_expand(buf, list(layer.B), y, *meta.meta_args(T, False), offset_start=0, add_inputs=True)
+        return run
+    return make
+
+
+def pd_fn(T: int, slots: torch.Tensor, cfg: O.Config | None):
+    meta = O.make_meta(slots.to(torch.int32), L)
+
+    def run(y, x, layer: Layer):
+        O.lora_linear(y, x, layer.A, layer.B, *meta, scale=1.0, config=cfg)
+    return run
+
+
+def time_layers(run, y, x, layers) -> float:
+    def fn():
+        for ly in layers:
+            run(y, x, ly)
+    fn()
+    if SMOKE:
+        return float("nan")
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1000.0 / len(layers)  # µs per layer
+
+
+def copy_bandwidth() -> float:
+    if SMOKE:
+        return 1e12
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=100, return_mode="median")
+    return 2 * a.numel() / (ms / 1000)  # bytes/s, read + write
+
+
+def floor_us(T, K, widths, slots, bw) -> float:
+    active = int(torch.unique(slots[slots >= 0]).numel())
+    w = active * (len(widths) * R * K + sum(widths) * R) * 2
+    io = T * K * 2 + T * sum(widths) * 4
+    return (w + io) / bw * 1e6
+
+
+def candidates(T: int) -> list[O.Config]:
+    if T <= 256:
+        bm = 16 if T <= 64 else 32
+        out = [O.Config(fused=False, bm=bm, bn=bn, bk=bk, split_k=sk) for sk, bk, bn in
+               ((1, 256, 128), (4, 128, 128), (8, 128, 128), (16, 64, 128), (8, 128, 64), (8, 128, 256),
+                (4, 256, 256), (16, 128, 128))]
+        out += [O.Config(fused=True, bm=bm, bn=bn, bk=bk, n_iters=it) for bn, it, bk in
+                ((128, 1, 128), (128, 2, 128), (64, 1, 256), (256, 1, 128))]
+        if T == 256:
+            out += [O.Config(fused=False, bm=16, bn=128, bk=128, split_k=8), O.Config(fused=False, bm=64, bn=128,
+                                                                                       bk=64, split_k=4)]
+        return out
+    return [O.Config(fused=False, bm=64, bn=128, bk=64), O.Config(fused=False, bm=64, bn=256, bk=64),
+            O.Config(fused=False, bm=128, bn=128, bk=64, warps=8), O.Config(fused=False, bm=64, bn=128, bk=128,
+                                                                             split_k=2),
+            O.Config(fused=True, bm=64, bn=128, bk=64, n_iters=4), O.Config(fused=True, bm=128, bn=128, bk=64,
+                                                                             n_iters=4, warps=8),
+            O.Config(fused=False, bm=128, bn=256, bk=64, warps=8, stages=3)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/gpu")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--best-out", default=None)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--deadline-s", type=float, default=400)
+    a = ap.parse_args()
+    t0 = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cpu" if SMOKE else "cuda"
+    res: dict = {"gpu": None if SMOKE else torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
+                 "check": [], "sweep": [], "bench": [], "best": {}}
+    try:
+        import vllm
+
+        res["vllm"] = vllm.__version__
+    except Exception:  # noqa: BLE001
+        res["vllm"] = None
+    vmake = vllm_fn()
+    tokens = [int(t) for t in a.tokens.split(",")]
+
+    def save():
+        (out / "lora_kernels.json").write_text(json.dumps(res, indent=1, default=str))
+
+    if a.check:
+        for dtype in ((torch.float16,) if SMOKE else (torch.bfloat16, torch.float16)):
+            for name, (K, widths) in SHAPES.items():
+                ly = Layer(K, widths, dtype, dev, seed=hash(name) % 997)
+                for T in ((1, 7, 300) if SMOKE else (1, 64, 1000)):
+                    slots = zipf_slots(T, T, dev)
+                    slots[torch.rand(T, device=dev) < 0.2] = -1
+                    x = torch.randn(T, K, device=dev).to(dtype)
+                    y = torch.randn(T, sum(widths), device=dev).to(dtype)
+                    ref = reference(y, x, ly, slots)
+                    d = (ref - y.double())[slots >= 0].norm()
+                    row = {"dtype": str(dtype), "shape": name, "T": T}
+                    for who, runf in (("peftdeploy", pd_fn(T, slots, None)),
+                                      ("vllm", vmake(T, slots) if vmake else None)):
+                        if runf is None:
+                            continue
+                        o = y.clone()
+                        runf(o, x, ly)
+                        if not SMOKE:
+                            torch.cuda.synchronize()
+                        base = slots < 0
+                        row[who] = {"rel_err": float((o.double() - ref)[~base].norm() / d) if d > 0 else 0.0,
+                                    "base_rows_identical": bool(torch.equal(o[base], y[base])),
+                                    "finite": bool(torch.isfinite(o).all())}
+                    res["check"].append(row)
+                    log(f"check {row}")
+        save()
+        bad = [r for r in res["check"] if r["peftdeploy"]["rel_err"] > 1e-2 or not r["peftdeploy"]["base_rows_identical"]
+               or not r["peftdeploy"]["finite"]]
+        log(f"check: {len(res['check'])} cases, {len(bad)} bad")
+        if bad:
+            return 3
+    bw = copy_bandwidth()
+    res["copy_bandwidth_GBps"] = bw / 1e9
+    log(f"device copy bandwidth {bw / 1e9:.0f} GB/s")
+    dtype = torch.float16 if SMOKE else torch.bfloat16
+    best: dict[str, dict] = {}
+    for name, (K, widths) in SHAPES.items():
+        layers = [Layer(K, widths, dtype, dev, seed=i) for i in range(LAYERS)]
+        for T in tokens:
+            if time.time() - t0 > a.deadline_s:
+                log(f"deadline: stop at {name} T={T}")
+                break
+            slots = zipf_slots(T, 1, dev)
+            x = torch.randn(T, K, device=dev).to(dtype)
+            y = torch.randn(T, sum(widths), device=dev).to(dtype)
+            key = O.config_key(T, K, widths, R)
+            fl = floor_us(T, K, widths, slots, bw)
+            if a.sweep:
+                times = []
+                for cfg in candidates(T):
+                    try:
+                        us = time_layers(pd_fn(T, slots, cfg), y, x, layers)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    times.append((us, cfg))
+                    res["sweep"].append({"shape": name, "T": T, "key": key, "config": cfg.__dict__, "us": us})
+                times.sort(key=lambda t: t[0])
+                if times:
+                    best[key] = times[0][1].__dict__
+                    res["best"][key] = {"config": times[0][1].__dict__, "us": times[0][0]}
+                    log(f"sweep {name} T={T}: best {times[0][0]:.1f} µs {times[0][1]} (floor {fl:.1f} µs); "
+                        f"worst {times[-1][0]:.1f}")
+                save()
+            if a.bench:
+                cfg = O.Config(**best[key]) if key in best else None
+                row = {"shape": name, "T": T, "floor_us": fl,
+                       "peftdeploy_us": time_layers(pd_fn(T, slots, cfg), y, x, layers),
+                       "config": (cfg or O.choose_config(T, K, widths, R)).__dict__}
+                if vmake:
+                    row["vllm_us"] = time_layers(vmake(T, slots), y, x, layers)
+                    row["speedup"] = row["vllm_us"] / row["peftdeploy_us"]
+                res["bench"].append(row)
+                log(f"bench {name} T={T}: peftdeploy {row['peftdeploy_us']:.1f} µs"
+                    + (f", vLLM {row['vllm_us']:.1f} µs ({row['speedup']:.2f}x)" if vmake else "")
+                    + f", floor {fl:.1f} µs")
+                save()
+    if a.best_out and best:
+        Path(a.best_out).write_text(json.dumps(best, indent=1))
+        log(f"wrote {len(best)} tuned configs to {a.best_out}")
+    if res["bench"]:
+        print("\n| layer | tokens | peftdeploy µs | vLLM µs | vLLM / peftdeploy | floor µs |")
+        print("|---|---|---|---|---|---|")
+        for r in res["bench"]:
+            print(f"| {r['shape']} | {r['T']} | {r['peftdeploy_us']:.1f} | {r.get('vllm_us', float('nan')):.1f} | "
+                  f"{r.get('speedup', float('nan')):.2f} | {r['floor_us']:.1f} |")
+    res["total_s"] = time.time() - t0
+    save()
+    log(f"total {res['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

