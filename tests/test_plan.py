@@ -408,9 +408,315 @@ def test_int8_with_served_lora_on_cpu_is_refused(tmp_path: Path, merged: list[st
 def test_predicted_ratio_model() -> None:
     from peftdeploy.plan.policy import RATIOS, predicted_ratio
 
-    cuda = RATIOS["cuda"]
+    cuda = RATIOS["cuda"]["vllm"]  # RATIOS is keyed by device and LoRA kernels (issue 15)
     assert predicted_ratio(0.0, "cuda") == pytest.approx(cuda["idle"])
     assert predicted_ratio(1.0, "cuda") == pytest.approx(cuda["active"])
     # at 64 requests per batch, 5% LoRA traffic already puts a LoRA request in 96% of batches
     assert predicted_ratio(0.05, "cuda") == pytest.approx(cuda["active"] + 0.95 ** 64 * (cuda["idle"] - cuda["active"]))
     assert predicted_ratio(0.05, "cuda") < cuda["active"] + 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA kernels (serving.lora_kernels, issue 15): the choice, its reason, the server env, predictions
+# ------------------------------------------------------------------------------------------------
+from peftdeploy.plan import kernels as K  # noqa: E402
+from peftdeploy.plan import policy as P  # noqa: E402
+from peftdeploy.plan import slots as SL  # noqa: E402
+
+
+def test_recipe_lora_kernels_choices_match_plan() -> None:
+    import typing
+
+    from peftdeploy.recipe.schema import LoraKernels
+
+    assert typing.get_args(LoraKernels) == K.CHOICES
+
+
+@pytest.mark.parametrize("setting,device,kw,value,effective,needle", [
+    ("auto", "cuda", {}, "peftdeploy", "peftdeploy", "verified on vLLM 0.26.0"),
+    ("auto", "cpu", {"vllm_version": "0.32.0+cpu"}, "peftdeploy", "peftdeploy", "0.32.0+cpu is verified"),
+    ("auto", "cuda", {"vllm_version": "0.33.0"}, "vllm", "vllm", "0.33.0 is not a release"),
+    ("auto", "tpu", {}, "vllm", "vllm", "not verified on tpu"),
+    ("auto", "cuda", {"plugin": False, "image": "vllm/vllm-openai:v0.26.0"}, "vllm", "vllm", "has no peftdeploy plugin"),
+    ("vllm", "cuda", {}, "vllm", "vllm", "vLLM's own"),
+    ("peftdeploy", "cuda", {}, "peftdeploy", "peftdeploy", "serving.lora_kernels: peftdeploy"),
+    ("peftdeploy", "cuda", {"vllm_version": "0.33.0"}, "peftdeploy", "vllm", "vLLM's own kernels will run"),
+    ("peftdeploy", "cuda", {"plugin": False}, "peftdeploy", "vllm", "no peftdeploy plugin"),
+])
+def test_kernel_choice(setting: str, device: str, kw: dict, value: str, effective: str, needle: str) -> None:
+    c = K.choose(setting, device, **kw)
+    assert (c.value, c.effective) == (value, effective) and needle in c.reason, c.reason
+    assert c.falls_back is (value != effective)
+    assert K.resolve(setting, device) == (K.choose(setting, device).value, K.choose(setting, device).reason)
+
+
+def test_image_vllm_version_and_server_kernels() -> None:
+    from peftdeploy.render.base import server_kernels
+
+    assert K.image_vllm_version("vllm/vllm-openai:v0.33.0") == "0.33.0"
+    assert K.image_vllm_version("ghcr.io/acme/vllm-peftdeploy:0.26.0-cu12") == "0.26.0"
+    assert K.image_vllm_version("vllm/vllm-openai:latest") is None
+    assert server_kernels("vllm/vllm-openai:v0.26.0")["lora_plugin"] is False
+    assert server_kernels("docker.io/vllm/vllm-openai@sha256:abc")["lora_plugin"] is False
+    assert server_kernels("ghcr.io/acme/vllm-peftdeploy:v0.26.0") == {
+        "vllm_version": "0.26.0", "lora_plugin": True, "server_image": "ghcr.io/acme/vllm-peftdeploy:v0.26.0"}
+
+
+def test_plan_lora_kernels_env_report_and_json(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from peftdeploy.plan.report import render
+
+    p = _multi(tmp_path, [8, 8])
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
+    assert plan.lora_kernels is not None and plan.lora_kernels.value == "peftdeploy"
+    assert dict(plan.launch.env)[K.ENV] == "peftdeploy" == plan.launch.lora_kernels
+    assert f"{K.ENV}=peftdeploy" in plan.launch.command_line()
+    from peftdeploy.launch.spec import LORA_KERNELS_ENV
+
+    assert LORA_KERNELS_ENV == K.ENV
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert d["lora_kernels"]["value"] == "peftdeploy" and d["lora_kernels"]["reason"].startswith("auto")
+    assert d["launch"]["env"][K.ENV] == "peftdeploy"
+    con = Console(record=True, width=200)
+    render(plan, con)
+    assert "lora kernels: peftdeploy — auto: peftdeploy's kernels" in con.export_text()
+    # the prediction follows the resolved kernels (peftdeploy's not yet measured: vLLM's numbers, said so)
+    assert "with peftdeploy kernels" in plan.mode_reason and "not yet measured" in plan.mode_reason
+    # explicit vllm, and an unverified vLLM for auto
+    p.write_text(p.read_text() + "serving: {lora_kernels: vllm}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
+    assert dict(plan.launch.env)[K.ENV] == "vllm" and "with vllm kernels" in plan.mode_reason
+    p.write_text(p.read_text().replace("lora_kernels: vllm", "lora_kernels: auto"))
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.99.0")
+    assert dict(plan.launch.env)[K.ENV] == "vllm" and "0.99.0 is not a release" in plan.lora_kernels.reason
+
+
+def test_plan_lora_kernels_fallback_is_a_warning(tmp_path: Path) -> None:
+    p = _multi(tmp_path, [8], "policy: {mode: serve}\nserving:\n  lora_kernels: peftdeploy\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.31.0")
+    f = {x.code: x for x in plan.findings}["lora-kernels-fallback"]
+    assert f.severity == W and "0.31.0" in f.message and f.location is not None and f.location.line == 8
+    assert dict(plan.launch.env)[K.ENV] == "peftdeploy"  # as asked; the plugin falls back and logs it
+    assert plan.lora_kernels.effective == "vllm" and "with vllm kernels" in plan.mode_reason
+
+
+def test_merge_mode_has_no_lora_kernels(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from peftdeploy.plan.report import render
+
+    p = _multi(tmp_path, [8], "policy: {mode: merge}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
+    assert plan.lora_kernels is None and K.ENV not in dict(plan.launch.env) and plan.launch.lora_kernels is None
+    assert plan.to_dict()["lora_kernels"] is None
+    con = Console(record=True, width=200)
+    render(plan, con)
+    assert "lora kernels: n/a" in con.export_text()
+
+
+def test_ratios_fall_back_to_vllm_until_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for dev in ("cuda", "cpu"):
+        assert set(P.RATIOS[dev]) == {"vllm", "peftdeploy"}
+        for k in P.RATIOS[dev].values():
+            assert set(k) == {"idle", "active", "source"}
+        r = P.ratios(dev, "peftdeploy")
+        if P.RATIOS[dev]["peftdeploy"]["active"] is None:
+            assert not r["measured"] and "not yet measured" in r["note"]
+            assert r["active"] == P.RATIOS[dev]["vllm"]["active"]
+    monkeypatch.setitem(P.RATIOS["cuda"], "peftdeploy", {"idle": None, "active": 0.97, "source": "x.md"})
+    r = P.ratios("cuda", "peftdeploy")
+    assert r["active"] == 0.97 and r["idle"] == P.RATIOS["cuda"]["vllm"]["idle"] and "idle" in r["note"]
+    assert P.predicted_ratio(1.0, "cuda", kernels="peftdeploy") == pytest.approx(0.97)
+    assert P.predicted_ratio(1.0, "cuda", kernels="vllm") == pytest.approx(P.RATIOS["cuda"]["vllm"]["active"])
+
+
+@pytest.mark.parametrize("active,n,traffic,mode", [
+    # today's numbers (peftdeploy not yet measured -> vLLM's 0.71): unchanged decisions
+    (None, 1, None, "merge"),
+    (None, 3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "hybrid"),
+    # fast kernels: serving within 5% of merged keeps a lone adapter swappable ...
+    (0.96, 1, None, "serve"),
+    (0.95, 3, "{a0: 1.0, a1: 0, a2: 0}", "serve"),
+    # ... but merge still wins when serving clearly costs more
+    (0.92, 1, None, "merge"),
+    (0.92, 3, "{a0: 1.0, a1: 0, a2: 0}", "merge"),
+    # hybrid cannot beat serving by 5% once serving is >= 0.95
+    (0.96, 3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "serve"),
+    (0.90, 3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "hybrid"),  # 0.90 vs hybrid ~0.99: still a clear gain
+    (0.96, 3, "{a0: 0.9, a1: 0.1}", "serve"),
+])
+def test_mode_auto_with_injected_kernel_ratios(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, active: float | None,
+                                               n: int, traffic: str | None, mode: str) -> None:
+    if active is not None:
+        monkeypatch.setitem(P.RATIOS["cuda"], "peftdeploy", {"idle": 1.0, "active": active, "source": "test.md"})
+    extra = "policy:\n  mode: auto\n" + (f"  traffic: {traffic}\n" if traffic else "")
+    p = _multi(tmp_path, [8] * n, extra)
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="1GiB", vllm_version="0.26.0")
+    assert plan.lora_kernels is None or plan.lora_kernels.effective == "peftdeploy"
+    assert plan.mode == mode, plan.mode_reason
+    if mode == "serve" and active is not None and active >= 0.95 and (n == 1 or "1.0" in (traffic or "")):
+        assert "swappable" in plan.mode_reason and "within 5%" in plan.mode_reason
+    if mode == "serve" and active is not None and active >= 0.95:
+        assert "consider a separate merged deployment" not in plan.mode_reason
+    # the same recipe with vLLM's kernels decides as before
+    p.write_text(p.read_text() + "serving: {lora_kernels: vllm}\n")
+    old = make_plan(load_recipe(p), device="cuda", gpu_memory="1GiB", vllm_version="0.26.0")
+    assert "with vllm kernels" in old.mode_reason
+    assert old.mode == {(1, None): "merge", (3, "{a0: 1.0, a1: 0, a2: 0}"): "merge",
+                        (3, "{a0: 0.998, a1: 0.001, a2: 0.001}"): "hybrid"}.get((n, traffic), "serve")
+
+
+# ------------------------------------------------------------------------------------------------
+# max_loras sized for the traffic (issue 15, many adapters)
+# ------------------------------------------------------------------------------------------------
+def _zipf(n: int, s: float = 1.0) -> list[float]:
+    h = sum(1 / (i + 1) ** s for i in range(n))
+    return [1 / ((i + 1) ** s * h) for i in range(n)]
+
+
+def _exact_distinct(ps: list[float], batch: int) -> dict[int, float]:
+    """P(k distinct adapters) by enumerating every batch (the rest of the mass needs no slot)."""
+    import itertools
+
+    probs = [*ps, 1 - sum(ps)] if sum(ps) < 1 - 1e-12 else list(ps)
+    out: dict[int, float] = {}
+    for combo in itertools.product(range(len(probs)), repeat=batch):
+        pr = 1.0
+        for c in combo:
+            pr *= probs[c]
+        k = len({c for c in combo if c < len(ps)})
+        out[k] = out.get(k, 0.0) + pr
+    return out
+
+
+@pytest.mark.parametrize("ps,batch", [([0.25] * 4, 6), ([0.5, 0.2, 0.1, 0.1, 0.1], 7), ([0.3, 0.3, 0.1, 0.05], 6),
+                                      ([0.4, 0.3, 0.2, 0.1], 3), ([0.7, 0.1, 0.1, 0.1], 8), (_zipf(5), 7)])
+def test_distinct_adapters_against_enumeration(ps: list[float], batch: int) -> None:
+    exact = _exact_distinct(ps, batch)
+    bs = SL.distinct_adapters(ps, batch)
+    assert bs.mean == pytest.approx(sum(k * v for k, v in exact.items()))  # the mean is exact
+    acc, p99 = 0.0, None
+    for k in sorted(exact):
+        acc += exact[k]
+        if acc >= 0.99 - 1e-12:
+            p99 = k
+            break
+    assert p99 is not None and p99 <= bs.p99 <= min(batch, len(ps))  # errs high, never beyond what fits
+
+
+def test_distinct_adapters_zipf64_values() -> None:
+    z = _zipf(64)
+    got = {b: SL.distinct_adapters(z, b) for b in (1, 8, 64, 128, 256)}
+    assert got[1].p99 == 1 and got[1].mean == pytest.approx(1.0)
+    assert [got[b].p99 for b in (8, 64, 128, 256)] == [8, 36, 48, 58]
+    assert [round(got[b].mean, 1) for b in (64, 128, 256)] == [27.8, 39.8, 51.8]
+    assert SL.distinct_adapters([1 / 64] * 64, 256).p99 == 64  # uniform: every adapter in a batch of 256
+    assert SL.distinct_adapters([], 256).p99 == 0
+    # monotone in the batch; the largest batch whose p99 fits in 8 slots
+    assert SL.largest_batch_within(z, 8, 256) == 8 and SL.distinct_adapters(z, 9).p99 > 8  # a batch of B holds <= B
+    assert SL.largest_batch_within(z, 16, 256) == max(b for b in range(1, 257) if SL.distinct_adapters(z, b).p99 <= 16)
+
+
+def _many(tmp: Path, n: int, traffic: list[float] | None, serving: str = "", max_model_len: int = 8192) -> Path:
+    """n rank-16 adapters on a Llama-3-8B-shaped backbone (config only; small adapter files: q_proj of
+    layer 0 — slot bytes are planned from max_lora_rank and the model, not from the files)."""
+    cfg = {**LLAMA3_8B, "_name_or_path": "org/llama"}
+    write_model(tmp / "m", cfg, weights=False)
+    ads = []
+    for i in range(n):
+        write_adapter(tmp / f"a{i:02d}", cfg, r=16, layers=[0], targets=("q_proj",), base_model="org/llama")
+        ads.append(f"  - {{name: a{i:02d}, source: ./a{i:02d}}}")
+    body = (f"backbone: {{model: ./m, dtype: bfloat16, max_model_len: {max_model_len}}}\nadapters:\n"
+            + "\n".join(ads) + "\npolicy:\n  mode: serve\n")
+    if traffic is not None:
+        body += "  traffic: {" + ", ".join(f"a{i:02d}: {v!r}" for i, v in enumerate(traffic)) + "}\n"
+    return _recipe(tmp, body + serving)
+
+
+def test_many_adapters_zipf_sized_for_traffic(tmp_path: Path) -> None:
+    p = _many(tmp_path, 64, _zipf(64))
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="141GiB", host_memory="256GiB", vllm_version="0.26.0")
+    d = plan.derived
+    assert d["max_num_seqs"].value == 256
+    want = SL.distinct_adapters(_zipf(64), 256)
+    assert d["max_loras"].value == want.p99 == 58
+    assert "~51.8 distinct adapters (p99 58) in a batch of 256 requests" in d["max_loras"].reason
+    assert "policy.traffic (64 adapters with a share, top a00 21%)" in d["max_loras"].reason
+    assert d["max_cpu_loras"].value == 64 and "all 64 adapters fit" in d["max_cpu_loras"].reason
+    codes = {f.code for f in plan.findings}
+    assert not codes & {"lora-slots-short", "max-loras-below-traffic", "cpu-loras-churn"}
+    argv = plan.launch.argv()
+    assert argv[argv.index("--max-loras") + 1] == "58" and argv[argv.index("--max-cpu-loras") + 1] == "64"
+    assert plan.memory.lora_slot_bytes == 58 * lora_slot_bytes(plan.inventory.model, max_loras=1, max_lora_rank=16,
+                                                               dtype_bytes=2)
+    # no traffic given: every adapter equally likely -> every one of them in a batch of 256
+    plan = make_plan(load_recipe(_many(tmp_path / "u", 64, None)), device="cuda", gpu_memory="141GiB",
+                     host_memory="256GiB", vllm_version="0.26.0")
+    assert plan.derived["max_loras"].value == 64 and "uniform traffic over 64" in plan.derived["max_loras"].reason
+    # few adapters: all of them, as before
+    plan = make_plan(load_recipe(_many(tmp_path / "f", 3, None)), device="cuda", gpu_memory="141GiB",
+                     host_memory="256GiB", vllm_version="0.26.0")
+    assert plan.derived["max_loras"].value == 3
+
+
+def test_many_adapters_explicit_small_slots_warn(tmp_path: Path) -> None:
+    """The issue's thrashing case: 64 adapters, Zipf(1.0), max_loras 8 / max_cpu_loras 16."""
+    p = _many(tmp_path, 64, _zipf(64), "serving: {max_loras: 8, max_cpu_loras: 16}\n")
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="141GiB", host_memory="256GiB", vllm_version="0.26.0")
+    f = {x.code: x for x in plan.findings}
+    slots = f["max-loras-below-traffic"]
+    assert slots.severity == W and "p99 58" in slots.message and "batch of 256" in slots.message
+    assert "set it to 58" in slots.fix and slots.location.path == "serving.max_loras"
+    churn = f["cpu-loras-churn"]
+    beyond = sum(sorted(_zipf(64), reverse=True)[16:])
+    assert churn.severity == W and f"{beyond:.0%} of requests" in churn.message
+    # an explicit max_num_seqs is the batch the slots are sized for
+    p2 = _many(tmp_path / "b", 64, _zipf(64), "serving: {max_num_seqs: 64}\n")
+    plan = make_plan(load_recipe(p2), device="cuda", gpu_memory="141GiB", host_memory="256GiB", vllm_version="0.26.0")
+    assert plan.derived["max_loras"].value == 36 and "batch of 64 requests" in plan.derived["max_loras"].reason
+
+
+def test_many_adapters_memory_cap_says_why(tmp_path: Path) -> None:
+    p = _many(tmp_path, 64, _zipf(64), max_model_len=2048)
+    plan = make_plan(load_recipe(p), device="cuda", gpu_memory="24GiB", host_memory="256GiB", vllm_version="0.26.0")
+    d = plan.derived
+    f = {x.code: x for x in plan.findings}["lora-slots-short"]
+    batch = d["max_num_seqs"].value
+    need = SL.distinct_adapters(_zipf(64), batch).p99
+    assert d["max_loras"].value == f.data["slots"] < need == f.data["distinct_p99"]
+    assert f.data["batch"] == batch and f.severity == W
+    assert (f"64 adapters: policy.traffic (64 adapters with a share, top a00 21%) puts ~" in f.message
+            and f"(p99 {need}) in a {batch}-request batch; only {d['max_loras'].value} LoRA slot(s)" in f.message
+            and "expect slot swaps" in f.message)
+    assert f"serving.max_loras: {need}" in f.fix and "max_num_seqs" in f.fix and "tensor_parallel_size 2" in f.fix
+    fits = f.data["max_num_seqs_that_fits"]
+    assert SL.distinct_adapters(_zipf(64), fits).p99 <= d["max_loras"].value < SL.distinct_adapters(_zipf(64), fits + 1).p99
+    assert "bounded to" in d["max_loras"].reason
+
+
+def test_observed_traffic_sizes_slots(tmp_path: Path) -> None:
+    """plan --observed replaces policy.traffic by the counted shares (with_observed_traffic) and names them."""
+    import dataclasses
+
+    loaded = load_recipe(_many(tmp_path, 16, None))
+    shares = {f"a{i:02d}": (0.2497 if i < 4 else 0.0001) for i in range(16)}  # 4 adapters take nearly all of it
+    r = loaded.recipe
+    loaded = dataclasses.replace(loaded, recipe=r.model_copy(update={"policy": r.policy.model_copy(
+        update={"traffic": shares})}))
+    plan = make_plan(loaded, device="cuda", gpu_memory="141GiB", host_memory="256GiB", vllm_version="0.26.0",
+                     traffic_source="observed traffic")
+    want = SL.distinct_adapters(list(shares.values()), 256).p99
+    assert plan.derived["max_loras"].value == want < 16
+    assert plan.derived["max_loras"].reason.startswith("16 served adapter(s); observed traffic (16 adapters")
+    assert plan.derived["max_cpu_loras"].value == 16  # every listed adapter stays in host RAM
+
+
+def test_hybrid_slot_shares(tmp_path: Path) -> None:
+    """hybrid: the hot adapter needs no slot; the bare backbone's delta (named like the recipe) takes base's share."""
+    p = _multi(tmp_path, [8, 8, 8], "policy:\n  mode: hybrid\n  traffic: {a0: 0.6, a1: 0.2, a2: 0.1, base: 0.1}\n")
+    r = load_recipe(p).recipe
+    assert SL.served_shares(r, ["a1", "a2", "t"], "hybrid") == pytest.approx({"a1": 0.2, "a2": 0.1, "t": 0.1})
+    assert SL.served_shares(r, ["a0", "a1"], "serve") == pytest.approx({"a0": 0.6, "a1": 0.2})
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
+    assert plan.mode == "hybrid" and plan.derived["max_loras"].value == 3

@@ -80,6 +80,8 @@ BAD: list[tuple[str, str, int, str]] = [
     ("traffic-unknown", GOOD.replace("  mode: serve\n", "  mode: serve\n  traffic: {billing: 0.9, nobody: 0.1}\n"), 11, "unknown adapter 'nobody'"),
     ("traffic-negative", GOOD.replace("  mode: serve\n", "  mode: serve\n  traffic: {billing: -1}\n"), 11, "traffic"),
     ("extra-args-dash", GOOD + "  extra_args: {--enforce-eager: true}\n", 13, "extra_args"),
+    ("bad-lora-kernels", GOOD + "  lora_kernels: triton\n", 13, "'auto', 'peftdeploy' or 'vllm'"),
+    ("lora-kernels-type", GOOD + "  lora_kernels: [peftdeploy]\n", 13, "serving.lora_kernels"),
     ("literal-api-key", GOOD + "  api_key: sk-123456\n", 13, "environment"),
     ("unset-env", GOOD + "  api_key: ${PD_TEST_SURELY_UNSET}\n", 13, "PD_TEST_SURELY_UNSET"),
     ("unset-env-in-model", GOOD.replace("./model", "${PD_TEST_MODEL_UNSET}/m"), 4, "PD_TEST_MODEL_UNSET"),
@@ -142,6 +144,23 @@ def test_cli_validate_exit_2_no_traceback(tmp_path: Path, case_id: str, text: st
     out = res.output
     assert "Traceback" not in out
     assert f"recipe.yaml:{line}" in out, out
+
+
+def test_lora_kernels_field(tmp_path: Path) -> None:
+    assert load_recipe(_write(tmp_path, GOOD)).recipe.serving.lora_kernels == "auto"
+    for v in ("peftdeploy", "vllm", "auto"):
+        assert load_recipe(_write(tmp_path, GOOD + f"  lora_kernels: {v}\n")).recipe.serving.lora_kernels == v
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(_write(tmp_path, GOOD + "  lora_kernels: Peftdeploy\n"))
+    e = ei.value
+    assert e.location.line == 13 and e.location.path == "serving.lora_kernels"
+    assert e.fix == "use one of: 'auto', 'peftdeploy' or 'vllm'"
+    # the default is not part of the recipe hash: existing recipes keep theirs
+    h = load_recipe(_write(tmp_path, GOOD)).recipe.compute_hash()
+    assert load_recipe(_write(tmp_path, GOOD + "  lora_kernels: auto\n")).recipe.compute_hash() == h
+    schema = json.loads(CliRunner().invoke(main, ["schema"]).output)
+    prop = schema["$defs"]["Serving"]["properties"]["lora_kernels"]
+    assert prop["enum"] == ["auto", "peftdeploy", "vllm"] and prop["default"] == "auto" and prop["description"]
 
 
 def test_fix_is_suggested_for_typo(tmp_path: Path) -> None:

@@ -15,6 +15,10 @@ from typing import Any
 # comma-joined); renderers drop both, since cluster images (vllm/vllm-openai) have no peftdeploy.
 TRAFFIC_MIDDLEWARE = "peftdeploy.vllm_plugin.traffic.TrafficMiddleware"
 MODEL_NAMES_ENV = "PEFTDEPLOY_MODEL_NAMES"
+# Which LoRA kernels peftdeploy's vLLM plugin selects in every vLLM process (peftdeploy | vllm): set by plan
+# from serving.lora_kernels whenever adapters are served as LoRA; `up` and every renderer pass it on
+# (= peftdeploy.plan.kernels.ENV).
+LORA_KERNELS_ENV = "PEFTDEPLOY_LORA_KERNELS"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,11 @@ class LaunchSpec:
         sec = " ".join(f"{k}=${src}" for k, src in self.secret_env)
         cmd = shlex.join(self.argv(executable))
         return " ".join(x for x in (env, sec, cmd) if x)
+
+    @property
+    def lora_kernels(self) -> str | None:
+        """The server's LORA_KERNELS_ENV (peftdeploy | vllm); None when no adapter is served as LoRA."""
+        return dict(self.env).get(LORA_KERNELS_ENV)
 
     @property
     def model_names(self) -> list[str]:

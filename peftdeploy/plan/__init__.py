@@ -12,6 +12,7 @@ from ..errors import Finding, PlanError, Severity
 from ..inspect import Inventory
 from ..launch.spec import LaunchSpec
 from .derive import Derived
+from .kernels import KernelChoice
 from .memory import MemoryBudget
 
 
@@ -31,6 +32,8 @@ class Plan:
     lora_enabled: bool
     device: str
     launch: LaunchSpec
+    # serving.lora_kernels resolved (plan/kernels.py); None when no adapter is served as LoRA (n/a)
+    lora_kernels: KernelChoice | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -57,6 +60,7 @@ class Plan:
             "merge_adapters": list(self.merge_adapters),
             "served_adapters": list(self.served_adapters),
             "lora_enabled": self.lora_enabled,
+            "lora_kernels": self.lora_kernels.to_dict() if self.lora_kernels else None,
             "findings": [f.to_dict() for f in self.findings],
             "derived": {k: v.to_dict() for k, v in self.derived.items()},
             "memory": self.memory.to_dict() if self.memory else None,
@@ -67,10 +71,15 @@ class Plan:
 
 def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str | None = None,
               host_memory: int | str | None = None, resolved: Any = None, inventory: Inventory | None = None,
-              offline: bool | None = None) -> Plan:
+              offline: bool | None = None, vllm_version: str | None = "installed", lora_plugin: bool = True,
+              server_image: str | None = None, traffic_source: str | None = None) -> Plan:
+    """vllm_version: the vLLM the server runs, for serving.lora_kernels: auto ("installed": this machine's
+    when the plan is for this machine's device, else unknown; None: unknown). lora_plugin / server_image:
+    False / the image when the server has no peftdeploy plugin (`render` with a stock vLLM image).
+    traffic_source: what policy.traffic is, for findings ("observed traffic" with `plan --observed`)."""
     from ..inspect import inspect
     from ..sources import resolve
-    from . import command, derive, findings, hybrid, memory, policy
+    from . import command, derive, findings, hybrid, kernels, memory, policy, slots
 
     if resolved is None:
         resolved = resolve(loaded, fetch="metadata", offline=offline, progress=False)
@@ -79,7 +88,12 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     dev = device if device not in (None, "auto") else memory.detect_device()
     r = loaded.recipe
     qm = inventory.model.quant_method if inventory.model else None
-    mode, reason, merge_adapters = policy.choose_mode(r, model_quant_method=qm, device=dev)
+    if vllm_version == "installed":
+        vllm_version = kernels.installed_vllm_version() if dev == memory.detect_device() else None
+    kchoice = kernels.choose(r.serving.lora_kernels, dev, vllm_version=vllm_version, plugin=lora_plugin,
+                             image=server_image)
+    mode, reason, merge_adapters = policy.choose_mode(r, model_quant_method=qm, device=dev,
+                                                      kernels=kchoice.effective)
     merged = set(merge_adapters)
     if mode == "merge" and r.policy.mode == "auto":
         served = []  # auto merges only when the other adapters get no traffic: they are not served
@@ -95,9 +109,20 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
                                 served=frozenset(checked), merged=frozenset(merged), device=dev,
                                 served_ranks=served_ranks)
     fs = findings.check(ctx)
+    if traffic_source is None and r.policy.traffic:
+        traffic_source = "policy.traffic"
     derived, budget, mem_findings = derive.derive(
         r, inventory, device=dev, served=served, lora_enabled=lora_enabled,
-        gpu_memory=memory.parse_bytes(gpu_memory), host_memory=memory.parse_bytes(host_memory), loc=ctx.loc)
+        gpu_memory=memory.parse_bytes(gpu_memory), host_memory=memory.parse_bytes(host_memory), loc=ctx.loc,
+        slot_shares=slots.served_shares(r, [a.name for a in served], mode), traffic_source=traffic_source)
+    if not lora_enabled:
+        kchoice = None
+    elif kchoice.falls_back:
+        fs.append(Finding("lora-kernels-fallback", Severity.WARNING, kchoice.reason,
+                          fix="use a server with a vLLM release the kernels were verified on "
+                              f"({', '.join(kernels.verified_versions(dev)) or 'none yet for ' + dev}) and the "
+                              "peftdeploy plugin installed, or set serving.lora_kernels: vllm (or auto) to say so",
+                          subject="serving", location=ctx.loc("serving", "lora_kernels")))
     if mode == "merge" and served:
         fs.append(Finding("served-on-merged", Severity.WARNING,
                           f"adapters {', '.join(a.name for a in served)} are served as LoRA on top of the merged "
@@ -110,10 +135,12 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
         budget = replace(budget, schemes=memory.scheme_table(inventory.model, budget, recipe=r, device=dev, mode=mode))
     fs = findings.sort_findings([*fs, *mem_findings])
     launch = command.build_launch(loaded=loaded, resolved=resolved, inventory=inventory, derived=derived, mode=mode,
-                                  merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev)
+                                  merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev,
+                                  lora_kernels=kchoice.value if kchoice else None)
     return Plan(recipe=r, loaded=loaded, resolved=resolved, inventory=inventory, findings=tuple(fs), derived=derived,
                 memory=budget, mode=mode, mode_reason=reason, merge_adapters=merge_adapters,
-                served_adapters=tuple(a.name for a in served), lora_enabled=lora_enabled, device=dev, launch=launch)
+                served_adapters=tuple(a.name for a in served), lora_enabled=lora_enabled, device=dev, launch=launch,
+                lora_kernels=kchoice)
 
 
 __all__ = ["Plan", "make_plan"]

@@ -43,7 +43,8 @@ def plan_cmd(recipe: str, as_json: bool, device: str, gpu_memory: str | None, ho
     if observed:
         loaded, traffic = with_observed_traffic(loaded)
     plan = make_plan(loaded, device=device, gpu_memory=gpu_memory, host_memory=host_memory,
-                     offline=True if offline else None)
+                     offline=True if offline else None,
+                     traffic_source="observed traffic" if traffic is not None else None)
     if as_json:
         d = plan.to_dict()
         if traffic is not None:

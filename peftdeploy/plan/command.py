@@ -17,6 +17,7 @@ from ..launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, Merge
 from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args
+from .kernels import ENV as LORA_KERNELS_ENV
 
 # schemes vLLM quantizes at load time -> --quantization value (from peftdeploy.quantize.support: fp8, and
 # bitsandbytes for GPU vLLM builds that have it; plan's findings refuse either where support.py says the
@@ -128,7 +129,8 @@ def extra_arg_flags(extra: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 
 def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[str, Any], mode: str,
-                 merge_adapters: tuple[str, ...], served: list[Any], lora_enabled: bool, device: str) -> LaunchSpec:
+                 merge_adapters: tuple[str, ...], served: list[Any], lora_enabled: bool, device: str,
+                 lora_kernels: str | None = None) -> LaunchSpec:
     r = loaded.recipe
     s = r.serving
     merge = None
@@ -219,6 +221,8 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     env.append((MODEL_NAMES_ENV, ",".join([served_name, *(a.name for a in adapters)])))
     if lora_enabled and r.policy.dynamic_loading and mode == "serve":
         env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
+    if lora_enabled and lora_kernels:  # which LoRA kernels the plugin selects in every vLLM process
+        env.append((LORA_KERNELS_ENV, lora_kernels))
     secret_env: list[tuple[str, str]] = []
     if s.api_key.env:
         secret_env.append(("VLLM_API_KEY", s.api_key.env))

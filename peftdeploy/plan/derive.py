@@ -3,10 +3,18 @@
 Rules (all numbers per GPU / TP rank):
 * max_lora_rank: the largest rank of any served adapter (rank_pattern included), rounded up to a rank
   vLLM accepts. No declared adapters: 16 (vLLM's default) for adapters loaded on first request.
-* max_loras: the number of served adapters, bounded so the LoRA slots take at most
-  `LORA_SHARE` (25%) of the memory left for KV cache + LoRA slots; at least 1.
+* max_loras: the distinct adapters one batch needs — the 99th percentile of distinct adapters among
+  max_num_seqs requests under the traffic shares (policy.traffic, or observed; uniform over the served
+  adapters when none is given; plan/slots.py), at most the number of served adapters — bounded so the
+  LoRA slots take at most `LORA_SHARE` (25%) of the memory left for KV cache + LoRA slots; at least 1.
+  When the bound binds, finding `lora-slots-short` says by how much and what would fix it; an explicit
+  max_loras below the traffic's need is finding `max-loras-below-traffic`. max_num_seqs itself follows
+  from the KV cache the slots leave, so the sizing runs for the largest batch first and once more for
+  the max_num_seqs that results when that is smaller.
 * max_cpu_loras: all declared adapters when their bytes (in the LoRA dtype) fit in `HOST_LORA_SHARE`
-  (10%) of host RAM, else as many as fit; never below max_loras.
+  (10%) of host RAM, else as many as fit; never below max_loras. An explicit max_cpu_loras below the
+  served adapters is finding `cpu-loras-churn` (a warning when more than 1% of requests go to adapters
+  outside the max_cpu_loras most requested ones).
 * max_num_seqs: enough sequences to fill the KV cache when the average request uses a quarter of
   max_model_len (4 × KV tokens / max_model_len), capped at vLLM's defaults (256 GPU, 128 CPU), rounded
   down to a multiple of 8 when >= 8.
@@ -25,6 +33,7 @@ from typing import Any
 from ..errors import Finding, Severity
 from ..inspect import AdapterInfo, Inventory
 from . import memory as M
+from . import slots as S
 
 LORA_SHARE = 0.25
 HOST_LORA_SHARE = 0.10
@@ -52,7 +61,11 @@ def _round8(n: int) -> int:
 
 def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
            gpu_memory: int | None = None, host_memory: int | None = None,
-           loc: Any = lambda *p: None) -> tuple[dict[str, Derived], M.MemoryBudget | None, list[Finding]]:
+           loc: Any = lambda *p: None, slot_shares: dict[str, float] | None = None,
+           traffic_source: str | None = "policy.traffic",
+           ) -> tuple[dict[str, Derived], M.MemoryBudget | None, list[Finding]]:
+    """`slot_shares`: per served adapter name, its share of all requests (None: uniform over the served
+    adapters); `traffic_source` names where the shares came from in findings and reasons (None: none given)."""
     s = recipe.serving
     out: dict[str, Derived] = {}
     findings: list[Finding] = []
@@ -134,25 +147,94 @@ def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapt
         total, total_src, util, overhead = None, "host", None, 0
         pool = None  # decided below from the KV need
 
+    # -- max_loras, max_cpu_loras, KV cache, max_num_seqs ------------------------------------------
+    # max_loras is sized for a batch of max_num_seqs requests, and max_num_seqs follows from the KV cache
+    # the slots leave: size once for the largest batch the engine may form (the recipe's max_num_seqs, else
+    # the device's cap), and once more for the max_num_seqs that came out when that is smaller.
+    seq_cap = 256 if device == "cuda" else 128
+    shares = {a.name: float((slot_shares or {}).get(a.name, 0.0)) for a in served}
+    if slot_shares is None and served:  # nothing told: every served adapter equally likely
+        shares = {a.name: 1.0 / len(served) for a in served}
+
+    def size(batch: int) -> dict[str, Any]:
+        return _size(recipe, inventory, device=device, served=served, lora_enabled=lora_enabled, batch=batch,
+                     shares=shares, traffic_source=traffic_source, pool=pool, per_lora=per_lora, rank=rank,
+                     per_token=per_token, max_len=max_len, host=host, wbytes=wbytes, elt=elt, tp=tp,
+                     seq_cap=seq_cap, loc=loc)
+
+    batch = s.max_num_seqs if isinstance(s.max_num_seqs, int) else seq_cap
+    sized = size(batch)
+    if lora_enabled and not isinstance(s.max_num_seqs, int) and sized["max_num_seqs"] < batch:
+        sized = size(sized["max_num_seqs"])
+    out.update(sized["out"])
+    findings += sized["findings"]
+    slot_bytes, breakdown, cpu_lora_bytes = sized["slot_bytes"], sized["breakdown"], sized["cpu_lora_bytes"]
+    kv_bytes, kv_tokens, concurrency = sized["kv_bytes"], sized["kv_tokens"], sized["concurrency"]
+
+    budget = M.MemoryBudget(
+        device=device, device_memory=total, device_memory_source=total_src, host_memory=host,
+        gpu_memory_utilization=util, dtype=dtype, lora_dtype_bytes=elt, kv_dtype="fp8" if kv_fp8 else dtype,
+        weight_bytes=wbytes, weight_note=wnote, weights_estimated=model.weights_estimated,
+        lora_slot_bytes=slot_bytes, lora_slot_breakdown=breakdown, overhead_bytes=overhead,
+        kv_cache_bytes=kv_bytes, kv_bytes_per_token=per_token, kv_tokens=int(kv_tokens), max_model_len=max_len,
+        max_concurrency=round(concurrency, 2), cpu_lora_bytes=cpu_lora_bytes, notes=tuple(notes),
+    )
+    return out, budget, findings
+
+
+def _size(recipe: Any, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
+          batch: int, shares: dict[str, float], traffic_source: str | None, pool: int | None, per_lora: int, rank: int,
+          per_token: int, max_len: int, host: int, wbytes: int, elt: int, tp: int, seq_cap: int,
+          loc: Any) -> dict[str, Any]:
+    """max_loras (for a batch of `batch` requests), max_cpu_loras, the KV cache and max_num_seqs."""
+    s = recipe.serving
+    model = inventory.model
+    out: dict[str, Derived] = {}
+    findings: list[Finding] = []
+
     # -- max_loras -----------------------------------------------------------------------------
     n_served = len(served)
+    bs = S.distinct_adapters(list(shares.values()), batch) if served else None
+    traffic = S.describe_shares(shares, traffic_source) if served else ""
     if lora_enabled:
         if isinstance(s.max_loras, int):
             max_loras = s.max_loras
             out["max_loras"] = Derived("max_loras", max_loras, "set in the recipe", "recipe")
+            if bs is not None and bs.p99 > max_loras:
+                findings.append(Finding(
+                    "max-loras-below-traffic", Severity.WARNING,
+                    f"serving.max_loras {max_loras}: {traffic} puts ~{bs.mean:.1f} distinct adapters (p99 {bs.p99}) "
+                    f"in a batch of {batch} requests; with {max_loras} LoRA slots requests wait for a slot and "
+                    "slots are swapped (TTFT spikes, lower throughput)",
+                    fix=f"leave max_loras: auto (plan sizes it for the traffic), or set it to {bs.p99}",
+                    subject="serving", location=loc("serving", "max_loras"),
+                    data={"batch": batch, "distinct_mean": round(bs.mean, 2), "distinct_p99": bs.p99}))
         else:
-            want = max(1, n_served)
+            need = max(1, min(n_served, bs.p99)) if bs is not None else 1
             ref = pool if pool is not None else None
             if ref is None:  # CPU: bound against the KV space a CPU deployment would get
-                ref = _cpu_kv_space(per_token, max_len, s, host, wbytes, 0) * M.GiB + want * per_lora
-            cap = max(1, int(LORA_SHARE * max(ref, 0) // per_lora)) if per_lora else want
-            max_loras = max(1, min(want, cap))
-            why = (f"{n_served} served adapter(s)" if n_served else "no declared adapters: 1 slot for dynamic ones")
-            if max_loras < want:
+                ref = _cpu_kv_space(per_token, max_len, s, host, wbytes, 0) * M.GiB + need * per_lora
+            cap = max(1, int(LORA_SHARE * max(ref, 0) // per_lora)) if per_lora else need
+            max_loras = max(1, min(need, cap))
+            if bs is None:
+                why = "no declared adapters: 1 slot for dynamic ones"
+            else:
+                why = (f"{n_served} served adapter(s); {traffic} puts ~{bs.mean:.1f} distinct adapters (p99 "
+                       f"{bs.p99}) in a batch of {batch} requests (max_num_seqs)")
+                if bs.p99 >= n_served:
+                    why += f": all {n_served}"
+                elif need == bs.p99:
+                    why += f": {need} slot(s)"
+                else:
+                    why += f": {need} slot (at least one)"
+            if max_loras < need:
                 why += (f", bounded to {max_loras} so LoRA slots ({M.gib(per_lora)} each) take at most "
                         f"{LORA_SHARE:.0%} of the KV+LoRA budget ({M.gib(ref)})")
+                if bs is not None:
+                    findings.append(_slots_short(recipe, device, n_served, bs, traffic, need, max_loras, per_lora,
+                                                 ref, list(shares.values()), loc))
             else:
-                why += (f"; {max_loras} slot(s) × {M.gib(per_lora)} = {M.gib(per_lora * max_loras)}, within "
+                why += (f"; {max_loras} × {M.gib(per_lora)} = {M.gib(per_lora * max_loras)}, within "
                         f"{LORA_SHARE:.0%} of the KV+LoRA budget")
             out["max_loras"] = Derived("max_loras", max_loras, why, "auto")
     else:
@@ -162,7 +244,6 @@ def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapt
                  if lora_enabled else {})
 
     # -- max_cpu_loras ---------------------------------------------------------------------------
-    adapters_all = list(inventory.adapters)
     cpu_lora_bytes = 0
     if lora_enabled:
         def in_lora_dtype(a: AdapterInfo) -> int:
@@ -173,10 +254,17 @@ def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapt
             mcl = s.max_cpu_loras
             out["max_cpu_loras"] = Derived("max_cpu_loras", mcl, "set in the recipe", "recipe")
             if served and mcl < len(served):
-                findings.append(Finding("cpu-loras-churn", Severity.INFO,
-                                        f"max_cpu_loras {mcl} < {len(served)} served adapters: vLLM will evict and "
-                                        "reload adapters from disk (LRU)", fix="raise max_cpu_loras or leave it auto",
-                                        subject="serving", location=loc("serving", "max_cpu_loras")))
+                ranked = sorted(shares.values(), reverse=True)
+                beyond = sum(ranked[mcl:])
+                msg = (f"max_cpu_loras {mcl} < {len(served)} served adapters: vLLM will evict and reload adapters "
+                       "from disk (LRU)")
+                if beyond > 0:
+                    msg += (f"; by {traffic}, {beyond:.0%} of requests go to adapters outside the {mcl} most "
+                            "requested ones, so at least that share can miss the CPU cache")
+                findings.append(Finding("cpu-loras-churn", Severity.WARNING if beyond > 0.01 else Severity.INFO,
+                                        msg, fix="raise max_cpu_loras or leave it auto (every served adapter "
+                                        "when they fit in host RAM)", subject="serving",
+                                        location=loc("serving", "max_cpu_loras")))
         else:
             budget = int(host * HOST_LORA_SHARE)
             sizes = sorted(in_lora_dtype(a) for a in served)
@@ -231,24 +319,41 @@ def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapt
                                     subject="serving", location=loc("serving", "max_loras")))
 
     # -- max_num_seqs ------------------------------------------------------------------------------
-    cap = 256 if device == "cuda" else 128
     if isinstance(s.max_num_seqs, int):
-        out["max_num_seqs"] = Derived("max_num_seqs", s.max_num_seqs, "set in the recipe", "recipe")
+        mns = s.max_num_seqs
+        out["max_num_seqs"] = Derived("max_num_seqs", mns, "set in the recipe", "recipe")
     else:
-        n = _round8(min(cap, max(1, int(4 * kv_tokens // max(max_len, 1)))))
+        mns = _round8(min(seq_cap, max(1, int(4 * kv_tokens // max(max_len, 1)))))
         out["max_num_seqs"] = Derived(
-            "max_num_seqs", n, f"4 × KV tokens ({kv_tokens:,}) / max_model_len ({max_len:,}) — requests average "
-            f"a quarter of max_model_len — capped at {cap}, rounded down to a multiple of 8", "auto")
+            "max_num_seqs", mns, f"4 × KV tokens ({kv_tokens:,}) / max_model_len ({max_len:,}) — requests average "
+            f"a quarter of max_model_len — capped at {seq_cap}, rounded down to a multiple of 8", "auto")
+    return {"out": out, "findings": findings, "slot_bytes": slot_bytes, "breakdown": breakdown,
+            "cpu_lora_bytes": cpu_lora_bytes, "kv_bytes": kv_bytes, "kv_tokens": kv_tokens,
+            "concurrency": concurrency, "max_num_seqs": mns}
 
-    budget = M.MemoryBudget(
-        device=device, device_memory=total, device_memory_source=total_src, host_memory=host,
-        gpu_memory_utilization=util, dtype=dtype, lora_dtype_bytes=elt, kv_dtype="fp8" if kv_fp8 else dtype,
-        weight_bytes=wbytes, weight_note=wnote, weights_estimated=model.weights_estimated,
-        lora_slot_bytes=slot_bytes, lora_slot_breakdown=breakdown, overhead_bytes=overhead,
-        kv_cache_bytes=kv_bytes, kv_bytes_per_token=per_token, kv_tokens=int(kv_tokens), max_model_len=max_len,
-        max_concurrency=round(concurrency, 2), cpu_lora_bytes=cpu_lora_bytes, notes=tuple(notes),
-    )
-    return out, budget, findings
+
+def _slots_short(recipe: Any, device: str, n_served: int, bs: S.BatchSlots, traffic: str, need: int, slots: int,
+                 per_lora: int, ref: int, shares: list[float], loc: Any) -> Finding:
+    """The finding for a LoRA slot count the memory bound keeps below what the traffic needs."""
+    s = recipe.serving
+    fits = S.largest_batch_within(shares, slots, bs.batch)
+    fixes = [f"set serving.max_loras: {need} to take {M.gib((need - slots) * per_lora)} more from the KV cache"]
+    if fits >= 1:
+        fixes.append(f"set serving.max_num_seqs: {fits} (a batch that size holds at most {slots} distinct adapters "
+                     "at p99; fewer requests run at once)")
+    if device == "cuda":
+        fixes.append(f"use a larger GPU, or tensor_parallel_size {s.tensor_parallel_size * 2} (the weights split "
+                     "across GPUs leave room for more slots)")
+    fixes.append("split the adapters over several deployments")
+    return Finding(
+        "lora-slots-short", Severity.WARNING,
+        f"{n_served} adapters: {traffic} puts ~{bs.mean:.1f} distinct adapters (p99 {bs.p99}) in a {bs.batch}-request "
+        f"batch; only {slots} LoRA slot(s) of {M.gib(per_lora)} fit in {LORA_SHARE:.0%} of the {M.gib(ref)} "
+        f"KV+LoRA budget: expect slot swaps and requests waiting for a slot (TTFT spikes)",
+        fix="; or ".join(fixes), subject="serving",
+        location=loc("serving", "max_loras") or loc("policy", "traffic") or loc("adapters"),
+        data={"batch": bs.batch, "distinct_mean": round(bs.mean, 2), "distinct_p99": bs.p99, "slots": slots,
+              "slot_bytes": per_lora, "budget_bytes": ref, "max_num_seqs_that_fits": fits})
 
 
 def _cpu_kv_space(per_token: int, max_len: int, s: Any, host: int, wbytes: int, lora_bytes: int) -> int:

@@ -16,7 +16,10 @@ Evidence (same run, same machine; ratios to the merged model's output tokens/s):
 Hence the model used here: with a share ``s`` of requests needing LoRA and ``B`` requests per
 decode batch, a batch is LoRA-free with probability ``(1 - s)**B``; the predicted ratio is
 ``p0 * idle + (1 - p0) * active`` with the measured ``idle`` (LoRA on, unused) and ``active``
-ratios of the device. Merge is 1.00 and possible only when every request goes to the merged adapter.
+ratios of the device *and of the LoRA kernels the plan resolved* (``serving.lora_kernels``,
+plan/kernels.py: peftdeploy's own or vLLM's). `RATIOS` holds them per device and kernels; a number
+not yet measured is ``None`` and falls back to the vLLM kernels' number for that device (the reason
+says so). Merge is 1.00 and possible only when every request goes to the merged adapter.
 
 The rule:
 
@@ -24,12 +27,22 @@ The rule:
 2. auto with no adapters -> serve (the bare backbone).
 3. auto with a pre-quantized backbone (awq/gptq) and no ``backbone.merge_base`` -> serve:
    peftdeploy never merges into quantized weights.
-4. auto -> merge when exactly one adapter receives traffic and the bare backbone receives none
-   (one adapter and no ``policy.traffic``, or ``policy.traffic`` giving one adapter all of it).
-5. otherwise serve, unless hybrid's predicted ratio beats serve's by ``HYBRID_MARGIN`` — which,
-   by the measurements above, happens only when nearly all traffic is on one adapter and the rest
-   is rare enough that many batches hold no LoRA request at all. A dominant adapter (>= 80%) gets a
-   note suggesting a dedicated merged deployment for it.
+4. auto, exactly one adapter receives traffic and the bare backbone none (one adapter and no
+   ``policy.traffic``, or ``policy.traffic`` giving one adapter all of it) -> merge, but only when
+   serving it is predicted to cost more than `MERGE_MARGIN` (5%): ``serve < 1 - MERGE_MARGIN``.
+   Otherwise serve: when separate adapters run within 5% of merged speed, serving keeps the adapter
+   swappable (a new version is a file copy, no merge step, no second copy of the backbone) and the
+   base model available, which is worth more to a user than the last few percent.
+5. otherwise serve, unless hybrid's predicted ratio beats serve's by `HYBRID_MARGIN` — which,
+   by the vLLM-kernel measurements above, happens only when nearly all traffic is on one adapter and
+   the rest is rare enough that many batches hold no LoRA request at all. With kernels whose
+   ``active`` ratio is within `HYBRID_MARGIN` of 1.0 hybrid can never win (its best case is 1.0), so
+   auto then serves every multi-adapter recipe unmerged.
+6. A dominant adapter (>= 80%) gets a note suggesting a dedicated merged deployment for it — only
+   while serving is predicted to cost more than `MERGE_MARGIN`.
+
+Changing a measured number is a one-line edit of `RATIOS`; tests/test_plan.py checks the rule with
+injected ratios (e.g. peftdeploy kernels at 0.96 active: one adapter is served, not merged).
 """
 from __future__ import annotations
 
@@ -37,18 +50,52 @@ from typing import Any
 
 DOMINANT_SHARE = 0.80
 HYBRID_MARGIN = 0.05  # hybrid costs a merge and doubles delta ranks: choose it only for a clear gain
+MERGE_MARGIN = 0.05  # merge a lone adapter only when serving it is predicted to cost more than this
 BATCH = 64  # requests per decode batch assumed by the prediction (the GPU measurement's concurrency)
+KERNELS = ("vllm", "peftdeploy")
 
-# Measured ratios to merged throughput: idle = LoRA enabled, no request uses it; active = LoRA in use.
-RATIOS: dict[str, dict[str, Any]] = {
-    "cuda": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md"},
-    "cpu": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},
+# Measured ratios to merged throughput, per device and LoRA kernels: idle = LoRA enabled, no request uses
+# it; active = LoRA in use. None = not yet measured: the vllm kernels' number of that device is used.
+RATIOS: dict[str, dict[str, dict[str, Any]]] = {
+    "cuda": {
+        "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md"},
+        "peftdeploy": {"idle": None, "active": None, "source": None},  # not yet measured
+    },
+    "cpu": {
+        "vllm": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},
+        "peftdeploy": {"idle": None, "active": None, "source": None},  # not yet measured
+    },
 }
 
 
-def predicted_ratio(lora_share: float, device: str = "cuda", batch: int = BATCH) -> float:
+def ratios(device: str = "cuda", kernels: str = "vllm") -> dict[str, Any]:
+    """{idle, active, source, measured, note} for `device` and `kernels`; numbers not yet measured for
+    `kernels` are the vllm kernels' (measured False, note says so). Unknown devices use cuda's."""
+    dev = RATIOS.get(device, RATIOS["cuda"])
+    base = dev["vllm"]
+    own = dev.get(kernels, base)
+    out: dict[str, Any] = {}
+    missing = []
+    for k in ("idle", "active"):
+        v = own.get(k)
+        if v is None:
+            missing.append(k)
+            v = base[k]
+        out[k] = float(v)
+    out["measured"] = not missing
+    if not missing:
+        out["source"] = own.get("source") or base["source"]
+        out["note"] = ""
+    else:
+        out["source"] = base["source"] if len(missing) == 2 else f"{own.get('source')}; {base['source']}"
+        out["note"] = (f"{kernels} kernels' {' and '.join(missing)} ratio on {device} not yet measured: "
+                       "the vllm kernels' number is used")
+    return out
+
+
+def predicted_ratio(lora_share: float, device: str = "cuda", batch: int = BATCH, kernels: str = "vllm") -> float:
     """Throughput relative to the merged model when a share `lora_share` of requests needs LoRA."""
-    r = RATIOS.get(device, RATIOS["cuda"])
+    r = ratios(device, kernels)
     s = min(max(lora_share, 0.0), 1.0)
     p0 = (1.0 - s) ** batch
     return p0 * r["idle"] + (1.0 - p0) * r["active"]
@@ -64,13 +111,14 @@ def _shares(recipe: Any) -> tuple[dict[str, float], float, bool]:
     return {n: float(traffic.get(n, 0.0)) / total for n in names}, float(traffic.get("base", 0.0)) / total, True
 
 
-def predictions(recipe: Any, device: str = "cuda") -> dict[str, float]:
+def predictions(recipe: Any, device: str = "cuda", kernels: str = "vllm") -> dict[str, float]:
     """Predicted ratio to merged throughput of each mode for this recipe's traffic."""
     shares, base, _ = _shares(recipe)
-    out = {"serve": predicted_ratio(sum(shares.values()), device)}
+    out = {"serve": predicted_ratio(sum(shares.values()), device, kernels=kernels)}
     if shares:
         hot = recipe.hot_adapter()
-        out["hybrid"] = predicted_ratio(1.0 - shares.get(hot, 0.0), device)  # base + others run as deltas
+        # base + others run as deltas
+        out["hybrid"] = predicted_ratio(1.0 - shares.get(hot, 0.0), device, kernels=kernels)
         active = [n for n, s in shares.items() if s > 0]
         if len(active) == 1 and base == 0:
             out["merge"] = 1.0
@@ -81,14 +129,16 @@ def _fmt(p: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}×" for k, v in sorted(p.items(), key=lambda kv: -kv[1]))
 
 
-def choose_mode(recipe: Any, *, model_quant_method: str | None = None,
-                device: str = "cuda") -> tuple[str, str, tuple[str, ...]]:
-    """(mode, reason, adapters to merge)."""
+def choose_mode(recipe: Any, *, model_quant_method: str | None = None, device: str = "cuda",
+                kernels: str = "vllm") -> tuple[str, str, tuple[str, ...]]:
+    """(mode, reason, adapters to merge). `kernels`: the LoRA kernels that will run (plan/kernels.py)."""
     p = recipe.policy
     names = [a.name for a in recipe.adapters]
-    pred = predictions(recipe, device)
-    src = RATIOS.get(device, RATIOS["cuda"])["source"]
-    evidence = f"predicted throughput vs merged on {device}: {_fmt(pred)} (measured ratios: {src})"
+    pred = predictions(recipe, device, kernels)
+    rat = ratios(device, kernels)
+    evidence = (f"predicted throughput vs merged on {device} with {kernels} kernels: {_fmt(pred)} "
+                f"(measured ratios: {rat['source']}{'; ' + rat['note'] if rat['note'] else ''})")
+    serve_cheap = pred["serve"] >= 1.0 - MERGE_MARGIN
     if p.mode == "serve":
         return "serve", f"policy.mode is serve; {evidence}", ()
     if p.mode == "merge":
@@ -105,25 +155,34 @@ def choose_mode(recipe: Any, *, model_quant_method: str | None = None,
         return "serve", ("auto: the backbone is pre-quantized and has no merge_base; peftdeploy never merges "
                          f"into quantized weights; {evidence}"), ()
     shares, base_share, declared = _shares(recipe)
+    lone = None
     if len(names) == 1 and base_share == 0:
-        return "merge", (f"auto: exactly one adapter ({names[0]}) and no traffic to the bare backbone: merging "
-                         f"removes LoRA overhead; {evidence}"), (names[0],)
+        lone = names[0], f"exactly one adapter ({names[0]}) and no traffic to the bare backbone"
     active = [n for n in names if shares.get(n, 0.0) > 0]
-    if declared and len(active) == 1 and base_share == 0:
-        return "merge", (f"auto: policy.traffic sends all requests to {active[0]} (others and base: 0): "
-                         f"merging it removes LoRA overhead; {evidence}"), (active[0],)
+    if lone is None and declared and len(active) == 1 and base_share == 0:
+        lone = active[0], f"policy.traffic sends all requests to {active[0]} (others and base: 0)"
+    if lone is not None:
+        name, why = lone
+        if not serve_cheap:
+            return "merge", f"auto: {why}: merging removes LoRA overhead; {evidence}", (name,)
+        return "serve", (f"auto: {why}, but serving it unmerged is predicted within {MERGE_MARGIN:.0%} of merged "
+                         f"({pred['serve']:.2f}×): served, the adapter stays swappable (no merge step, no second "
+                         f"copy of the backbone); set policy.mode: merge for the last few percent; {evidence}"), ()
     hot = recipe.hot_adapter()
     if pred.get("hybrid", 0.0) >= pred["serve"] + HYBRID_MARGIN:
         return "hybrid", (f"auto: {hot} takes {shares.get(hot, 0):.0%} of the traffic and the rest is rare enough "
                           f"that most batches need no LoRA: {hot} is merged, the others served as deltas; "
                           f"{evidence}"), (hot,)
     why_not_hybrid = ""
-    if "hybrid" in pred:
+    if "hybrid" in pred and serve_cheap:
+        why_not_hybrid = (f"; hybrid would not help ({pred['hybrid']:.2f}× vs {pred['serve']:.2f}×): serving "
+                          f"unmerged is already within {MERGE_MARGIN:.0%} of merged")
+    elif "hybrid" in pred:
         why_not_hybrid = (f"; hybrid would not help ({pred['hybrid']:.2f}× vs {pred['serve']:.2f}×): with "
                           f"{1 - shares.get(hot, 0):.0%} of requests still needing LoRA, nearly every batch "
                           "pays the LoRA kernels")
     top_share = shares.get(hot, 0.0)
-    if declared and top_share >= DOMINANT_SHARE:
+    if declared and top_share >= DOMINANT_SHARE and not serve_cheap:
         return "serve", (f"auto: {hot} has {top_share:.0%} of the traffic, but {len(active) - 1} other adapter(s)"
                          f"{' and the base' if base_share else ''} also get requests, so all are served as LoRA; "
                          f"consider a separate merged deployment for {hot}{why_not_hybrid}; {evidence}"), ()

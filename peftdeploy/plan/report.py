@@ -17,6 +17,13 @@ def render(plan: Any, console: Any) -> None:
     console.print(f"[bold]plan[/bold] {r.name}  ({plan.loaded.path})")
     console.print(f"mode: [bold]{plan.mode}[/bold] — {plan.mode_reason}")
     console.print(f"device: {plan.device}")
+    k = getattr(plan, "lora_kernels", None)
+    if k is not None:
+        from rich.markup import escape
+
+        console.print(f"lora kernels: [bold]{k.value}[/bold] — {escape(k.reason)}", highlight=False)
+    else:
+        console.print("lora kernels: n/a (no adapter is served as LoRA)")
     if m is not None:
         est = " [yellow](estimated from config.json)[/yellow]" if m.weights_estimated else ""
         console.print(f"backbone: {r.backbone.model} — {m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "

@@ -35,6 +35,8 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 QuantScheme = Literal["none", "fp8", "int8", "w8a16", "w4a16", "bitsandbytes", "awq", "gptq"]
 PREQUANTIZED_SCHEMES = ("awq", "gptq")
 Mode = Literal["serve", "merge", "hybrid", "auto"]
+# keep equal to peftdeploy.plan.kernels.CHOICES (a test checks; the recipe stage does not import plan/)
+LoraKernels = Literal["auto", "peftdeploy", "vllm"]
 
 SOURCE_SCHEMES = ("hf://", "s3://", "demo://", "file://")
 
@@ -119,6 +121,14 @@ class Serving(_Strict):
     max_lora_rank: AutoOrPositiveInt = "auto"
     max_cpu_loras: AutoOrPositiveInt = "auto"
     tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    # Which LoRA kernels vLLM runs for served adapters (the plugin reads PEFTDEPLOY_LORA_KERNELS, which
+    # `plan` sets from this): peftdeploy's own (peftdeploy/vllm_plugin/lora_kernels/) or vLLM's punica ops.
+    lora_kernels: LoraKernels = Field(
+        "auto",
+        description="LoRA kernels for served adapters: auto (peftdeploy's own where they are verified for the "
+                    "target device, else vLLM's), peftdeploy, or vllm. `peftdeploy plan` shows the choice and why; "
+                    "on a vLLM release the peftdeploy kernels were not verified against, the plugin keeps vLLM's "
+                    "kernels and says so in the server log. Ignored when no adapter is served as LoRA (merge).")
     extra_args: dict[str, Any] = {}
 
     @field_validator("extra_args")
