@@ -35,6 +35,7 @@ from peftdeploy.launch.spec import LaunchSpec, MergeStep, ServedAdapter
 from peftdeploy.plan import make_plan
 from peftdeploy.recipe import load_recipe
 from peftdeploy.render import TARGETS, RenderError, make_context, render, render_many
+from peftdeploy.render.base import DEFAULT_VLLM_IMAGE, server_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -100,7 +101,8 @@ def hub(caches: list[dict[str, str]]) -> Iterator[dict[str, str]]:
 def planned(path: Path, env: dict[str, str] | None = None) -> tuple[object, LaunchSpec]:
     """(recipe, LaunchSpec) from the real planner, as `peftdeploy render` plans (in the current cache env)."""
     loaded = load_recipe(path, env=env if env is not None else {})
-    plan = make_plan(loaded, device="cuda", gpu_memory=GPU_MEMORY, host_memory=HOST_MEMORY)
+    plan = make_plan(loaded, device="cuda", gpu_memory=GPU_MEMORY, host_memory=HOST_MEMORY,
+                     **server_kernels(DEFAULT_VLLM_IMAGE))  # the kernels the default image runs, as the CLI plans
     assert plan.ok, [(f.code, f.message) for f in plan.errors]
     return loaded.recipe, plan.launch
 
@@ -659,3 +661,26 @@ def test_cli_stdout_and_out_dir(tmp_path: Path, hub):
     assert res.exit_code == 0, res.output
     j = json.loads(res.stdout)
     assert j["ok"] and "ray-serve" in j["skipped"] and "kubernetes/deployment.yaml" in j["files"]
+
+
+def test_lora_kernels_env_in_every_target(hub):
+    """serving.lora_kernels reaches the server in every target (issue 15): the planned PEFTDEPLOY_LORA_KERNELS.
+    A stock vLLM image has no peftdeploy plugin, so auto plans vLLM's kernels there; an image with the plugin
+    on a verified vLLM (by its tag) gets peftdeploy's. Merge policy serves no LoRA: no such variable."""
+    import re
+
+    pat = re.compile(r"PEFTDEPLOY_LORA_KERNELS(?::|\n\s*value:)\s*'?(\w+)")
+    path = str(RECIPES / "llama3-8b-multilora.yaml")
+    for image, want in ((DEFAULT_VLLM_IMAGE, "vllm"), ("ghcr.io/acme/vllm-peftdeploy:v0.26.0", "peftdeploy")):
+        res = CliRunner().invoke(_cli(), ["render", path, "--target", "all", "--json", "--store", STORE,
+                                          "--image", image])
+        assert res.exit_code == 0, res.output
+        files = json.loads(res.stdout)["files"]
+        targets = {k.split("/")[0] for k in files}
+        assert targets == set(TARGETS), targets
+        for t in TARGETS:
+            found = [m for k, text in files.items() if k.startswith(t + "/") for m in pat.findall(text)]
+            assert found and set(found) == {want}, (t, image, found)
+    res = CliRunner().invoke(_cli(), ["render", str(RECIPES / "qwen2.5-7b-merge-fp8.yaml"), "--target", "all",
+                                      "--json"])
+    assert res.exit_code == 0 and "PEFTDEPLOY_LORA_KERNELS" not in res.stdout

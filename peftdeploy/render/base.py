@@ -53,6 +53,23 @@ _LOCAL_ENV = {"PEFTDEPLOY_RECIPE", MODEL_NAMES_ENV, "PEFTDEPLOY_CACHE", "VLLM_PL
               "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"}
 
 
+# Server images known to have no peftdeploy (so no peftdeploy vLLM plugin and no peftdeploy LoRA kernels).
+STOCK_VLLM_IMAGES = ("vllm/vllm-openai", "docker.io/vllm/vllm-openai")
+
+
+def server_kernels(image: str) -> dict[str, Any]:
+    """make_plan keyword arguments saying which LoRA kernels a server running `image` can use: a stock vLLM
+    image has no peftdeploy plugin (serving.lora_kernels: auto then plans vLLM's kernels and mode auto
+    predicts with their measured ratios); another image is taken to have the plugin, on the vLLM release
+    its tag names (``...:v0.26.0``; unknown otherwise, and the plugin checks at start)."""
+    from ..plan.kernels import image_vllm_version
+
+    base = image.split("@", 1)[0]
+    name = base.rsplit(":", 1)[0] if ":" in base.rsplit("/", 1)[-1] else base
+    stock = name in STOCK_VLLM_IMAGES
+    return {"vllm_version": image_vllm_version(image), "lora_plugin": not stock, "server_image": image}
+
+
 class RenderError(PeftDeployError):
     """The recipe cannot be rendered for this target as it is (exit 2, with the way forward)."""
 

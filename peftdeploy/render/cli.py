@@ -16,15 +16,17 @@ import click
 
 from ..cli_common import emit_json, json_option, user_errors
 from . import TARGETS, RenderContext, RenderError, make_context, render_many
-from .base import DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, parse_source
+from .base import DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, parse_source, server_kernels
 
 
 DEFAULT_GPU_MEMORY = "80GiB"  # what render plans a cluster GPU as (this machine's GPU is not the cluster's)
 
 
-def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY, host_memory: str | None = None):
+def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY, host_memory: str | None = None,
+                image: str = DEFAULT_VLLM_IMAGE):
     """(recipe, LaunchSpec) for a cluster: render always plans for device "cuda", for a GPU of
-    `gpu_memory` (deterministic: not this machine's GPU). Plan errors refuse the render (exit 2)."""
+    `gpu_memory` (deterministic: not this machine's GPU), and for the LoRA kernels the server `image`
+    can run (`server_kernels`). Plan errors refuse the render (exit 2)."""
     from ..errors import PeftDeployError
     from ..recipe import load_recipe
 
@@ -43,7 +45,8 @@ def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY
     bb = loaded.recipe.backbone
     if bb.model:
         parse_source(bb.model, "backbone", bb.revision)
-    plan = make_plan(loaded, device="cuda", gpu_memory=gpu_memory, host_memory=host_memory)
+    plan = make_plan(loaded, device="cuda", gpu_memory=gpu_memory, host_memory=host_memory,
+                     **server_kernels(image))
     if plan.errors:
         # a source a cluster cannot reach (local path, demo://) is the clearer reason: say that first
         make_context(loaded.recipe, plan.launch).check_sources()
@@ -123,7 +126,7 @@ def render_cmd(recipe: str, target: str, replicas: int, out_dir: str | None, nam
     Sources are used as the recipe writes them (hf://, s3://); local and demo:// sources are refused.
     Secrets are referenced (Secret names, ${VAR}), never written.
     """
-    r, launch = plan_launch(recipe, gpu_memory=gpu_memory, host_memory=host_memory)
+    r, launch = plan_launch(recipe, gpu_memory=gpu_memory, host_memory=host_memory, image=image)
     ctx: RenderContext = make_context(r, launch, replicas=replicas, namespace=namespace, image=image,
                                       tools_image=tools_image, gpu_type=gpu_type, accelerator=accelerator,
                                       storage_size=storage_size, store=store)
