@@ -10,7 +10,12 @@ What it does when ``PEFTDEPLOY_RECIPE`` names a recipe whose ``policy.dynamic_lo
 * registers a `LoRAResolver` (see `resolver.py`) under the name ``peftdeploy``: a request for an
   adapter name vLLM does not know yet is resolved from the recipe's catalog, fetched, verified and
   checked, then loaded by vLLM (vLLM calls resolvers only with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``);
-* fixes vLLM's CPU LoRA kernels for base-model tokens batched with LoRA tokens (`cpu_fix.py`);
+* selects peftdeploy's own LoRA kernels (`lora_kernels/`: segment GEMMs on the CPU, fused Triton
+  kernels on CUDA) by pointing the platform's ``get_punica_wrapper`` at peftdeploy's punica wrapper,
+  independent of any recipe; ``PEFTDEPLOY_LORA_KERNELS=vllm`` keeps vLLM's own, and so does an
+  installed vLLM the kernels were not verified against (the log says which kernels are active);
+* fixes vLLM's CPU LoRA kernels for base-model tokens batched with LoRA tokens (`cpu_fix.py`): needed
+  by vLLM's kernels, and kept under peftdeploy's for the calls its wrapper hands to vLLM's ops;
 * makes the engine's LoRA cache evictions visible at INFO level (``peftdeploy: engine evicted LoRA
   ...``): vLLM logs them only at DEBUG.
 
@@ -18,7 +23,8 @@ Environment: ``PEFTDEPLOY_RECIPE`` (recipe path), ``PEFTDEPLOY_ADAPTER_CACHE_DIR
 ``PEFTDEPLOY_ADAPTER_CACHE_BYTES`` (size bound of the downloaded-adapter cache),
 ``PEFTDEPLOY_MAX_LORA_RANK`` (only when the server's own value cannot be read),
 ``PEFTDEPLOY_PLUGIN_NEGATIVE_TTL`` (seconds a refusal is remembered, default 10),
-``PEFTDEPLOY_PLUGIN_LOG_EVICTIONS=0`` (turn the eviction log off).
+``PEFTDEPLOY_PLUGIN_LOG_EVICTIONS=0`` (turn the eviction log off), ``PEFTDEPLOY_LORA_KERNELS``
+(``peftdeploy``, the default, or ``vllm``).
 """
 from __future__ import annotations
 
@@ -82,6 +88,9 @@ def _register() -> None:
     from . import cpu_fix
 
     cpu_fix.apply()  # independent of any recipe: base requests batched with LoRA ones on CPU
+    from .lora_kernels import install as install_lora_kernels
+
+    install_lora_kernels()  # peftdeploy's punica wrapper (PEFTDEPLOY_LORA_KERNELS); never raises
     path = os.environ.get("PEFTDEPLOY_RECIPE", "").strip()
     if not path:
         log.debug("peftdeploy: PEFTDEPLOY_RECIPE is not set; the LoRA resolver plugin stays off")
