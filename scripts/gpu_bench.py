@@ -96,17 +96,25 @@ def make_model(model_dir: Path, cfg: dict | None = None) -> None:
     ft.save_pretrained(str(model_dir))
 
 
-def make_adapters(lora_dir: Path, n: int, rank: int, model_dir: Path) -> list[Path]:
-    """n random PEFT LoRA adapters, all linear layers, B != 0 so they change the outputs."""
+def make_adapters(lora_dir: Path, n: int, rank: int, model_dir: Path, unique: int | None = None) -> list[Path]:
+    """n random PEFT LoRA adapters, all linear layers, B != 0 so they change the outputs. Adapters from
+    index `unique` on are directories of links to adapter ``i % unique`` (distinct adapters to vLLM, same
+    bytes: the many-adapter runs measure slots and caches, not weights)."""
     import torch
     from safetensors.torch import save_file
 
     out = []
     g = torch.Generator().manual_seed(0)
+    unique = unique or n
     for i in range(n):
         d = lora_dir / f"lora{i}"
         out.append(d)
         if (d / "adapter_model.safetensors").exists():
+            continue
+        if i >= unique:
+            d.mkdir(parents=True, exist_ok=True)
+            for f in ("adapter_model.safetensors", "adapter_config.json"):
+                (d / f).symlink_to(lora_dir / f"lora{i % unique}" / f)
             continue
         d.mkdir(parents=True, exist_ok=True)
         t = {}
@@ -176,7 +184,7 @@ def predict_kv(model_dir: Path, *, gpu_bytes: int | None, util: float, max_loras
 
 
 def write_recipe(path: Path, a: argparse.Namespace, model_dir: Path, lora_dir: Path, n_adapters: int,
-                 max_loras: int | None) -> Path:
+                 max_loras: int | None, auto: bool = False) -> Path:
     """A peftdeploy recipe describing this benchmark setup (what a user would write)."""
     lines = ["apiVersion: peftdeploy/v1", "name: gpu-bench-8b", "backbone:", f"  model: {model_dir}",
              "  dtype: bfloat16", f"  max_model_len: {a.max_model_len}"]
@@ -184,10 +192,16 @@ def write_recipe(path: Path, a: argparse.Namespace, model_dir: Path, lora_dir: P
         lines.append("adapters:")
         for i in range(n_adapters):
             lines += [f"  - name: l{i}", f"    source: {lora_dir / f'lora{i}'}"]
-    lines += ["policy:", "  mode: serve", "  dynamic_loading: false", "serving:", "  host: 127.0.0.1",
+    lines += ["policy:", "  mode: serve", "  dynamic_loading: false"]
+    if auto and n_adapters:  # the traffic the planner is told: Zipf(a.zipf) shares over the adapters
+        z = [1.0 / (i + 1) ** a.zipf for i in range(n_adapters)]
+        lines += ["  traffic:"] + [f"    l{i}: {v / sum(z):.6f}" for i, v in enumerate(z)]
+    lines += ["serving:", "  host: 127.0.0.1",
               f"  port: {a.port}", f"  gpu_memory_utilization: {a.gpu_memory_utilization}",
               f"  max_num_seqs: {a.max_num_seqs}"]
-    if n_adapters:
+    if n_adapters and auto:
+        lines += ["  max_loras: auto", f"  max_lora_rank: {a.rank}", "  max_cpu_loras: auto"]
+    elif n_adapters:
         lines += [f"  max_loras: {max_loras}", f"  max_lora_rank: {a.rank}", f"  max_cpu_loras: {max(max_loras or 1, n_adapters)}"]
     lines += ["  extra_args:", "    load_format: dummy", f"    max_num_batched_tokens: {a.max_num_batched_tokens}"]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,10 +388,11 @@ def _stop_current(*_: object) -> None:
         sys.exit(143)
 
 
-EST_S = {"graphs": 140, "agreement": 110, "profile": 170}
+EST_S = {"graphs": 140, "agreement": 110, "profile": 170}  # start + measurements, for the deadline check
 DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on this (still warm) machine  # start + measurements, for the deadline check
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
-           "profile", "plain_base")
+           "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
+           "many_auto_pd", "many_auto_vllm", "profile_pd", "kagree")
 
 
 def main() -> int:
@@ -395,6 +410,8 @@ def main() -> int:
     ap.add_argument("--delta-dir", default="/tmp/delta")
     ap.add_argument("--n-loras", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--many", type=int, default=64, help="adapters of the many-adapter servers (many_*)")
+    ap.add_argument("--n-unique", type=int, default=8, help="distinct adapter weights among --many (the rest link)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--python", default=sys.executable, help="Python that runs vLLM")
     ap.add_argument("--concurrency", type=int, default=64)
@@ -451,13 +468,15 @@ def main() -> int:
     if not a.dry_run:
         t0 = time.time()
         make_model(model_dir)
-        make_adapters(lora_dir, a.n_loras, a.rank, model_dir)
-        log(f"model + {a.n_loras} adapters ready in {time.time() - t0:.0f} s")
+        make_adapters(lora_dir, max(a.n_loras, a.many), a.rank, model_dir, unique=max(a.n_loras, a.n_unique))
+        log(f"model + {max(a.n_loras, a.many)} adapters ({max(a.n_loras, a.n_unique)} distinct) ready in "
+            f"{time.time() - t0:.0f} s")
     gpu_bytes = None if a.dry_run else gpu_total_bytes()
     if a.prep:
         t1 = time.time()
-        build_deltas(lora_dir, names, delta_dir)
-        log(f"delta adapters ready in {time.time() - t1:.0f} s")
+        if any(x.startswith("hybrid") for x in wanted):
+            build_deltas(lora_dir, names, delta_dir)
+            log(f"delta adapters ready in {time.time() - t1:.0f} s")
         t1 = time.time()
         make_small_assets(Path("/tmp/agree"), a.n_loras, a.rank)
         log(f"agreement assets ready in {time.time() - t1:.0f} s")
@@ -467,9 +486,14 @@ def main() -> int:
     base_spec = None
     if not a.no_planner:
         # The planner's own LaunchSpec and memory prediction, from a recipe describing this setup.
-        for tag, n_ad, mlx in (("merged", 0, None), ("plain", a.n_loras, ml)):
-            rp = write_recipe(out_recipes / f"{tag}.yaml", a, model_dir, lora_dir, n_ad, mlx)
+        for tag, n_ad, mlx, auto in (("merged", 0, None, False), ("plain", a.n_loras, ml, False),
+                                     ("many_ml8", a.many, 8, False), ("many_auto", a.many, None, True)):
+            if tag.startswith("many") and not any(w.startswith("many") for w in wanted):
+                continue
+            rp = write_recipe(out_recipes / f"{tag}.yaml", a, model_dir, lora_dir, n_ad, mlx, auto=auto)
             plans[tag] = plan_for(rp, gpu_bytes=gpu_bytes, dry_run=a.dry_run)
+            if tag == "many_auto" and "spec" in plans[tag]:
+                result["many_auto_plan_args"] = [list(x) for x in plans[tag]["spec"].args if "lora" in x[0]]
         if "spec" in plans["plain"]:
             base_spec = plans["plain"]["spec"]
         result["planner_errors"] = {k: v.get("error") or v.get("plan_errors") for k, v in plans.items()}
@@ -497,6 +521,9 @@ def main() -> int:
     def hyb() -> LaunchSpec:
         return hybrid_spec(plain, deltas_paths, names[0], hyb_rank, ml)
 
+    PROF = ("--profiler-config", json.dumps(
+        {"profiler": "torch", "torch_profiler_dir": "/tmp/vllm_prof", "torch_profiler_with_stack": False,
+         "torch_profiler_use_gzip": True, "delay_iterations": 20, "max_iterations": 30}))
     # tag -> (description, spec factory, max_loras, setups [(label, adapters hottest first)], kind)
     zl = f"{a.n_loras} adapters Zipf({a.zipf:g})"
     catalog = {
@@ -525,13 +552,45 @@ def main() -> int:
                                          extra_args=[SP]), ml,
                          [(f"hybrid + dual stream + specialize, {zl}", zipf)], "graphs"),
         "profile": ("plain multi-LoRA with the torch profiler (30 decode-heavy iterations)",
-                    lambda: variant(plain, adapters=names, extra_args=[("--profiler-config", json.dumps(
-                        {"profiler": "torch", "torch_profiler_dir": "/tmp/vllm_prof", "torch_profiler_with_stack": False,
-                         "torch_profiler_use_gzip": True, "delay_iterations": 20, "max_iterations": 30}))]), ml,
+                    lambda: variant(plain, adapters=names, extra_args=[PROF]), ml,
                     [("LoRA on (plain server), base traffic only", ())], "profile"),
         "agreement": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: plain vs hybrid", None, ml,
                       [], "agreement"),
     }
+    PDK, VK = {"PEFTDEPLOY_LORA_KERNELS": "peftdeploy"}, {"PEFTDEPLOY_LORA_KERNELS": "vllm"}
+    many_names = tuple(f"l{i}" for i in range(a.many))
+    zm = f"{a.many} adapters Zipf({a.zipf:g})"
+
+    def many_ml8(env: dict) -> LaunchSpec:
+        # the issue's setting: all adapters listed, max_loras 8, max_cpu_loras 16
+        sp = plans["many_ml8"]["spec"]
+        sp = with_env(sp, **env)
+        return dataclasses.replace(sp, args=tuple((k, "16" if k == "--max-cpu-loras" else v) for k, v in sp.args))
+
+    catalog.update({
+        "plain_vllm": (f"multi-LoRA, vLLM's kernels (PEFTDEPLOY_LORA_KERNELS=vllm), max_loras {ml}",
+                       lambda: with_env(plain, **VK), ml, [(f"multi-LoRA, vLLM kernels, {zl}", zipf)], "graphs"),
+        "plain_pd": (f"multi-LoRA, peftdeploy's kernels (PEFTDEPLOY_LORA_KERNELS=peftdeploy), max_loras {ml}",
+                     lambda: with_env(plain, **PDK), ml, [(f"multi-LoRA, peftdeploy kernels, {zl}", zipf)], "graphs"),
+        "plain_pd_base": ("peftdeploy kernels server, base traffic only", lambda: with_env(plain, **PDK), ml,
+                          [("LoRA on (peftdeploy kernels), base traffic only", ())], "graphs"),
+        "many_ml8_vllm": (f"{a.many} adapters, max_loras 8 / max_cpu_loras 16, vLLM kernels", lambda: many_ml8(VK), 8,
+                          [(f"{zm}, max_loras 8 / cpu 16, vLLM kernels", many_names)], "graphs"),
+        "many_ml8_pd": (f"{a.many} adapters, max_loras 8 / max_cpu_loras 16, peftdeploy kernels",
+                        lambda: many_ml8(PDK), 8, [(f"{zm}, max_loras 8 / cpu 16, peftdeploy kernels", many_names)],
+                        "graphs"),
+        "many_auto_pd": (f"{a.many} adapters, planner auto sizing from policy.traffic, peftdeploy kernels",
+                         lambda: with_env(plans["many_auto"]["spec"], **PDK), None,
+                         [(f"{zm}, planner auto, peftdeploy kernels", many_names)], "graphs"),
+        "many_auto_vllm": (f"{a.many} adapters, planner auto sizing from policy.traffic, vLLM kernels",
+                           lambda: with_env(plans["many_auto"]["spec"], **VK), None,
+                           [(f"{zm}, planner auto, vLLM kernels", many_names)], "graphs"),
+        "profile_pd": ("peftdeploy kernels with the torch profiler", lambda: variant(with_env(plain, **PDK),
+                       adapters=names, extra_args=[PROF]), ml,
+                       [("LoRA on (peftdeploy kernels), base traffic only", ())], "profile"),
+        "kagree": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: vLLM vs peftdeploy kernels",
+                   None, ml, [], "agreement"),
+    })
     exe = (a.python, "-m", "vllm.entrypoints.cli.main")
 
     def wl(adapt: tuple[str, ...], n: int, seed: int, base_name: str) -> WorkloadConfig:
@@ -587,6 +646,11 @@ def main() -> int:
                 t1 = time.time()
                 build_deltas(lora_dir, names, delta_dir)
                 log(f"delta adapters ready in {time.time() - t1:.0f} s")
+            if tag == "kagree":
+                result["kernel_agreement"] = run_kernel_agreement(a, exe, out, logs)
+                save()
+                pack_logs()
+                continue
             if kind == "agreement":
                 result["agreement"] = run_agreement(a, exe, out, logs)
                 save()
@@ -827,6 +891,61 @@ def run_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: 
     res["summary"] = summ
     res["seconds"] = time.time() - t0
     log(f"[agreement] {json.dumps(summ)}")
+    return res
+
+
+def run_kernel_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: list[Path]) -> dict:
+    """bf16 greedy tokens of the same LoRA server with vLLM's kernels and with peftdeploy's, for the bare
+    backbone and every adapter, 16 requests in flight, on the 4-layer real-random-weights model (eager);
+    the noise floor is vLLM's own server batched (16 in flight) vs alone (1 in flight)."""
+    t0 = time.time()
+    assets = make_small_assets(Path("/tmp/agree"), a.n_loras, a.rank)
+    names = [f"l{i}" for i in range(a.n_loras)]
+    rng = __import__("random").Random(5)
+    prompts = [synthetic_prompt(rng, 40 + 7 * i) for i in range(16)]
+    args = (("--served-model-name", "base"), ("--dtype", "bfloat16"), ("--max-model-len", "1024"),
+            ("--gpu-memory-utilization", "0.3"), ("--max-num-seqs", "64"), ("--enforce-eager", None),
+            ("--host", "127.0.0.1"), ("--port", str(a.port)), ("--enable-lora", None), ("--max-loras", "4"),
+            ("--max-cpu-loras", "8"), ("--max-lora-rank", str(a.rank)), ("--lora-modules", None),
+            *((f"{n}={assets['loras'] / f'lora{i}'}", None) for i, n in enumerate(names)))
+    outs: dict[str, dict[str, list]] = {}
+    res: dict = {"prompts": len(prompts), "max_tokens": 48, "max_loras": 4, "adapters": len(names),
+                 "note": "eager, bf16, greedy; 8 adapters over 4 slots + base, 16 in flight"}
+    for tag in ("vllm", "peftdeploy"):
+        spec = LaunchSpec(recipe_name="kagree", recipe_hash="-", mode="serve", model=str(assets["model"]),
+                          model_source="random", served_model_name="base", host="127.0.0.1", port=a.port,
+                          device="cuda", args=args, env=(("PEFTDEPLOY_LORA_KERNELS", tag),))
+        srv = Server(spec, log_path=Path("/tmp") / f"vllm_kagree_{tag}.log", executable=exe, ready_timeout_s=240)
+        logs.append(srv.log_path)
+        _current[0] = srv
+        try:
+            srv.start()
+            text = srv.log_path.read_text(errors="replace")
+            res[f"{tag}_kernel_log"] = [ln for ln in text.splitlines() if "LoRA kernels" in ln][:4]
+            log(f"[kagree/{tag}] ready in {srv.ready_s:.0f} s; {res[f'{tag}_kernel_log']}")
+            outs[tag] = {n: greedy(srv.url, n, prompts, 48, 16) for n in ["base", *names]}
+            if tag == "vllm":
+                outs["vllm_serial"] = {n: greedy(srv.url, n, prompts, 48, 1) for n in ["base", *names[:3]]}
+        except Exception as e:  # noqa: BLE001
+            res[f"{tag}_error"] = str(e)[-2000:]
+            log(f"[kagree/{tag}] failed: {str(e)[-1500:]}")
+        finally:
+            srv.stop()
+            _current[0] = None
+    if "vllm" in outs and "peftdeploy" in outs:
+        res["peftdeploy_vs_vllm"] = {n: agreement(outs["peftdeploy"][n], outs["vllm"][n]) for n in ["base", *names]}
+    if "vllm_serial" in outs:
+        res["vllm_batch16_vs_serial"] = {n: agreement(outs["vllm"][n], outs["vllm_serial"][n]) for n in outs["vllm_serial"]}
+        res["adapter_vs_base"] = {n: agreement(outs["vllm"][n], outs["vllm"]["base"]) for n in names}
+    summ = {}
+    for k in ("peftdeploy_vs_vllm", "vllm_batch16_vs_serial", "adapter_vs_base"):
+        v = [x for x in res.get(k, {}).values() if x.get("n")]
+        if v:
+            summ[k] = {m: statistics.mean(x[m] for x in v) for m in ("token_agreement", "sequences_identical",
+                                                                    "prefix_agreement")}
+    res["summary"] = summ
+    res["seconds"] = time.time() - t0
+    log(f"[kagree] {json.dumps(summ)}")
     return res
 
 

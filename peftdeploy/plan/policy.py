@@ -9,6 +9,8 @@ Evidence (same run, same machine; ratios to the merged model's output tokens/s):
   the rest as rank-32 deltas) 0.72. A profile shows why: vLLM's punica shrink/expand kernels cost
   the same per decode step whether all or some of the batch's tokens use an adapter, so a batch
   with *any* LoRA request pays the whole LoRA cost.
+* GPU, ``docs/bench/gpu-kernels.md`` (the same setup, 2026-12-02, one lease): peftdeploy's Triton kernels
+  0.83, vLLM's kernels 0.71 in the same lease (merged 3468 out tok/s).
 * CPU, ``docs/bench/cpu/`` (the demo recipe on 2 cores, ``scripts/bench_compare_cpu.py``, medians of 3):
   LoRA enabled, base traffic 0.79; one adapter 0.33; 3 adapters Zipf(1.0) at max_loras 3 0.35, at
   max_loras 1 0.23.
@@ -58,8 +60,10 @@ KERNELS = ("vllm", "peftdeploy")
 # it; active = LoRA in use. None = not yet measured: the vllm kernels' number of that device is used.
 RATIOS: dict[str, dict[str, dict[str, Any]]] = {
     "cuda": {
-        "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md"},
-        "peftdeploy": {"idle": None, "active": None, "source": None},  # not yet measured
+        "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md (0.71 again in docs/bench/gpu-kernels.md)"},
+        # idle not measured with peftdeploy's kernels (its op returns before any launch when no token
+        # uses an adapter, like vLLM's): vLLM's 0.99 is used
+        "peftdeploy": {"idle": None, "active": 0.83, "source": "docs/bench/gpu-kernels.md"},
     },
     "cpu": {
         "vllm": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},

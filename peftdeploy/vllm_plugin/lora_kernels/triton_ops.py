@@ -195,16 +195,28 @@ def config_key(tokens: int, k: int, widths: Sequence[int], rank: int) -> str:
 
 
 def default_config(tokens: int, k: int, widths: Sequence[int], rank: int) -> Config:
-    """Heuristic launch configuration (used where `TUNED` has no entry for the shape)."""
+    """Launch configuration for shapes `TUNED` does not list: the pattern the H200 sweep found for the
+    Llama-3-8B shapes (docs/bench/gpu-kernels/), generalised by K and the number of slices."""
     if tokens <= 256:  # decode: few tokens per adapter; parallelism must come from K and N
-        split = max(1, min(16, k // 512))
-        kc = -(-k // split)
-        return Config(fused=False, bm=16, bn=128, bk=min(256, _pow2(kc)), n_iters=1, split_k=split)
-    return Config(fused=False, bm=64, bn=128, bk=64, n_iters=1, split_k=1, warps=4, stages=2)
+        split = 16 if (k >= 8192 or len(widths) > 1) else 8
+        split = max(1, min(split, k // 256))
+        return Config(fused=False, bm=16 if tokens <= 64 else 32, bn=128, bk=128, n_iters=1, split_k=split)
+    return Config(fused=False, bm=64, bn=128, bk=128, n_iters=1, split_k=2 if k >= 1024 else 1)
 
 
-# Measured best configurations per token bucket and layer shape (scripts/gpu_lora_kernels.py --sweep).
-TUNED: dict[str, Config] = {}
+def _tuned() -> dict[str, Config]:
+    """The configurations measured fastest on an H200 per token bucket and layer shape
+    (scripts/gpu_lora_kernels.py --sweep, shipped as peftdeploy/data/lora_kernels/tuned-h200.json)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "data", "lora_kernels",
+                        "tuned-h200.json")
+    try:
+        with open(path) as f:
+            return {k: Config(**v) for k, v in json.load(f).items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+TUNED: dict[str, Config] = _tuned()
 
 
 def choose_config(tokens: int, k: int, widths: Sequence[int], rank: int) -> Config:
