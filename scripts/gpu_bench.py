@@ -829,6 +829,17 @@ def summarize_profile(text: str) -> dict:
     return {"by_class_s": cls, "share": {k: v / total for k, v in cls.items()} if total else {}}
 
 
+def summary(res: dict, keys: tuple[str, ...]) -> dict:
+    """Mean agreement measures over the model names of each comparison in `res` that has any."""
+    out = {}
+    for k in keys:
+        v = [x for x in res.get(k, {}).values() if x.get("n")]
+        if v:
+            out[k] = {m: statistics.mean(x[m] for x in v) for m in ("token_agreement", "sequences_identical",
+                                                                   "prefix_agreement")}
+    return out
+
+
 def run_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: list[Path]) -> dict:
     """bf16 greedy tokens: plain multi-LoRA (W, l0..l7) vs hybrid (W + l0 merged; base and l1..l7 as deltas)
     for every model name, on a 4-layer model with real random weights (dummy weights cannot carry a merge)."""
@@ -881,14 +892,8 @@ def run_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: 
     if "plain_serial" in outs:
         res["plain_batch16_vs_serial"] = {n: agreement(outs["plain"][n], outs["plain_serial"][n])
                                           for n in outs["plain_serial"]}
-    summ = {}
-    for k in ("hybrid_vs_plain", "plain_batch16_vs_serial", "adapter_vs_base_agreement"):
-        if k in res:
-            v = [x for x in res[k].values() if x.get("n")]
-            if v:
-                summ[k] = {m: statistics.mean(x[m] for x in v) for m in ("token_agreement", "sequences_identical",
-                                                                        "prefix_agreement")}
-    res["summary"] = summ
+    res["summary"] = summary(res, ("hybrid_vs_plain", "plain_batch16_vs_serial", "adapter_vs_base_agreement"))
+    summ = res["summary"]
     res["seconds"] = time.time() - t0
     log(f"[agreement] {json.dumps(summ)}")
     return res
@@ -937,13 +942,8 @@ def run_kernel_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path,
     if "vllm_serial" in outs:
         res["vllm_batch16_vs_serial"] = {n: agreement(outs["vllm"][n], outs["vllm_serial"][n]) for n in outs["vllm_serial"]}
         res["adapter_vs_base"] = {n: agreement(outs["vllm"][n], outs["vllm"]["base"]) for n in names}
-    summ = {}
-    for k in ("peftdeploy_vs_vllm", "vllm_batch16_vs_serial", "adapter_vs_base"):
-        v = [x for x in res.get(k, {}).values() if x.get("n")]
-        if v:
-            summ[k] = {m: statistics.mean(x[m] for x in v) for m in ("token_agreement", "sequences_identical",
-                                                                    "prefix_agreement")}
-    res["summary"] = summ
+    res["summary"] = summary(res, ("peftdeploy_vs_vllm", "vllm_batch16_vs_serial", "adapter_vs_base"))
+    summ = res["summary"]
     res["seconds"] = time.time() - t0
     log(f"[kagree] {json.dumps(summ)}")
     return res
