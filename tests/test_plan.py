@@ -481,8 +481,8 @@ def test_plan_lora_kernels_env_report_and_json(tmp_path: Path) -> None:
     con = Console(record=True, width=200)
     render(plan, con)
     assert "lora kernels: peftdeploy — auto: peftdeploy's kernels" in con.export_text()
-    # the prediction follows the resolved kernels (peftdeploy's not yet measured: vLLM's numbers, said so)
-    assert "with peftdeploy kernels" in plan.mode_reason and "not yet measured" in plan.mode_reason
+    # the prediction follows the resolved kernels: peftdeploy's measured CPU numbers, with their source
+    assert "with peftdeploy kernels" in plan.mode_reason and "bench_lora_kernels_cpu.json" in plan.mode_reason
     # explicit vllm, and an unverified vLLM for auto
     p.write_text(p.read_text() + "serving: {lora_kernels: vllm}\n")
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
@@ -532,7 +532,7 @@ def test_ratios_fall_back_to_vllm_until_measured(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("active,n,traffic,mode", [
-    # today's numbers (peftdeploy not yet measured -> vLLM's 0.71): unchanged decisions
+    # today's numbers (peftdeploy's kernels 0.83 on cuda, docs/bench/gpu-kernels.md): the same decisions as with 0.71
     (None, 1, None, "merge"),
     (None, 3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "hybrid"),
     # fast kernels: serving within 5% of merged keeps a lone adapter swappable ...
