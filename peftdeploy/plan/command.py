@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
+from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args
@@ -212,6 +212,7 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     # requests per served name (peftdeploy_requests_total on /metrics): `up` runs peftdeploy-vllm, so the
     # serving host has peftdeploy, as for the plugin reading PEFTDEPLOY_RECIPE; render drops both
     args.append(("--middleware", TRAFFIC_MIDDLEWARE))
+    args.append(("--middleware", GUARD_MIDDLEWARE))  # added last = outermost: the key on every route
     args += extra_arg_flags(s.extra_args)
 
     env: list[tuple[str, str]] = []
