@@ -84,6 +84,7 @@ BAD: list[tuple[str, str, int, str]] = [
     ("lora-kernels-type", GOOD + "  lora_kernels: [peftdeploy]\n", 13, "serving.lora_kernels"),
     ("literal-api-key", GOOD + "  api_key: sk-123456\n", 13, "environment"),
     ("unset-env", GOOD + "  api_key: ${PD_TEST_SURELY_UNSET}\n", 13, "PD_TEST_SURELY_UNSET"),
+    ("secret-literal-default", GOOD + "  api_key: ${PD_TEST_KEY_UNSET:-changeme}\n", 13, "default written in the recipe"),
     ("unset-env-in-model", GOOD.replace("./model", "${PD_TEST_MODEL_UNSET}/m"), 4, "PD_TEST_MODEL_UNSET"),
     ("bad-env-syntax", GOOD.replace("./model", "${1BAD}"), 4, "bad variable reference"),
     ("invalid-yaml-indent", GOOD.replace("  dtype: bfloat16", " dtype: bfloat16"), 5, "invalid YAML"),

@@ -252,6 +252,12 @@ class _Walk:
                 "secrets must come from the environment, not be written in the recipe",
                 location=_with_path(loc, path),
                 fix="write e.g. '${PEFTDEPLOY_API_KEY}' and export that variable")
+        vm = _VAR_RE.match(value.strip()[2:-1])
+        if vm and vm.group(2):
+            raise RecipeError(
+                f"a secret must not have a default written in the recipe ({value.strip()}): anyone who reads "
+                "the recipe knows the key", location=_with_path(loc, path),
+                fix=f"write ${{{vm.group(1)}}} and export {vm.group(1)} (or ${{{vm.group(1)}:-}}: no key when unset)")
         refs: list[str] = []
         resolved = _interpolate_str(value.strip(), loc, path, self.env, refs)
         return {"env": refs[0], "value": resolved or None}
