@@ -1,0 +1,170 @@
+"""Hostile and broken inputs (issue 16): every one is a clean error (exit 2, file and fix, no traceback)
+from `plan` and from `merge`, and nothing non-finite reaches served or merged weights."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hubcache import TINY_LLAMA, write_adapter, write_model
+from peftdeploy.cli import main
+
+pytest.importorskip("safetensors")
+
+
+def _world(tmp: Path, mode: str = "merge", weight: str | None = None) -> Path:
+    write_model(tmp / "m", TINY_LLAMA, weights=True)
+    write_adapter(tmp / "a", TINY_LLAMA, r=8, base_model="org/tiny")
+    extra = f", weight: {weight}" if weight is not None else ""
+    p = tmp / "r.yaml"
+    p.write_text("apiVersion: peftdeploy/v1\nname: t\nbackbone: {model: ./m}\n"
+                 f"adapters:\n  - {{name: a, source: ./a{extra}}}\npolicy: {{mode: {mode}}}\n")
+    return p
+
+
+def _cli(*args: str) -> Any:
+    res = CliRunner().invoke(main, list(args))
+    assert res.exception is None or isinstance(res.exception, SystemExit), (
+        f"traceback from {args}: {res.exception!r}\n{res.output}")
+    return res
+
+
+def _edit_config(tmp: Path, fn: Callable[[dict], Any]) -> None:
+    p = tmp / "a" / "adapter_config.json"
+    p.write_text(json.dumps(fn(json.loads(p.read_text()))))
+
+
+def _set(key: str, value: Any) -> Callable[[dict], dict]:
+    return lambda c: {**c, key: value}
+
+
+BAD_CONFIGS = {
+    "alpha-nan": (_set("lora_alpha", math.nan), "lora_alpha"),
+    "alpha-inf": (_set("lora_alpha", math.inf), "lora_alpha"),
+    "alpha-1e308": (_set("lora_alpha", 1e308), "lora_alpha"),
+    "alpha-zero": (_set("lora_alpha", 0), "lora_alpha"),
+    "alpha-negative": (_set("lora_alpha", -8), "lora_alpha"),
+    "alpha-string": (_set("lora_alpha", "sixteen"), "lora_alpha"),
+    "r-zero": (_set("r", 0), " r "),
+    "r-negative": (_set("r", -8), " r "),
+    "r-1e12": (_set("r", 10 ** 12), " r "),
+    "r-string": (_set("r", "eight"), " r "),
+    "r-float": (_set("r", 8.5), " r "),
+    "alpha-pattern-nan": (_set("alpha_pattern", {"q_proj": math.nan}), "alpha_pattern"),
+    "rank-pattern-zero": (_set("rank_pattern", {"q_proj": 0}), "rank_pattern"),
+    "config-is-list": (lambda c: [c], "not an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+@pytest.mark.parametrize("command", ["plan", "merge"])
+def test_bad_adapter_config_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
+                                             command: str) -> None:
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    p = _world(tmp_path)
+    fn, needle = BAD_CONFIGS[case]
+    _edit_config(tmp_path, fn)
+    res = _cli(command, str(p), *(["--device", "cpu"] if command == "plan" else []))
+    assert res.exit_code == 2, res.output
+    assert needle in res.output.replace("'r'", " r ").replace(": r is", ":  r is") and "adapter_config.json" in res.output
+    assert "fix:" in res.output
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("weight", ["1e308", "-1e308", ".nan", ".inf", "0"])
+def test_recipe_weight_must_be_finite_and_bounded(tmp_path: Path, weight: str) -> None:
+    p = _world(tmp_path, weight=weight)
+    res = _cli("validate", str(p))
+    assert res.exit_code == 2 and "adapters[0].weight" in res.output and "r.yaml:5" in res.output, res.output
+
+
+@pytest.mark.parametrize("kernel", ["fused", "numpy"])
+def test_merge_refuses_non_finite_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """Finite adapter values whose product overflows float32: the merge stops, nothing is left."""
+    from safetensors.numpy import load_file, save_file
+
+    from peftdeploy.errors import MergeError
+    from peftdeploy.merge import AdapterInput, kernels, merge_model
+
+    if kernel == "numpy":
+        monkeypatch.setenv(kernels.KERNEL_ENV, "numpy")
+    elif kernels.load() is None:
+        pytest.skip("merge kernel extension not built")
+    _world(tmp_path)
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    t = {k: np.full(v.shape, 1e20, np.float32) for k, v in load_file(str(st)).items()}
+    save_file(t, str(st))
+    with pytest.raises(MergeError, match="NaN/inf"):
+        merge_model(tmp_path / "m", [AdapterInput("a", tmp_path / "a", 1.0)], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors headers: one validator for plan (inspect) and merge (stio)
+# ------------------------------------------------------------------------------------------------
+def _rewrite_header(st: Path, fn: Callable[[dict], Any], *, truncate: int = 0) -> None:
+    raw = st.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    hdr = json.loads(raw[8:8 + n])
+    new = json.dumps(fn(hdr)).encode()
+    new += b" " * (-len(new) % 8)
+    data = raw[8 + n:]
+    st.write_bytes(struct.pack("<Q", len(new)) + new + (data[:-truncate] if truncate else data))
+
+
+def _first(h: dict) -> str:
+    return sorted(k for k in h if k != "__metadata__")[0]
+
+
+def _entry(key: str, value: Any) -> Callable[[dict], dict]:
+    def fn(h: dict) -> dict:
+        h[_first(h)][key] = value
+        return h
+    return fn
+
+
+def _overlap(h: dict) -> dict:
+    names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    same = [k for k in names if h[k]["shape"] == h[names[0]]["shape"]]
+    h[same[1]]["data_offsets"] = list(h[same[0]]["data_offsets"])
+    return h
+
+
+def _out_of_range(h: dict) -> dict:
+    k = _first(h)
+    b, e = h[k]["data_offsets"]
+    h[k]["data_offsets"] = [b + 10 ** 9, e + 10 ** 9]
+    return h
+
+
+BAD_HEADERS: dict[str, tuple[Callable[[dict], Any], int]] = {
+    "header-list": (lambda h: [h], 0),
+    "dtype-F99": (_entry("dtype", "F99"), 0),
+    "dtype-I32": (_entry("dtype", "I32"), 0),
+    "offsets-strings": (lambda h: _entry("data_offsets", [str(x) for x in h[_first(h)]["data_offsets"]])(h), 0),
+    "offsets-floats": (lambda h: _entry("data_offsets", [float(x) for x in h[_first(h)]["data_offsets"]])(h), 0),
+    "offsets-overlap": (_overlap, 0),
+    "offsets-out-of-range": (_out_of_range, 0),
+    "shape-string": (_entry("shape", "abc"), 0),
+    "metadata-list": (lambda h: {**h, "__metadata__": ["pt"]}, 0),
+    "truncated": (lambda h: h, 16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+@pytest.mark.parametrize("command", ["plan", "merge"])
+def test_bad_safetensors_header_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
+                                                 command: str) -> None:
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    p = _world(tmp_path)
+    fn, cut = BAD_HEADERS[case]
+    _rewrite_header(tmp_path / "a" / "adapter_model.safetensors", fn, truncate=cut)
+    res = _cli(command, str(p), *(["--device", "cpu"] if command == "plan" else []))
+    assert res.exit_code == 2, res.output
+    assert "adapter_model.safetensors" in res.output and "fix:" in res.output, res.output
