@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -168,3 +169,76 @@ def test_bad_safetensors_header_is_a_clean_error(tmp_path: Path, monkeypatch: py
     res = _cli(command, str(p), *(["--device", "cpu"] if command == "plan" else []))
     assert res.exit_code == 2, res.output
     assert "adapter_model.safetensors" in res.output and "fix:" in res.output, res.output
+
+
+# ------------------------------------------------------------------------------------------------
+# the merge / quantize cache verifies what it serves
+# ------------------------------------------------------------------------------------------------
+def _flip(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:-64])
+
+
+def _flip_keep_mtime(p: Path) -> None:
+    st = p.stat()
+    _flip(p)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+TAMPER = {
+    "flip-shard": ("model.safetensors", _flip),
+    "truncate-shard": ("model.safetensors", _truncate),
+    "delete-shard": ("model.safetensors", lambda p: p.unlink()),
+    "delete-config": ("config.json", lambda p: p.unlink()),
+    "edit-config": ("config.json", lambda p: p.write_text(p.read_text().replace("4", "5", 1))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPER))
+def test_damaged_cache_entry_is_merged_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd, case: str) -> None:
+    from peftdeploy.merge import AdapterInput, merge_cached
+
+    _world(tmp_path)
+    ads = [AdapterInput("a", tmp_path / "a", 1.0)]
+    first = merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False)
+    good = {p.name: p.read_bytes() for p in first.path.iterdir() if p.is_file()}
+    assert merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False).cache_hit
+    name, fn = TAMPER[case]
+    fn(first.path / name)
+    again = merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False)
+    assert not again.cache_hit and again.path == first.path
+    assert "failed verification" in capfd.readouterr().err
+    assert {p.name: p.read_bytes() for p in again.path.iterdir() if p.is_file()}.keys() == good.keys()
+    assert (again.path / name).read_bytes() == good[name]
+
+
+def test_tamper_with_mtime_kept_needs_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same size, same mtime: only the full check (merge --verify / PEFTDEPLOY_VERIFY_CACHE=1) sees it."""
+    from peftdeploy.merge import AdapterInput, merge_cached
+
+    _world(tmp_path)
+    ads = [AdapterInput("a", tmp_path / "a", 1.0)]
+    first = merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False)
+    _flip_keep_mtime(first.path / "model.safetensors")
+    assert merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False).cache_hit
+    assert not merge_cached(tmp_path / "m", ads, cache_root=tmp_path / "c", progress=False, verify=True).cache_hit
+
+
+def test_damaged_quantized_entry_is_rebuilt(tmp_path: Path) -> None:
+    from peftdeploy.merge import AdapterInput, merge_cached
+    from peftdeploy.quantize.cache import lookup_quantized, quantize_cached_result
+
+    _world(tmp_path)
+    merged = merge_cached(tmp_path / "m", [AdapterInput("a", tmp_path / "a", 1.0)], cache_root=tmp_path / "c",
+                          progress=False).path
+    q = quantize_cached_result(merged, "int8", cache_root=tmp_path / "q")
+    assert lookup_quantized(merged, "int8", cache_root=tmp_path / "q") == q.path
+    shard = next(q.path.glob("*.safetensors"))
+    _flip(shard)
+    assert lookup_quantized(merged, "int8", cache_root=tmp_path / "q") is None
+    assert not quantize_cached_result(merged, "int8", cache_root=tmp_path / "q").cache_hit
