@@ -242,3 +242,50 @@ def test_damaged_quantized_entry_is_rebuilt(tmp_path: Path) -> None:
     _flip(shard)
     assert lookup_quantized(merged, "int8", cache_root=tmp_path / "q") is None
     assert not quantize_cached_result(merged, "int8", cache_root=tmp_path / "q").cache_hit
+
+
+def test_quantize_on_a_full_disk_is_a_clean_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from peftdeploy.errors import MergeError
+    from peftdeploy.merge import AdapterInput, merge_cached
+    from peftdeploy.quantize import cache as qcache
+
+    _world(tmp_path)
+    merged = merge_cached(tmp_path / "m", [AdapterInput("a", tmp_path / "a", 1.0)], cache_root=tmp_path / "c",
+                          progress=False).path
+    real = qcache.quantize_model
+
+    def full(src, out, *a, **kw):
+        real(src, out, *a, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qcache, "quantize_model", full)
+    with pytest.raises(MergeError, match="filled up") as ei:
+        qcache.quantize_cached_result(merged, "int8", cache_root=tmp_path / "q")
+    assert ei.value.fix and not [p for p in (tmp_path / "q").iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.parametrize("explicit_output", [True, False])
+def test_killed_merge_leftovers_are_removed(tmp_path: Path, explicit_output: bool) -> None:
+    """A killed merge's .tmp-<key>-<pid> (another key: a previous recipe) goes with the next merge, with an
+    explicit output dir too; a live process's is kept."""
+    import subprocess
+    import sys
+
+    from peftdeploy.merge import AdapterInput, merge_cached
+
+    _world(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = tmp_path / ("outs" if explicit_output else "c")
+    parent.mkdir()
+    stale = parent / f".tmp-{'ab' * 32}-{dead.pid}"
+    live = parent / f".tmp-{'cd' * 32}-{os.getppid()}"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    merge_cached(tmp_path / "m", [AdapterInput("a", tmp_path / "a", 1.0)], cache_root=tmp_path / "c",
+                 output=parent / "merged" if explicit_output else None, progress=False)
+    assert not stale.exists()
+    assert live.exists() or not explicit_output  # the cache root also frees tmp dirs whose key lock is free

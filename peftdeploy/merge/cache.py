@@ -142,8 +142,21 @@ def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete leftovers of killed merges under a cache root (tmp dirs whose key lock is free)."""
+def _pid_dead(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, someone else's
+        return False
+    return False
+
+
+def cleanup_stale(root: str | os.PathLike[str], *, dead_only: bool = False) -> list[Path]:
+    """Delete leftovers of killed merges under a cache root (tmp dirs whose key lock is free), or under
+    an explicit output's parent (`dead_only`: tmp dirs whose writing process is gone)."""
     root = Path(root)
     removed = []
     if not root.is_dir():
@@ -151,6 +164,12 @@ def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
     for p in root.iterdir():
         m = _TMP_RE.match(p.name) or _OLD_RE.match(p.name)
         if not m:
+            continue
+        if _pid_dead(int(m["pid"])):
+            _rmtree(p)
+            removed.append(p)
+            continue
+        if dead_only:
             continue
         from filelock import FileLock, Timeout  # imported here: ~25 ms that merge_model's callers need not pay
 
@@ -307,7 +326,8 @@ def merge_cached(
         raise
     finally:
         lock.release()
-    if output is None:
-        cleanup_stale(root)
+    cleanup_stale(root)
+    if output is not None:
+        cleanup_stale(parent, dead_only=True)  # killed merges of other keys next to the output
     return MergeResult(path=final, cache_hit=False, key=key, seconds=time.perf_counter() - t0, dtype=res.dtype,
                        provenance=res.provenance)

@@ -15,6 +15,7 @@ Layout: ``$PEFTDEPLOY_CACHE/quantized`` (else ``$XDG_CACHE_HOME/peftdeploy/quant
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -157,6 +158,13 @@ def quantize_cached_result(
                  "quantizer_version": QUANTIZER_VERSION,
                  "files": manifest.build(tmp, skip=COMPLETE_MARKER)}) + "\n")
             os.rename(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MergeError(f"the disk under {root} filled up while writing the {s} checkpoint ({e.strerror}); "
+                                 "nothing was kept", fix="free space there (about the merged model's size), or "
+                                 "point PEFTDEPLOY_CACHE at a larger disk") from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
