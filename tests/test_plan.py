@@ -741,3 +741,20 @@ def test_empty_api_key_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PD_EMPTY_KEY", "k" * 32)
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
     assert not [f for f in plan.findings if f.code == "api-key-empty"]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_backbone_unavailable_fix_mentions_offline_only_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 offline: bool) -> None:
+    from peftdeploy.inspect import Inventory
+    from peftdeploy.plan.findings import CheckContext, check
+
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    p = _recipe(tmp_path, "backbone: {model: hf://nobody/not-cached}\n")
+    ctx = CheckContext(loaded=load_recipe(p), inventory=Inventory(model=None, adapters=(), model_unavailable="miss"),
+                       mode="serve", served=frozenset(), merged=frozenset())
+    f = next(f for f in check(ctx) if f.code == "backbone-unavailable")
+    assert ("HF_HUB_OFFLINE" in f.fix) == offline, f.fix
