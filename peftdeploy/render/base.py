@@ -49,7 +49,7 @@ _OWN_FLAGS = {"--host", "--port", "--lora-modules", "--api-key", "--download-dir
 # have peftdeploy, so vLLM would fail to import it there.
 _LOCAL_FLAGS = {("--middleware", TRAFFIC_MIDDLEWARE), ("--middleware", GUARD_MIDDLEWARE)}
 # Environment the local `up` sets for this machine only (plugin recipe path, traffic counter, local caches).
-_LOCAL_ENV = {"PEFTDEPLOY_RECIPE", MODEL_NAMES_ENV, "PEFTDEPLOY_CACHE", "VLLM_PLUGINS", "HF_HOME",
+_LOCAL_ENV = {"PEFTDEPLOY_RECIPE", MODEL_NAMES_ENV, "PEFTDEPLOY_MAX_N", "PEFTDEPLOY_CACHE", "VLLM_PLUGINS", "HF_HOME",
               "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"}
 
 

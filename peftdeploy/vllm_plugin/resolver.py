@@ -170,6 +170,7 @@ class CatalogResolver:
         self._model_lock = threading.Lock()
         self._refused: dict[str, tuple[float, ResolveError]] = {}
         self.stats = {"resolved": 0, "refused": 0, "not_found": 0}
+        self.resolved_names: set[str] = set()  # counted under their own name by the traffic middleware
 
     # -- catalog -----------------------------------------------------------------------------
     @property
@@ -394,6 +395,7 @@ class CatalogResolver:
         if key is not None and pin:
             self.cache.pin(key)
         self.stats["resolved"] += 1
+        self.resolved_names.add(name)
         dt = time.perf_counter() - t0
         logger.info("peftdeploy: resolved LoRA adapter %r from %s (%s, rank %d) in %.3f s", name, entry.source,
                     entry.origin, info.max_rank, dt)
