@@ -289,3 +289,16 @@ def test_killed_merge_leftovers_are_removed(tmp_path: Path, explicit_output: boo
                  output=parent / "merged" if explicit_output else None, progress=False)
     assert not stale.exists()
     assert live.exists() or not explicit_output  # the cache root also frees tmp dirs whose key lock is free
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf])
+def test_plan_refuses_non_finite_adapter(tmp_path: Path, fill: float) -> None:
+    """Served unmerged (mode serve), a NaN/inf adapter would reach vLLM as it is: plan refuses it."""
+    from safetensors.numpy import load_file, save_file
+
+    p = _world(tmp_path, mode="serve")
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    t = load_file(str(st))
+    save_file({k: (np.full(v.shape, fill, v.dtype) if "lora_B" in k else v) for k, v in t.items()}, str(st))
+    res = _cli("plan", str(p), "--device", "cpu")
+    assert res.exit_code == 2 and "non-finite" in res.output and "NaN/inf" in res.output, res.output

@@ -333,6 +333,28 @@ def _fifo(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
                  "check the shape findings; retrain on this backbone if they mismatch", a.name, ctx.aloc(a))
 
 
+NONFINITE_SCAN_BYTES = 2 << 30  # adapters up to this size are scanned for NaN/inf values (one masked compare)
+
+
+@adapter_check("non-finite")
+def _non_finite(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
+    """A NaN/inf lora_B makes every answer of a batch it is in '' (issue 16): refused before vLLM loads it."""
+    if a.format != "safetensors" or not a.path or a.bytes > NONFINITE_SCAN_BYTES:
+        return
+    from pathlib import Path
+
+    from ..merge.stio import SafetensorsFormatError, file_nonfinite
+
+    try:
+        bad = file_nonfinite(Path(a.path) / "adapter_model.safetensors")
+    except (SafetensorsFormatError, OSError):
+        return  # unreadable files are reported where they are read
+    if bad:
+        yield _f("non-finite", E, f"adapter {a.name!r} holds {sum(bad.values())} NaN/inf values in {len(bad)} "
+                 f"tensors (first: {next(iter(bad))})", "the adapter is broken; re-train or re-export it",
+                 a.name, ctx.aloc(a), tensors=len(bad))
+
+
 @adapter_check("layers-to-transform")
 def _layers(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
     if a.layers_to_transform is not None and ctx.model is not None:

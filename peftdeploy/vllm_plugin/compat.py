@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import Finding, Location, Severity, SourceError
+from ..errors import Finding, Location, Severity
 from ..inspect import AdapterInfo, Inventory, ModelInfo, inspect_adapter, inspect_model
 from ..plan.findings import ADAPTER_CHECKS, CheckContext
 from ..recipe.schema import Adapter, Recipe
@@ -47,18 +47,6 @@ def check_adapter(*, name: str, path: Path, source: str, recipe: Recipe, model: 
                   sha256: str | None = None) -> tuple[AdapterInfo, list[Finding]]:
     """Inspect the adapter at ``path`` and run every adapter check of `plan` on it, as served LoRA."""
     info = inspect_adapter(name, Path(path), source=source, sha256=sha256)
-    if info.format == "safetensors":  # a NaN/inf lora_B makes every answer of its batch '' (issue 16)
-        from ..merge.stio import SafetensorsFormatError, file_nonfinite
-
-        wfile = Path(path) / "adapter_model.safetensors"
-        try:
-            bad = file_nonfinite(wfile)
-        except (SafetensorsFormatError, OSError) as e:
-            raise SourceError(f"{wfile}: {e}", fix="re-download or re-save the adapter") from None
-        if bad:
-            first = next(iter(bad))
-            raise SourceError(f"adapter {name!r} holds {sum(bad.values())} NaN/inf values in {len(bad)} tensors "
-                              f"(first: {first})", fix="the adapter is broken; re-train or re-export it")
     adapters = list(recipe.adapters)
     if name not in {a.name for a in adapters}:
         adapters.append(Adapter(name=name, source=source, allow_pickle=allow_pickle))
