@@ -90,3 +90,54 @@ def test_adapter_routes_closed_without_key(tmp_path: Path, monkeypatch: pytest.M
     assert c.delete("/adapters/a0").status_code == 403
     assert c.post("/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": str(tmp_path)}).status_code == 403
     assert c.get("/health").status_code != 401
+
+
+# ------------------------------------------------------------------------------------------------
+# the running server: `up --detach` of the demo recipe with an api_key, routes from its /openapi.json
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_running_server_every_route_needs_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   e2e_up, demo_model_dir) -> None:
+    import json as _json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from conftest import E2E_DEMO_RECIPE
+
+    monkeypatch.setenv("PD_E2E_GUARD_KEY", KEY)
+    p = tmp_path / "guard.yaml"
+    p.write_text(f"apiVersion: peftdeploy/v1\nextends: {E2E_DEMO_RECIPE}\nname: e2e-guard\n"
+                 "serving: {host: 127.0.0.1, api_key: '${PD_E2E_GUARD_KEY}'}\n")
+    port = next(pt for pt in range(18500, 18600) if socket.socket().connect_ex(("127.0.0.1", pt)) != 0)
+    d = e2e_up(p, port=port)
+    root = d.base_url.rsplit("/v1", 1)[0]
+
+    def call(method: str, path: str, key: str | None) -> int:
+        req = urllib.request.Request(root + path, method=method, data=b"{}" if method in ("POST", "PUT") else None,
+                                     headers={"content-type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    with urllib.request.urlopen(urllib.request.Request(root + "/openapi.json",
+                                                       headers={"Authorization": f"Bearer {KEY}"}), timeout=30) as r:
+        spec = _json.load(r)
+    reqs = [(m.upper(), re.sub(r"\{[^}]+\}", "x", path)) for path, ops in spec["paths"].items() for m in ops]
+    reqs += [("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/adapters"),
+             ("DELETE", "/adapters/pirate")]
+    assert len(reqs) >= 30 and ("POST", "/tokenize") in reqs and ("POST", "/invocations") in reqs
+    leaks = []
+    for method, path in reqs:
+        for key in (None, "wrong"):
+            st = call(method, path, key)
+            if (st == 401) == (path == "/health"):
+                leaks.append((method, path, key, st))
+        st = call(method, path, KEY)
+        if st == 401 or (path.startswith("/adapters") or "lora_adapter" in path) and st != 403:
+            leaks.append((method, path, "right key", st))
+    assert leaks == []
+    assert call("GET", "/v1/models", KEY) == 200
