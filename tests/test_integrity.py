@@ -36,6 +36,12 @@ def _cli(*args: str) -> Any:
     return res
 
 
+def _plan_or_merge_fails_cleanly(command: str, recipe: Path) -> Any:
+    res = _cli(command, str(recipe), *(["--device", "cpu"] if command == "plan" else []))
+    assert res.exit_code == 2, res.output
+    return res
+
+
 def _edit_config(tmp: Path, fn: Callable[[dict], Any]) -> None:
     p = tmp / "a" / "adapter_config.json"
     p.write_text(json.dumps(fn(json.loads(p.read_text()))))
@@ -71,8 +77,7 @@ def test_bad_adapter_config_is_a_clean_error(tmp_path: Path, monkeypatch: pytest
     p = _world(tmp_path)
     fn, needle = BAD_CONFIGS[case]
     _edit_config(tmp_path, fn)
-    res = _cli(command, str(p), *(["--device", "cpu"] if command == "plan" else []))
-    assert res.exit_code == 2, res.output
+    res = _plan_or_merge_fails_cleanly(command, p)
     assert needle in res.output.replace("'r'", " r ").replace(": r is", ":  r is") and "adapter_config.json" in res.output
     assert "fix:" in res.output
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("*.safetensors"))
@@ -166,8 +171,7 @@ def test_bad_safetensors_header_is_a_clean_error(tmp_path: Path, monkeypatch: py
     p = _world(tmp_path)
     fn, cut = BAD_HEADERS[case]
     _rewrite_header(tmp_path / "a" / "adapter_model.safetensors", fn, truncate=cut)
-    res = _cli(command, str(p), *(["--device", "cpu"] if command == "plan" else []))
-    assert res.exit_code == 2, res.output
+    res = _plan_or_merge_fails_cleanly(command, p)
     assert "adapter_model.safetensors" in res.output and "fix:" in res.output, res.output
 
 

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 
 from peftdeploy.errors import MergeError
-from peftdeploy.util import cache_root
+from peftdeploy.util import cache_root, pid_alive
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      AdapterInput, MergeResult, backbone_fingerprint, dtype_name, sha256_json)
 from peftdeploy.merge import manifest
@@ -143,15 +143,7 @@ def _rmtree(p: Path) -> None:
 
 
 def _pid_dead(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, someone else's
-        return False
-    return False
+    return not pid_alive(pid)
 
 
 def cleanup_stale(root: str | os.PathLike[str], *, dead_only: bool = False) -> list[Path]:
