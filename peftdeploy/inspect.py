@@ -44,23 +44,77 @@ _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 # --------------------------------------------------------------------------------------------
 # safetensors headers
 # --------------------------------------------------------------------------------------------
+class HeaderError(ValueError):
+    """A safetensors header that is not what the format says (the message names the file and entry)."""
+
+
+MAX_HEADER_BYTES = 100 << 20  # the limit safetensors itself enforces
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_safetensors_header(header: Any, *, path: str | Path, size: int, data_start: int
+                                ) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+    """Check a parsed safetensors header against the format and the file's size; the one validator `plan`
+    (inspect) and `merge` (merge.stio) share. Returns ``{name: (dtype, shape, begin, end)}`` (offsets relative
+    to the data start, in file order) and ``__metadata__``. Raises HeaderError naming the file and entry."""
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise HeaderError(f"{path}: __metadata__ must be an object of strings")
+    out: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+    for name, d in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(d, dict):
+            raise HeaderError(f"{path}: header entry {name!r} is not an object")
+        dt, shape, offs = d.get("dtype"), d.get("shape"), d.get("data_offsets")
+        if not isinstance(dt, str) or dt not in DTYPE_BYTES:
+            raise HeaderError(f"{path}: tensor {name!r} has unknown dtype {dt!r}")
+        if not isinstance(shape, list) or not all(_int(x) and 0 <= x < 1 << 40 for x in shape):
+            raise HeaderError(f"{path}: tensor {name!r} has a bad shape {json.dumps(shape)[:60]}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_int(x) for x in offs)):
+            raise HeaderError(f"{path}: tensor {name!r} has bad data_offsets {json.dumps(offs)[:60]} "
+                              "(two integers)")
+        b, e = offs
+        nbytes = math.prod(shape) * DTYPE_BYTES[dt]
+        if not 0 <= b <= e or e - b != nbytes or data_start + e > size:
+            raise HeaderError(f"{path}: tensor {name!r} data_offsets [{b}, {e}] do not fit its {dt}{shape} "
+                              f"({nbytes:g} bytes) inside the file ({size - data_start} data bytes)")
+        out[name] = (dt, tuple(shape), b, e)
+    order = sorted(out.items(), key=lambda kv: kv[1][2])
+    for (n0, (_, _, _, e0)), (n1, (_, _, b1, _)) in zip(order, order[1:]):
+        if b1 < e0:
+            raise HeaderError(f"{path}: tensors {n0!r} and {n1!r} overlap in the file")
+    return dict(order), dict(meta)
+
+
 def read_safetensors_header(path: str | Path) -> dict[str, Any]:
-    """The JSON header of a .safetensors file (tensor name -> {dtype, shape, data_offsets})."""
+    """The JSON header of a .safetensors file (tensor name -> {dtype, shape, data_offsets}), validated."""
     p = Path(path)
+    fix = "re-download or re-save the file"
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise SourceError(f"{p} is not a safetensors file (shorter than 8 bytes)",
-                              fix="re-download or re-save the file")
+            raise SourceError(f"{p} is not a safetensors file (shorter than 8 bytes)", fix=fix)
         (n,) = struct.unpack("<Q", raw)
         size = p.stat().st_size
-        if n > min(size - 8, 100 << 20):
-            raise SourceError(f"{p} is not a valid safetensors file (header length {n})",
-                              fix="re-download or re-save the file")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise SourceError(f"{p} is not a valid safetensors file (header length {n})", fix=fix)
         try:
-            return json.loads(f.read(n))
-        except ValueError as e:
-            raise SourceError(f"{p}: bad safetensors header ({e})", fix="re-download or re-save the file")
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError) as e:
+            raise SourceError(f"{p}: bad safetensors header ({e})", fix=fix)
+    try:
+        validate_safetensors_header(header, path=p, size=size, data_start=8 + n)
+    except HeaderError as e:
+        raise SourceError(str(e), fix=fix) from None
+    return header
 
 
 def safetensors_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -389,9 +443,59 @@ def _bin_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return out
 
 
+class AdapterConfigError(ValueError):
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
+MAX_SCALE = 1e4  # lora_alpha / r beyond this is no trained adapter (and overflows bf16 weights)
+LORA_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def check_adapter_config(cfg: Any, where: str) -> dict[str, Any]:
+    """Validate the fields of adapter_config.json that the scale and shapes depend on; the one check `plan`
+    (inspect_adapter) and `merge` (merge.lora.open_adapter) share. Returns cfg; raises AdapterConfigError."""
+    fix = "fix adapter_config.json (peft's LoraConfig writes it), or re-save the adapter with peft"
+    if not isinstance(cfg, dict):
+        raise AdapterConfigError(f"{where}: a JSON {type(cfg).__name__}, not an object", fix)
+
+    def rank(v: Any, what: str) -> int:
+        if not _int(v) or not 1 <= v <= 65536:
+            raise AdapterConfigError(f"{where}: {what} is {json.dumps(v)[:40]}; a LoRA rank is an integer "
+                                     "from 1 to 65536", fix)
+        return v
+
+    def alpha(v: Any, what: str, r: int) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        scale = (v / (math.sqrt(r) if cfg.get("use_rslora") else r)) if ok else None
+        if not ok or scale > MAX_SCALE:  # type: ignore[operator]
+            raise AdapterConfigError(f"{where}: {what} is {json.dumps(v)[:40]}; it must be a finite number > 0 "
+                                     f"with alpha/r <= {MAX_SCALE:g} (0 merges nothing, NaN/inf poison the "
+                                     "weights)", fix)
+        return float(v)
+
+    r = rank(cfg.get("r", 8), "r")
+    alpha(cfg.get("lora_alpha", 8), "lora_alpha", r)
+    for key, check in (("rank_pattern", None), ("alpha_pattern", None)):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict):
+            raise AdapterConfigError(f"{where}: {key} must be an object (module pattern -> value)", fix)
+        for k, v in pat.items():
+            if key == "rank_pattern":
+                rank(v, f"rank_pattern[{k!r}]")
+            else:
+                alpha(v, f"alpha_pattern[{k!r}]", r)
+    return cfg
+
+
 def inspect_adapter(name: str, path: Path, *, source: str, weights_file: str | None = None,
                     sha256: str | None = None) -> AdapterInfo:
-    cfg = _read_json(path / "adapter_config.json")
+    try:
+        cfg = check_adapter_config(_read_json(path / "adapter_config.json"),
+                                   f"adapter {name!r}: {path / 'adapter_config.json'}")
+    except AdapterConfigError as e:
+        raise SourceError(str(e), fix=e.fix) from None
     wf = weights_file or next((f for f in ("adapter_model.safetensors", "adapter_model.bin")
                                if (path / f).is_file()), None)
     if wf is None:
@@ -400,7 +504,11 @@ def inspect_adapter(name: str, path: Path, *, source: str, weights_file: str | N
     wpath = path / wf
     fmt = "safetensors" if wf.endswith(".safetensors") else "bin"
     tensors = safetensors_tensors(wpath) if fmt == "safetensors" else _bin_tensors(wpath)
-    r = int(cfg.get("r") or 8)
+    bad = sorted({dt for t, (dt, _) in tensors.items() if parse_lora_name(t) and dt not in LORA_FLOAT_DTYPES | {"?"}})
+    if bad:
+        raise SourceError(f"adapter {name!r}: LoRA tensors of dtype {', '.join(bad)} in {wpath} (LoRA weights are "
+                          "floating point: F32, F16, BF16, F64)", fix="re-save the adapter with peft")
+    r = int(cfg.get("r", 8))
     rank_pattern = {str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
     alpha_pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
     module_ranks: dict[str, int] = {}
@@ -434,7 +542,7 @@ def inspect_adapter(name: str, path: Path, *, source: str, weights_file: str | N
         {p.group("mod").rsplit(".", 1)[-1] for t in tensors if (p := _LORA_RE.match(_strip_prefix(t)))})
     max_rank = max([r, *rank_pattern.values(), *module_ranks.values()])
     return AdapterInfo(
-        name=name, source=source, path=str(path), r=r, lora_alpha=float(cfg.get("lora_alpha") or r),
+        name=name, source=source, path=str(path), r=r, lora_alpha=float(cfg.get("lora_alpha", 8)),
         use_rslora=bool(cfg.get("use_rslora", False)), target_modules_config=cfg.get("target_modules"),
         target_modules=tuple(targets), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
         max_rank=int(max_rank), module_ranks=module_ranks, use_dora=bool(cfg.get("use_dora", False)),
@@ -467,5 +575,6 @@ def inspect(resolved: "ResolvedRecipe") -> Inventory:
     return Inventory(model=model, adapters=adapters, merge_base=merge_base, model_unavailable=unavailable)
 
 
-__all__ = ["AdapterInfo", "Inventory", "ModelInfo", "inspect", "inspect_adapter", "inspect_model",
+__all__ = ["AdapterConfigError", "HeaderError", "check_adapter_config", "validate_safetensors_header",
+           "AdapterInfo", "Inventory", "ModelInfo", "inspect", "inspect_adapter", "inspect_model",
            "model_info_from_config", "read_safetensors_header", "safetensors_tensors", "parse_lora_name"]

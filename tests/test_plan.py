@@ -290,7 +290,9 @@ def _run_plan(args: list[str], env: dict[str, str]) -> tuple[int, str, list[str]
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_plan_fast_no_torch(recipe: str, shipped_cache: dict[str, str]) -> None:
-    rc, out, bad, dt = _run_plan([f"recipes/{recipe}", "--device", "cuda", "--gpu-memory", "80GiB"], shipped_cache)
+    # the recipes serving on 0.0.0.0 need their key (an empty one is an error there: issue 16 item 2)
+    rc, out, bad, dt = _run_plan([f"recipes/{recipe}", "--device", "cuda", "--gpu-memory", "80GiB"],
+                                 {**shipped_cache, "PEFTDEPLOY_API_KEY": "k" * 32})
     assert bad == [], f"plan imported {bad}"
     assert dt < 2.0, f"plan took {dt:.2f}s"
     assert rc in (0, None), out[-3000:]
@@ -720,3 +722,39 @@ def test_hybrid_slot_shares(tmp_path: Path) -> None:
     assert SL.served_shares(r, ["a0", "a1"], "serve") == pytest.approx({"a0": 0.6, "a1": 0.2})
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB", vllm_version="0.32.0")
     assert plan.mode == "hybrid" and plan.derived["max_loras"].value == 3
+
+
+@pytest.mark.parametrize("host,sev", [("127.0.0.1", W), ("localhost", W), ("0.0.0.0", E), ("10.1.2.3", E)])
+@pytest.mark.parametrize("value", [None, ""])
+def test_empty_api_key_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, sev: Severity,
+                                   value: str | None) -> None:
+    """`${KEY:-}` with KEY unset or empty (shipped team-base.yaml) is a server without auth: plan says so
+    (issue 16 item 2), an error when the server listens beyond loopback."""
+    if value is None:
+        monkeypatch.delenv("PD_EMPTY_KEY", raising=False)
+    else:
+        monkeypatch.setenv("PD_EMPTY_KEY", value)
+    p = _multi(tmp_path, [8], f"serving:\n  host: {host}\n  api_key: ${{PD_EMPTY_KEY:-}}\n")
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    fs = [f for f in plan.findings if f.code == "api-key-empty"]
+    assert [f.severity for f in fs] == [sev] and "PD_EMPTY_KEY" in fs[0].message and fs[0].location.line == 8
+    monkeypatch.setenv("PD_EMPTY_KEY", "k" * 32)
+    plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    assert not [f for f in plan.findings if f.code == "api-key-empty"]
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_backbone_unavailable_fix_mentions_offline_only_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 offline: bool) -> None:
+    from peftdeploy.inspect import Inventory
+    from peftdeploy.plan.findings import CheckContext, check
+
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    p = _recipe(tmp_path, "backbone: {model: hf://nobody/not-cached}\n")
+    ctx = CheckContext(loaded=load_recipe(p), inventory=Inventory(model=None, adapters=(), model_unavailable="miss"),
+                       mode="serve", served=frozenset(), merged=frozenset())
+    f = next(f for f in check(ctx) if f.code == "backbone-unavailable")
+    assert ("HF_HUB_OFFLINE" in f.fix) == offline, f.fix

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from peftdeploy.recipe import load_recipe
@@ -152,6 +153,24 @@ def test_refusals_are_remembered_briefly(world):
 
 
 # -- cache -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fill,config", [(np.nan, {}), (np.inf, {}), (0.0, {"lora_alpha": float("nan")}),
+                                         (0.0, {"lora_alpha": 0})])
+def test_non_finite_adapter_refused(world, fill, config):
+    """A lora_B of NaN/inf (or a NaN / zero lora_alpha) is refused with 422 before vLLM loads it (issue 16):
+    loaded, it turned every answer of its batch into ''."""
+    from safetensors.numpy import load_file, save_file
+
+    tmp, core = world
+    d = write_adapter(tmp / "catalog" / "poison", BASE, r=8, base_model="acme/tiny-llama", **config)
+    st = d / "adapter_model.safetensors"
+    t = load_file(str(st))
+    save_file({k: (np.full(v.shape, fill, v.dtype) if "lora_B" in k else v) for k, v in t.items()}, str(st))
+    with pytest.raises(AdapterRefused) as ei:
+        core.resolve("poison")
+    assert ei.value.status == 422
+    assert ("NaN/inf" in ei.value.message) or ("lora_alpha" in ei.value.message), ei.value.message
+
+
 def _fill(size: int, counter: list[int] | None = None, delay: float = 0.0):
     def fill(d: Path) -> None:
         if counter is not None:

@@ -84,6 +84,7 @@ BAD: list[tuple[str, str, int, str]] = [
     ("lora-kernels-type", GOOD + "  lora_kernels: [peftdeploy]\n", 13, "serving.lora_kernels"),
     ("literal-api-key", GOOD + "  api_key: sk-123456\n", 13, "environment"),
     ("unset-env", GOOD + "  api_key: ${PD_TEST_SURELY_UNSET}\n", 13, "PD_TEST_SURELY_UNSET"),
+    ("secret-literal-default", GOOD + "  api_key: ${PD_TEST_KEY_UNSET:-changeme}\n", 13, "default written in the recipe"),
     ("unset-env-in-model", GOOD.replace("./model", "${PD_TEST_MODEL_UNSET}/m"), 4, "PD_TEST_MODEL_UNSET"),
     ("bad-env-syntax", GOOD.replace("./model", "${1BAD}"), 4, "bad variable reference"),
     ("invalid-yaml-indent", GOOD.replace("  dtype: bfloat16", " dtype: bfloat16"), 5, "invalid YAML"),
@@ -344,3 +345,57 @@ def test_cli_fast_and_light() -> None:
 def test_version() -> None:
     res = CliRunner().invoke(main, ["--version"])
     assert res.exit_code == 0 and "0.1.0" in res.output
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile files (issue 16, items 6 and 9): bounded, exit 2 in well under a second, no traceback
+# ------------------------------------------------------------------------------------------------
+def _bomb() -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 9):
+        lines.append(f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]")
+    return GOOD + "\n".join(lines) + "\n"
+
+
+HOSTILE = {
+    "alias-bomb": (_bomb, "aliases"),
+    "huge-file": (lambda: GOOD + "#" * (2 << 20) + "\n", "larger than 1 MiB"),
+    "deep-nesting": (lambda: GOOD + "x: " + "[" * 500 + "]" * 500 + "\n", "nest"),
+    "long-integer": (lambda: GOOD.replace("port: 8000", "port: " + "9" * 5001), "out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_recipe_is_refused_fast(tmp_path: Path, case: str) -> None:
+    import time
+
+    make, needle = HOSTILE[case]
+    p = _write(tmp_path, make())
+    t = time.perf_counter()
+    res = CliRunner().invoke(main, ["validate", str(p)])
+    dt = time.perf_counter() - t
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2, (res.exception, res.output[-2000:])
+    assert needle in res.output and dt < 1.0, (dt, res.output[-500:])
+
+
+def test_validate_dev_zero_is_bounded() -> None:
+    res = CliRunner().invoke(main, ["validate", "/dev/zero"])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2 and "larger than" in res.output
+
+
+def test_nested_default(tmp_path: Path) -> None:
+    p = _write(tmp_path, GOOD.replace("./model", "${PD_TEST_A:-${PD_TEST_B:-./fallback}}/m"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PD_TEST_")}
+    assert load_recipe(p, env=env).recipe.backbone.model == str(tmp_path / "fallback" / "m")
+    assert load_recipe(p, env={**env, "PD_TEST_B": "/b"}).recipe.backbone.model == "/b/m"
+    assert load_recipe(p, env={**env, "PD_TEST_A": "/a"}).recipe.backbone.model == "/a/m"
+
+
+@pytest.mark.parametrize("target,needle", [(".", "directory"), ("https://example.com/base.yaml", "not a URL"),
+                                           ("/etc/passwd", "not a .yaml recipe")])
+def test_extends_targets_are_named_precisely(tmp_path: Path, target: str, needle: str) -> None:
+    p = _write(tmp_path, GOOD.replace("name: good\n", f"name: good\nextends: {target}\n"))
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p)
+    text = ei.value.render()
+    assert needle in text and "root:" not in text, text

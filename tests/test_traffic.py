@@ -460,3 +460,35 @@ def test_plan_observed_errors(fake_server, tmp_path, monkeypatch):
     fake_server('peftdeploy_requests_total{model="demo"} 5.0\n', mode="merge", merge_adapters=["pirate", "json"])
     r = _plan([demo, "--observed", "--device", "cpu"])
     assert r.exit_code == 2 and "cannot be attributed to one adapter" in r.output and "policy.traffic" in r.output
+
+
+# ------------------------------------------------------------------------------ issue 16, item 9
+def test_catalog_adapters_and_invocations_are_counted(monkeypatch):
+    """An adapter the resolver loaded on demand is counted under its name (not __other__); so are SageMaker
+    /invocations, by body model or the adapter header."""
+    import peftdeploy.vllm_plugin as plugin
+
+    class Core:
+        resolved_names = {"from-catalog"}
+
+    monkeypatch.setitem(plugin._state, "core", Core())
+    c, _ = _counter()
+    mw = tr.TrafficMiddleware(Recorder(), NAMES, counter=c)
+    _run(mw, _body({"model": "from-catalog", "prompt": "x"}))
+    _run(mw, _body({"model": "never-resolved", "prompt": "x"}))
+    _run(mw, _body({"model": "pirate", "prompt": "x"}), path="/invocations")
+    _run(mw, _body({"prompt": "x"}), path="/invocations",
+         extra_headers=[(b"X-Amzn-SageMaker-Adapter-Identifier", b"json")])
+    assert _count(c, "from-catalog") == 1 and _count(c, "__other__") == 1
+    assert _count(c, "pirate") == 1 and _count(c, "json") == 1
+
+
+@pytest.mark.parametrize("field", ["n", "best_of"])
+def test_n_above_the_cap_is_refused(monkeypatch, field):
+    monkeypatch.setenv("PEFTDEPLOY_MAX_N", "8")
+    c, _ = _counter()
+    app = Recorder()
+    sent, _ = _run(tr.TrafficMiddleware(app, NAMES, counter=c), _body({"model": "pirate", field: 10000}))
+    assert sent[0]["status"] == 400 and b"at most 8" in sent[1]["body"] and app.received == []
+    sent, _ = _run(tr.TrafficMiddleware(Recorder(), NAMES, counter=c), _body({"model": "pirate", field: 8}))
+    assert sent[0]["status"] == 200

@@ -14,6 +14,9 @@ from typing import Any
 # `up` adds ("--middleware", TRAFFIC_MIDDLEWARE) and MODEL_NAMES_ENV (the served names, base first,
 # comma-joined); renderers drop both, since cluster images (vllm/vllm-openai) have no peftdeploy.
 TRAFFIC_MIDDLEWARE = "peftdeploy.vllm_plugin.traffic.TrafficMiddleware"
+# The API key on every route, vLLM's runtime adapter routes closed (peftdeploy.vllm_plugin.guard): `up` adds
+# ("--middleware", GUARD_MIDDLEWARE) last, so it runs first; renderers drop it with the traffic counter.
+GUARD_MIDDLEWARE = "peftdeploy.vllm_plugin.guard.GuardMiddleware"
 MODEL_NAMES_ENV = "PEFTDEPLOY_MODEL_NAMES"
 # Which LoRA kernels peftdeploy's vLLM plugin selects in every vLLM process (peftdeploy | vllm): set by plan
 # from serving.lora_kernels whenever adapters are served as LoRA; `up` and every renderer pass it on

@@ -53,9 +53,10 @@ from typing import Any, Sequence
 
 
 from peftdeploy.errors import MergeError
-from peftdeploy.util import cache_root
+from peftdeploy.util import cache_root, pid_alive
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      AdapterInput, MergeResult, backbone_fingerprint, dtype_name, sha256_json)
+from peftdeploy.merge import manifest
 from peftdeploy.merge.hashing import HashCache
 from peftdeploy.merge.lora import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS
 
@@ -108,15 +109,25 @@ def merge_key(backbone_dir: str | os.PathLike[str], adapters: Sequence[AdapterIn
     return sha256_json(identity), identity
 
 
-def _marker_key(d: Path) -> str | None:
+def _marker(d: Path) -> dict[str, Any]:
     try:
-        return json.loads((d / COMPLETE_MARKER).read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
+        m = json.loads((d / COMPLETE_MARKER).read_text())
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _marker_key(d: Path) -> str | None:
+    return _marker(d).get("key")
+
+
+def _hit(final: Path, key: str, t0: float, verify: bool | None = None) -> MergeResult | None:
+    m = _marker(final)
+    if m.get("key") != key:
         return None
-
-
-def _hit(final: Path, key: str, t0: float) -> MergeResult | None:
-    if _marker_key(final) != key:
+    problem = manifest.verify(final, m.get("files"), full=verify)
+    if problem:
+        manifest.report(final, problem)
         return None
     prov: dict[str, Any] = {}
     try:
@@ -131,8 +142,13 @@ def _rmtree(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
-    """Delete leftovers of killed merges under a cache root (tmp dirs whose key lock is free)."""
+def _pid_dead(pid: int) -> bool:
+    return not pid_alive(pid)
+
+
+def cleanup_stale(root: str | os.PathLike[str], *, dead_only: bool = False) -> list[Path]:
+    """Delete leftovers of killed merges under a cache root (tmp dirs whose key lock is free), or under
+    an explicit output's parent (`dead_only`: tmp dirs whose writing process is gone)."""
     root = Path(root)
     removed = []
     if not root.is_dir():
@@ -140,6 +156,12 @@ def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
     for p in root.iterdir():
         m = _TMP_RE.match(p.name) or _OLD_RE.match(p.name)
         if not m:
+            continue
+        if _pid_dead(int(m["pid"])):
+            _rmtree(p)
+            removed.append(p)
+            continue
+        if dead_only:
             continue
         from filelock import FileLock, Timeout  # imported here: ~25 ms that merge_model's callers need not pay
 
@@ -158,8 +180,8 @@ def cleanup_stale(root: str | os.PathLike[str]) -> list[Path]:
 
 def lookup_cached(backbone_dir: str | os.PathLike[str], adapters: Sequence[AdapterInput], *, dtype: Any = "auto",
                   output: str | os.PathLike[str] | None = None, cache_root: str | os.PathLike[str] | None = None,
-                  shard_size_bytes: int = DEFAULT_SHARD_SIZE) -> MergeResult | None:
-    """The cached/previous result of this merge if there is one (never merges)."""
+                  shard_size_bytes: int = DEFAULT_SHARD_SIZE, verify: bool | None = None) -> MergeResult | None:
+    """The cached/previous result of this merge if there is one and it verifies (never merges)."""
     t0 = time.perf_counter()
     root = Path(cache_root) if cache_root else default_cache_root()
     hc = HashCache(root / HASH_MEMO)
@@ -167,7 +189,7 @@ def lookup_cached(backbone_dir: str | os.PathLike[str], adapters: Sequence[Adapt
     if root.is_dir():
         hc.save()
     final = Path(output).absolute() if output is not None else root / key
-    return _hit(final, key, t0)
+    return _hit(final, key, t0, verify)
 
 
 def merge_cached(
@@ -185,6 +207,7 @@ def merge_cached(
     overwrite: bool = False,
     fsync: bool = False,
     lock_timeout: float = -1,
+    verify: bool | None = None,
 ) -> MergeResult:
     """Merge (or find the previous merge of) these adapters into this backbone.
 
@@ -193,7 +216,8 @@ def merge_cached(
     existing `output` is reused when it is a previous peftdeploy output of the same key, replaced
     when it is empty or (with ``overwrite=True``) a peftdeploy output of another key, and never
     touched otherwise (MergeError). `lock_timeout`: seconds to wait for a concurrent merge of the
-    same key (-1: forever).
+    same key (-1: forever). `verify`: hash every file of a hit (default: only files whose size or
+    mtime changed; ``PEFTDEPLOY_VERIFY_CACHE=1``); a hit that fails verification is merged again.
     """
     t0 = time.perf_counter()
     root = (Path(cache_root) if cache_root else default_cache_root()).absolute()
@@ -214,7 +238,7 @@ def merge_cached(
         parent.mkdir(parents=True, exist_ok=True)
         lock_path = parent / f".{final.name}.peftdeploy.lock"
 
-    hit = _hit(final, key, t0)
+    hit = _hit(final, key, t0, verify)
     if hit:
         return hit
 
@@ -230,7 +254,7 @@ def merge_cached(
         if prev is None:
             raise MergeError(f"merge output {final} exists and is not a peftdeploy merge output",
                              fix="choose another output directory, or remove it")
-        if output is not None and not overwrite:
+        if output is not None and not overwrite and prev != key:  # same key: a damaged copy, rebuilt
             raise MergeError(f"merge output {final} holds a different merge (key {prev[:12]}…)",
                              fix="remove it, choose another output directory, or allow overwriting")
         return True
@@ -245,7 +269,7 @@ def merge_cached(
                          fix="wait for the other merge to finish, or remove a stale lock file "
                              f"{lock_path} if no merge is running") from None
     try:
-        hit = _hit(final, key, t0)
+        hit = _hit(final, key, t0, verify)  # another process may have merged it while we waited
         if hit:
             return hit
         # leftovers of killed merges of this key (any live merge of it would hold the lock)
@@ -263,7 +287,8 @@ def merge_cached(
                           _extra_provenance={"cache_key": key, "identity": identity,
                                              "key_seconds": round(t_key, 4)})
         marker = {"key": key, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "merge_engine_version": MERGE_ENGINE_VERSION}
+                  "merge_engine_version": MERGE_ENGINE_VERSION,
+                  "files": manifest.build(tmp, skip=COMPLETE_MARKER)}
         mp = tmp / COMPLETE_MARKER
         mp.write_text(json.dumps(marker) + "\n")
         if fsync:
@@ -293,7 +318,8 @@ def merge_cached(
         raise
     finally:
         lock.release()
-    if output is None:
-        cleanup_stale(root)
+    cleanup_stale(root)
+    if output is not None:
+        cleanup_stale(parent, dead_only=True)  # killed merges of other keys next to the output
     return MergeResult(path=final, cache_hit=False, key=key, seconds=time.perf_counter() - t0, dtype=res.dtype,
                        provenance=res.provenance)

@@ -18,9 +18,11 @@ from ..errors import PlanError
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Plan for this device (decides the served dtype/scheme checks).")
+@click.option("--verify", is_flag=True, help="Hash every file of a cached result before using it (default: only "
+              "sizes, and the hash of files whose mtime changed).")
 @json_option
 @user_errors
-def merge_cmd(recipe: str, device: str, as_json: bool) -> None:
+def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     """Merge the recipe's adapters into the backbone (full precision, then quantize; cached).
 
     Prints the directory vLLM serves (stdout; --json for all details).
@@ -41,6 +43,12 @@ def merge_cmd(recipe: str, device: str, as_json: bool) -> None:
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
+    if verify:  # read by the merge and quantize caches (peftdeploy.merge.manifest)
+        import os
+
+        from .manifest import VERIFY_ENV
+
+        os.environ[VERIFY_ENV] = "1"
     spec, info = materialize(plan, spec, quiet=as_json, log=say)
     step = spec.merge
     if as_json:

@@ -488,6 +488,15 @@ def _fused(tp: TensorPlan, ctx: _Ctx) -> _Fused:
 PIECE_ELEMENTS = 1 << 20  # a thread's unit of work in _write_fused (2-4 MiB of output)
 
 
+def _check_finite(name: str, code: str, data: "np.ndarray | memoryview") -> None:
+    """Refuse merged bytes holding NaN/inf (all exponent bits set): alpha, weights or a delta overflowed."""
+    n = stio.nonfinite_count(code, data)
+    if n:
+        raise MergeError(f"merged tensor {name} has {n} NaN/inf values ({code}): an adapter's lora_alpha, weight "
+                         "or delta overflows it", fix="check the adapters' lora_alpha / r and the recipe's weight "
+                         "values; nothing was written to the cache")
+
+
 def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, kern: kernels.Kernel,
                  helpers: ThreadPoolExecutor | None, nhelpers: int) -> None:
     """Merge one weight into the writer's staging buffers. Each span is cut into pieces that this
@@ -508,6 +517,7 @@ def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, ker
                 except IndexError:
                     return
                 kern.merge_fd(fd, off, sc, buf[a * osz:b * osz], oc, fz.factors, e + a, e + b)
+                _check_finite(tp.name, oc, buf[a * osz:b * osz])
 
         k = min(nhelpers, len(pieces) - 1) if helpers is not None else 0
         futs = [helpers.submit(work) for _ in range(k)]
@@ -942,6 +952,8 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
                         n_merged += 1
                         n_fused += 1
                     else:
+                        if tp.contributions or tp.dora or tp.bias_from:
+                            _check_finite(tp.name, tp.out_dtype, res.data)
                         w.write_bytes(tp.name, res.data)
                         for b in res.buffers:
                             ctx.pool.put(b)

@@ -308,6 +308,12 @@ def open_adapter(path: str | os.PathLike[str], *, name: str | None = None, allow
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise _err(name, f"{cfg_path} is not valid JSON ({e})", "re-save the adapter with peft") from None
+    from ..inspect import AdapterConfigError, check_adapter_config  # the checks plan runs too
+
+    try:
+        check_adapter_config(cfg, str(cfg_path))
+    except AdapterConfigError as e:
+        raise _err(name, str(e), e.fix) from None
     _check_config(name, cfg, allow_dora=allow_dora)
 
     st = path / ADAPTER_SAFETENSORS
@@ -320,6 +326,12 @@ def open_adapter(path: str | os.PathLike[str], *, name: str | None = None, allow
         except stio.SafetensorsFormatError as e:
             raise _err(name, f"{st} is not a valid safetensors file ({e})", "re-save the adapter") from None
         weights_path = st
+        from ..inspect import LORA_FLOAT_DTYPES, parse_lora_name
+
+        bad = sorted({i.dtype for k, i in infos.items() if parse_lora_name(k) and i.dtype not in LORA_FLOAT_DTYPES})
+        if bad:
+            raise _err(name, f"{st} has LoRA tensors of dtype {', '.join(bad)}; LoRA weights are floating point",
+                       "re-save the adapter with peft")
         shapes = {k: v.shape for k, v in infos.items()}
     elif pk.is_file():
         if not allow_pickle:

@@ -115,28 +115,57 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             raise SafetensorsFormatError(f"{path}: invalid safetensors header length {n}")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise SafetensorsFormatError(f"{path}: safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsFormatError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
+    from ..inspect import HeaderError, validate_safetensors_header  # the validator plan uses too
+
+    try:
+        entries, metadata = validate_safetensors_header(header, path=path, size=size, data_start=data_start)
+    except HeaderError as e:
+        raise SafetensorsFormatError(str(e)) from None
     items = []
-    for name, d in header.items():
-        try:
-            dt, shape, (b, e) = d["dtype"], tuple(int(s) for s in d["shape"]), d["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsFormatError(f"{path}: malformed header entry for {name!r}") from None
+    for name, (dt, shape, b, e) in entries.items():
         if dt not in ST_ITEMSIZE:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if e - b != numel * ST_ITEMSIZE[dt] or b < 0 or data_start + e > size:
-            raise SafetensorsFormatError(f"{path}: tensor {name!r} has inconsistent offsets")
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} has dtype {dt}, which the merge cannot read")
         items.append(TensorInfo(name, dt, shape, path, data_start + b, e - b))
     items.sort(key=lambda t: t.offset)
     return SafetensorsHeader(path, size, data_start, {t.name: t for t in items}, dict(metadata))
+
+
+_EXP_MASK = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000),
+             "F64": ("<u8", 0x7FF0000000000000)}
+
+
+def nonfinite_count(code: str, data: Any) -> int:
+    """NaN/inf values (all exponent bits set) in the raw bytes of a float tensor of dtype `code` (0 for
+    other dtypes): one masked compare, no conversion."""
+    import numpy as np
+
+    m = _EXP_MASK.get(code)
+    if m is None:
+        return 0
+    dt = np.dtype(m[0])
+    a = np.frombuffer(data, dtype=np.uint8)
+    a = a[: a.size - a.size % dt.itemsize].view(dt)
+    mask = dt.type(m[1])
+    return int(np.count_nonzero((a & mask) == mask))
+
+
+def file_nonfinite(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Tensor name -> NaN/inf count for the float tensors of a safetensors file that hold any."""
+    h = read_header(path)
+    out: dict[str, int] = {}
+    fd = os.open(h.path, os.O_RDONLY)
+    try:
+        for t in h.tensors.values():
+            if t.dtype in _EXP_MASK and t.nbytes:
+                n = nonfinite_count(t.dtype, pread_exact(fd, t.nbytes, t.offset))
+                if n:
+                    out[t.name] = n
+    finally:
+        os.close(fd)
+    return out
 
 
 def pread_exact(fd: int, nbytes: int, offset: int, into: memoryview | None = None) -> memoryview:

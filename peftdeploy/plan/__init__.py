@@ -107,7 +107,7 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     served_ranks = {a.name: a.max_rank for a in served} if mode == "hybrid" else {}
     ctx = findings.CheckContext(loaded=loaded, inventory=inventory, mode=mode,
                                 served=frozenset(checked), merged=frozenset(merged), device=dev,
-                                served_ranks=served_ranks)
+                                served_ranks=served_ranks, local=server_image is None)
     fs = findings.check(ctx)
     if traffic_source is None and r.policy.traffic:
         traffic_source = "policy.traffic"

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
+from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args
@@ -212,6 +212,7 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     # requests per served name (peftdeploy_requests_total on /metrics): `up` runs peftdeploy-vllm, so the
     # serving host has peftdeploy, as for the plugin reading PEFTDEPLOY_RECIPE; render drops both
     args.append(("--middleware", TRAFFIC_MIDDLEWARE))
+    args.append(("--middleware", GUARD_MIDDLEWARE))  # added last = outermost: the key on every route
     args += extra_arg_flags(s.extra_args)
 
     env: list[tuple[str, str]] = []
@@ -219,6 +220,9 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(derived["cpu_kvcache_space"].value)))
     env.append(("PEFTDEPLOY_RECIPE", str(loaded.path)))
     env.append((MODEL_NAMES_ENV, ",".join([served_name, *(a.name for a in adapters)])))
+    max_n = mns.value if mns is not None else s.max_num_seqs
+    if isinstance(max_n, int):  # the traffic middleware refuses n / best_of above it (a batch's worth)
+        env.append(("PEFTDEPLOY_MAX_N", str(max_n)))
     if lora_enabled and r.policy.dynamic_loading and mode == "serve":
         env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     if lora_enabled and lora_kernels:  # which LoRA kernels the plugin selects in every vLLM process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass, field as dc_field
 from functools import lru_cache
@@ -33,6 +34,7 @@ class CheckContext:
     device: str = "cuda"
     # hybrid: the rank vLLM actually serves per adapter (r_i + r_hot), when it differs from the file's
     served_ranks: dict[str, int] = dc_field(default_factory=dict)
+    local: bool = True  # the plan is for `up` on this machine (False: `render`, the cluster supplies host/secret)
 
     @property
     def recipe(self):
@@ -331,6 +333,28 @@ def _fifo(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
                  "check the shape findings; retrain on this backbone if they mismatch", a.name, ctx.aloc(a))
 
 
+NONFINITE_SCAN_BYTES = 2 << 30  # adapters up to this size are scanned for NaN/inf values (one masked compare)
+
+
+@adapter_check("non-finite")
+def _non_finite(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
+    """A NaN/inf lora_B makes every answer of a batch it is in '' (issue 16): refused before vLLM loads it."""
+    if a.format != "safetensors" or not a.path or a.bytes > NONFINITE_SCAN_BYTES:
+        return
+    from pathlib import Path
+
+    from ..merge.stio import SafetensorsFormatError, file_nonfinite
+
+    try:
+        bad = file_nonfinite(Path(a.path) / "adapter_model.safetensors")
+    except (SafetensorsFormatError, OSError):
+        return  # unreadable files are reported where they are read
+    if bad:
+        yield _f("non-finite", E, f"adapter {a.name!r} holds {sum(bad.values())} NaN/inf values in {len(bad)} "
+                 f"tensors (first: {next(iter(bad))})", "the adapter is broken; re-train or re-export it",
+                 a.name, ctx.aloc(a), tensors=len(bad))
+
+
 @adapter_check("layers-to-transform")
 def _layers(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
     if a.layers_to_transform is not None and ctx.model is not None:
@@ -358,7 +382,8 @@ def _backbone_unavailable(ctx: CheckContext) -> Iterable[Finding]:
     if ctx.model is None:
         yield _f("backbone-unavailable", E, f"cannot inspect the backbone {ctx.recipe.backbone.model} offline: "
                  f"{ctx.inventory.model_unavailable or 'its config.json is not available'}",
-                 "run `peftdeploy plan` once online (unset HF_HUB_OFFLINE) or pre-download it "
+                 "run `peftdeploy plan` once online" + (" (unset HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE")
+                                                        else "") + " or pre-download it "
                  f"(huggingface-cli download {ctx.recipe.backbone.model.removeprefix('hf://')} config.json)",
                  "backbone", ctx.loc("backbone", "model"))
 
@@ -457,6 +482,29 @@ def _revision(ctx: CheckContext) -> Iterable[Finding]:
                      f"{subject} {src} follows {'branch ' + repr(rev) if rev else 'the default branch'}; the "
                      "deployment changes when the repo does", "pin a commit sha in revision: for reproducible "
                      "deployments", subject, ctx.loc(*path) or ctx.loc(*path[:-1]))
+
+
+@recipe_check("api-key-empty")
+def _api_key_empty(ctx: CheckContext) -> Iterable[Finding]:
+    key = ctx.recipe.serving.api_key
+    if key.env and not key.is_set and ctx.local:
+        host = ctx.recipe.serving.host
+        yield _f("api-key-empty", W if _is_loopback(host) else E,
+                 f"serving.api_key: ${{{key.env}}} is unset or empty, so the server on {host} takes requests "
+                 "without any key", f"export {key.env}=<a long random key> (e.g. `openssl rand -hex 24`)"
+                 + ("" if _is_loopback(host) else ", or serve on serving.host: 127.0.0.1"),
+                 "serving", ctx.loc("serving", "api_key"), env=key.env, host=host)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @recipe_check("model-len")

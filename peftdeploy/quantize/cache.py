@@ -15,6 +15,7 @@ Layout: ``$PEFTDEPLOY_CACHE/quantized`` (else ``$XDG_CACHE_HOME/peftdeploy/quant
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,18 @@ def _marker_key(d: Path) -> str | None:
         return json.loads((d / COMPLETE_MARKER).read_text()).get("key")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _verified(d: Path, key: str) -> bool:
+    """`d` is a complete entry of `key` whose files match its manifest (peftdeploy.merge.manifest)."""
+    from peftdeploy.merge import manifest
+
+    if _marker_key(d) != key:
+        return False
+    problem = manifest.verify(d, json.loads((d / COMPLETE_MARKER).read_text()).get("files"))
+    if problem:
+        manifest.report(d, problem)
+    return problem is None
 
 
 def source_identity(src_dir: str | os.PathLike[str], cache_root: Path | None = None) -> dict[str, Any]:
@@ -99,7 +112,7 @@ def lookup_quantized(src_dir: str | os.PathLike[str], scheme: str, *, group_size
     root = Path(cache_root) if cache_root else default_quant_cache_root()
     key, _ = quant_key(src_dir, scheme, group_size=group_size, cache_root=root if root.is_dir() else None)
     d = root / key
-    return d if _marker_key(d) == key else None
+    return d if _verified(d, key) else None
 
 
 def quantize_cached_result(
@@ -118,7 +131,7 @@ def quantize_cached_result(
     key, identity = quant_key(src_dir, scheme, group_size=group_size, method=method, cache_root=root)
     final = root / key
     s = canonical_scheme(scheme)
-    if _marker_key(final) == key:
+    if _verified(final, key):
         return QuantizedCheckpoint(final, True, key, s, time.perf_counter() - t0)
     try:
         lock = FileLock(str(root / f"{key}.lock"), timeout=lock_timeout)
@@ -127,7 +140,7 @@ def quantize_cached_result(
         raise MergeError(f"timed out after {lock_timeout}s waiting for another quantization of {final}",
                          fix=f"wait for it, or remove a stale {root / (key + '.lock')}") from None
     try:
-        if _marker_key(final) == key:
+        if _verified(final, key):
             return QuantizedCheckpoint(final, True, key, s, time.perf_counter() - t0)
         for p in root.iterdir():
             if p.name.startswith(f".tmp-{key}-"):
@@ -135,13 +148,23 @@ def quantize_cached_result(
         if final.exists():  # incomplete leftover without a valid marker
             shutil.rmtree(final, ignore_errors=True)
         tmp = root / f".tmp-{key}-{os.getpid()}"
+        from peftdeploy.merge import manifest
+
         try:
             res = quantize_model(src_dir, tmp, s, group_size=group_size, method=method, progress=progress,
                                  provenance={"cache_key": key, "identity": identity})
             (tmp / COMPLETE_MARKER).write_text(json.dumps(
                 {"key": key, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "quantizer_version": QUANTIZER_VERSION}) + "\n")
+                 "quantizer_version": QUANTIZER_VERSION,
+                 "files": manifest.build(tmp, skip=COMPLETE_MARKER)}) + "\n")
             os.rename(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise MergeError(f"the disk under {root} filled up while writing the {s} checkpoint ({e.strerror}); "
+                                 "nothing was kept", fix="free space there (about the merged model's size), or "
+                                 "point PEFTDEPLOY_CACHE at a larger disk") from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -44,15 +44,30 @@ class _Constructor(yaml.constructor.SafeConstructor):
     pass
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; this bounds memory and time on anything else
+MAX_NODES = 100_000  # values after YAML aliases are expanded (an alias "bomb" multiplies them)
+MAX_DEPTH = 64  # nesting of mappings / lists
+
+
 def _parse_file(path: Path, display: str) -> _Val:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {display} is larger than {MAX_RECIPE_BYTES >> 20} MiB",
+                              location=Location(file=display), fix="a recipe is a short YAML file; check the path")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file not found: {display}", fix="check the path")
+    except IsADirectoryError:
+        raise RecipeError(f"{display} is a directory, not a recipe file", fix="name the recipe's .yaml file")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe file {display}: {e}")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise RecipeError(f"the YAML in {display} is nested too deeply", location=Location(file=display),
+                          fix=f"a recipe nests a few levels; at most {MAX_DEPTH}")
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         if e.context_mark is not None and e.problem and "<stream end>" in e.problem:
@@ -72,7 +87,7 @@ def _parse_file(path: Path, display: str) -> _Val:
             f"the top level of a recipe must be a mapping of keys (apiVersion, name, backbone, ...), "
             f"not a {_kind(node)}", location=_loc(display, node.start_mark),
             fix="write 'key: value' lines at the top level")
-    return _convert(node, display, path.parent.resolve(), _Constructor())
+    return _convert(node, display, path.parent.resolve(), _Constructor(), [0])
 
 
 def _kind(node: yaml.Node) -> str:
@@ -83,8 +98,16 @@ def _kind(node: yaml.Node) -> str:
     return "scalar"
 
 
-def _convert(node: yaml.Node, file: str, base_dir: Path, ctor: _Constructor) -> _Val:
+def _convert(node: yaml.Node, file: str, base_dir: Path, ctor: _Constructor, count: list[int],
+             depth: int = 0) -> _Val:
     loc = _loc(file, node.start_mark)
+    count[0] += 1
+    if count[0] > MAX_NODES:
+        raise RecipeError(f"the recipe expands to more than {MAX_NODES:,} values (YAML aliases '*' repeat what "
+                          "their anchor '&' holds)", location=loc, fix="write the values out instead of nesting aliases")
+    if depth > MAX_DEPTH:
+        raise RecipeError(f"the recipe nests deeper than {MAX_DEPTH} levels", location=loc,
+                          fix="a recipe nests a few levels of mappings and lists")
     if isinstance(node, yaml.MappingNode):
         out: dict[str, _Val] = {}
         for knode, vnode in node.value:
@@ -94,7 +117,10 @@ def _convert(node: yaml.Node, file: str, base_dir: Path, ctor: _Constructor) -> 
                                   fix="use 'extends: ./parent.yaml' to share settings")
             if not isinstance(knode, yaml.ScalarNode):
                 raise RecipeError("mapping keys must be plain names", location=kloc)
-            key = ctor.construct_object(knode)
+            try:
+                key = ctor.construct_object(knode)
+            except (ValueError, OverflowError, yaml.constructor.ConstructorError):
+                raise RecipeError("mapping keys must be plain names", location=kloc) from None
             if not isinstance(key, str):
                 key = str(key)
             if key in out:
@@ -102,16 +128,18 @@ def _convert(node: yaml.Node, file: str, base_dir: Path, ctor: _Constructor) -> 
                 raise RecipeError(
                     f"duplicate key {key!r} (first written at line {first.line if first else '?'})",
                     location=kloc, fix="remove one of the two; YAML would silently keep only the last")
-            child = _convert(vnode, file, base_dir, ctor)
+            child = _convert(vnode, file, base_dir, ctor, count, depth + 1)
             child.key_loc = kloc
             out[key] = child
         return _Val(out, loc, base_dir=base_dir)
     if isinstance(node, yaml.SequenceNode):
-        return _Val([_convert(n, file, base_dir, ctor) for n in node.value], loc, base_dir=base_dir)
+        return _Val([_convert(n, file, base_dir, ctor, count, depth + 1) for n in node.value], loc, base_dir=base_dir)
     try:
         value = ctor.construct_object(node)
     except yaml.constructor.ConstructorError as e:
         raise RecipeError(f"unsupported YAML value: {e.problem}", location=loc)
+    except (ValueError, OverflowError) as e:  # e.g. an integer of thousands of digits
+        raise RecipeError(f"value out of range: {str(e)[:120]}", location=loc, fix="write a number of normal size")
     return _Val(value, loc, base_dir=base_dir)
 
 
@@ -138,7 +166,11 @@ def _load_chain(path: Path, chain: list[Path]) -> tuple[_Val, list[Path]]:
     if not isinstance(ext.value, str) or not ext.value.strip():
         raise RecipeError("'extends' must be a path to a parent recipe file", location=ext.loc,
                           fix="write e.g. 'extends: ./team-base.yaml' (relative to this file)")
-    parent = Path(_interpolate_str(ext.value, ext.loc, ("extends",)))
+    target = _interpolate_str(ext.value, ext.loc, ("extends",))
+    if _SCHEME_RE.match(target):
+        raise RecipeError(f"'extends' takes a local recipe file, not a URL ({target!r})", location=ext.loc,
+                          fix="download the parent recipe next to this one and write 'extends: ./parent.yaml'")
+    parent = Path(os.path.expanduser(target))
     if not parent.is_absolute():
         parent = (real.parent / parent)
     parent_real = parent.resolve()
@@ -146,9 +178,15 @@ def _load_chain(path: Path, chain: list[Path]) -> tuple[_Val, list[Path]]:
         cycle = " -> ".join(_display(p) for p in [*chain, real, parent_real])
         raise RecipeError(f"'extends' forms a cycle: {cycle}", location=ext.loc,
                           fix="remove the 'extends' that points back to a recipe already in the chain")
+    if parent.is_dir():
+        raise RecipeError(f"'extends' names {ext.value!r}, which is a directory, not a recipe file",
+                          location=ext.loc, fix="name the parent recipe's .yaml file")
     if not parent.is_file():
         raise RecipeError(f"'extends' names {ext.value!r}, but {_display(parent)} does not exist",
                           location=ext.loc, fix="fix the path; it is relative to the file that writes it")
+    if parent.suffix.lower() not in (".yaml", ".yml"):  # never parse (and quote in errors) any other file
+        raise RecipeError(f"'extends' names {ext.value!r}, which is not a .yaml recipe", location=ext.loc,
+                          fix="extend a recipe file (.yaml or .yml)")
     base, base_files = _load_chain(parent, [*chain, real])
     return _deep_merge(base, tree), [*base_files, *files]
 
@@ -168,26 +206,41 @@ def _deep_merge(base: _Val, child: _Val) -> _Val:
 # --------------------------------------------------------------------------------------------
 def _interpolate_str(s: str, loc: Location, path: tuple[Any, ...], env: Mapping[str, str] | None = None,
                      refs: list[str] | None = None) -> str:
+    """``${NAME}`` / ``${NAME:-default}`` (the default may itself hold ``${...}``, read only when NAME is unset)."""
     env = os.environ if env is None else env
-
-    def sub(m: re.Match[str]) -> str:
-        vm = _VAR_RE.match(m.group(1))
+    out: list[str] = []
+    i = 0
+    while True:
+        j = s.find("${", i)
+        if j < 0:
+            out.append(s[i:])
+            return "".join(out)
+        out.append(s[i:j])
+        depth, k = 1, j + 2
+        while k < len(s) and depth:  # the matching '}'
+            if s.startswith("${", k):
+                depth, k = depth + 1, k + 2
+                continue
+            depth -= s[k] == "}"
+            k += 1
+        whole = s[j:k]
+        vm = _VAR_RE.match(whole[2:-1]) if depth == 0 else None
         if not vm:
-            raise RecipeError(f"bad variable reference {m.group(0)!r}",
+            raise RecipeError(f"bad variable reference {whole!r}",
                               location=_with_path(loc, path),
                               fix="write ${NAME} or ${NAME:-default} (NAME: letters, digits, '_')")
         name, default = vm.group(1), vm.group(2)
         if refs is not None:
             refs.append(name)
         if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise RecipeError(f"environment variable {name} is not set (referenced as {m.group(0)})",
-                          location=_with_path(loc, path),
-                          fix=f"export {name}=... before running, or write ${{{name}:-default}}")
-
-    return _ENV_RE.sub(sub, s)
+            out.append(env[name])
+        elif default is not None:
+            out.append(_interpolate_str(default, loc, path, env, refs))
+        else:
+            raise RecipeError(f"environment variable {name} is not set (referenced as {whole})",
+                              location=_with_path(loc, path),
+                              fix=f"export {name}=... before running, or write ${{{name}:-default}}")
+        i = k
 
 
 def _with_path(loc: Location, path: tuple[Any, ...]) -> Location:
@@ -252,6 +305,12 @@ class _Walk:
                 "secrets must come from the environment, not be written in the recipe",
                 location=_with_path(loc, path),
                 fix="write e.g. '${PEFTDEPLOY_API_KEY}' and export that variable")
+        vm = _VAR_RE.match(value.strip()[2:-1])
+        if vm and vm.group(2):
+            raise RecipeError(
+                f"a secret must not have a default written in the recipe ({value.strip()}): anyone who reads "
+                "the recipe knows the key", location=_with_path(loc, path),
+                fix=f"write ${{{vm.group(1)}}} and export {vm.group(1)} (or ${{{vm.group(1)}:-}}: no key when unset)")
         refs: list[str] = []
         resolved = _interpolate_str(value.strip(), loc, path, self.env, refs)
         return {"env": refs[0], "value": resolved or None}

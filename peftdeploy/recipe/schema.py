@@ -83,8 +83,16 @@ class Adapter(_Strict):
     source: Annotated[str, StringConstraints(min_length=1)]
     revision: str | None = None
     sha256: Sha256 | None = None
-    weight: float = 1.0
+    # finite and within ±1000: 1e308 overflows the merged weights to inf (0 merges nothing)
+    weight: Annotated[float, Field(allow_inf_nan=False, ge=-1000, le=1000)] = 1.0
     allow_pickle: bool = False  # opt in to adapter_model.bin (pickle); off by default
+
+    @field_validator("weight")
+    @classmethod
+    def _nonzero_weight(cls, v: float) -> float:
+        if v == 0:
+            raise ValueError("weight 0 merges nothing: drop the adapter from policy.merge.adapters instead")
+        return v
 
 
 class MergePolicy(_Strict):

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import PeftDeployError
-from ..launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec
+from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec
 
 # Pinned images (change deliberately: the golden files show every use).
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"  # the vLLM release current on PyPI when pinned
@@ -47,9 +47,9 @@ _OWN_FLAGS = {"--host", "--port", "--lora-modules", "--api-key", "--download-dir
 # Flags (flag, value) the local `up` adds for a serving host that has peftdeploy installed: the traffic
 # counter middleware (peftdeploy.vllm_plugin.traffic). The cluster image (vllm/vllm-openai) does not
 # have peftdeploy, so vLLM would fail to import it there.
-_LOCAL_FLAGS = {("--middleware", TRAFFIC_MIDDLEWARE)}
+_LOCAL_FLAGS = {("--middleware", TRAFFIC_MIDDLEWARE), ("--middleware", GUARD_MIDDLEWARE)}
 # Environment the local `up` sets for this machine only (plugin recipe path, traffic counter, local caches).
-_LOCAL_ENV = {"PEFTDEPLOY_RECIPE", MODEL_NAMES_ENV, "PEFTDEPLOY_CACHE", "VLLM_PLUGINS", "HF_HOME",
+_LOCAL_ENV = {"PEFTDEPLOY_RECIPE", MODEL_NAMES_ENV, "PEFTDEPLOY_MAX_N", "PEFTDEPLOY_CACHE", "VLLM_PLUGINS", "HF_HOME",
               "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME"}
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from ..util import cache_root
+from ..util import cache_root, pid_alive
 
 logger = logging.getLogger("vllm.peftdeploy")
 
@@ -78,16 +78,7 @@ def _dir_bytes(p: Path) -> int:
     return total
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+_pid_alive = pid_alive
 
 
 @dataclass(frozen=True)

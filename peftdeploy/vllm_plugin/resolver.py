@@ -170,6 +170,7 @@ class CatalogResolver:
         self._model_lock = threading.Lock()
         self._refused: dict[str, tuple[float, ResolveError]] = {}
         self.stats = {"resolved": 0, "refused": 0, "not_found": 0}
+        self.resolved_names: set[str] = set()  # counted under their own name by the traffic middleware
 
     # -- catalog -----------------------------------------------------------------------------
     @property
@@ -394,6 +395,7 @@ class CatalogResolver:
         if key is not None and pin:
             self.cache.pin(key)
         self.stats["resolved"] += 1
+        self.resolved_names.add(name)
         dt = time.perf_counter() - t0
         logger.info("peftdeploy: resolved LoRA adapter %r from %s (%s, rank %d) in %.3f s", name, entry.source,
                     entry.origin, info.max_rank, dt)
@@ -441,10 +443,24 @@ def _serving_models_from_stack(max_depth: int = 6) -> Any:
     return None
 
 
-def to_vllm_exception(err: ResolveError) -> Exception:
-    """The vLLM client-error exception that its HTTP exception handlers turn into ``err.status``."""
+def http_error(msg: str, status: int) -> Exception:
+    """An exception vLLM's handlers answer with `status`: ``vllm.exceptions.GracefulHTTPError`` where it exists
+    (0.32), else Starlette's HTTPException (vLLM 0.26 has no GracefulHTTPError; its http_exception_handler
+    answers HTTPException with its status). Feature-detected, never imported by name."""
     from http import HTTPStatus
 
+    from vllm import exceptions as vx
+
+    graceful = getattr(vx, "GracefulHTTPError", None)
+    if graceful is not None:
+        return graceful(msg, HTTPStatus(status))
+    from starlette.exceptions import HTTPException
+
+    return HTTPException(status_code=int(status), detail=msg)
+
+
+def to_vllm_exception(err: ResolveError) -> Exception:
+    """The vLLM client-error exception that its HTTP exception handlers turn into ``err.status``."""
     from vllm import exceptions as vx
 
     msg = err.client_message()
@@ -454,7 +470,7 @@ def to_vllm_exception(err: ResolveError) -> Exception:
         return vx.VLLMUnprocessableEntityError(msg)
     if err.status == 400:
         return vx.VLLMValidationError(msg)
-    return vx.GracefulHTTPError(msg, HTTPStatus(err.status))
+    return http_error(msg, err.status)
 
 
 def make_vllm_resolver(core: CatalogResolver, *, registered_name: str = "peftdeploy") -> Any:
@@ -462,7 +478,6 @@ def make_vllm_resolver(core: CatalogResolver, *, registered_name: str = "peftdep
     import asyncio
     from http import HTTPStatus
 
-    from vllm.exceptions import GracefulHTTPError
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
@@ -501,13 +516,13 @@ def make_vllm_resolver(core: CatalogResolver, *, registered_name: str = "peftdep
                 raise to_vllm_exception(e) from None
             except Exception as e:  # noqa: BLE001 - never a 500 / never a crashed server
                 logger.exception("peftdeploy: unexpected error resolving LoRA adapter %r", lora_name)
-                raise GracefulHTTPError(f"LoRA adapter `{lora_name}` could not be resolved: "
-                                        f"{type(e).__name__}: {e}", HTTPStatus.SERVICE_UNAVAILABLE) from None
+                raise http_error(f"LoRA adapter `{lora_name}` could not be resolved: {type(e).__name__}: {e}",
+                                 HTTPStatus.SERVICE_UNAVAILABLE) from None
             return LoRARequest(lora_name=lora_name, lora_int_id=res.int_id, lora_path=str(res.path))
 
     return PeftDeployLoRAResolver()
 
 
 __all__ = ["AdapterNotFound", "AdapterRefused", "CatalogEntry", "CatalogResolver", "FetchFailed",
-           "InvalidAdapterName", "LoRANotEnabled", "Resolution", "ResolveError", "make_vllm_resolver",
+           "InvalidAdapterName", "LoRANotEnabled", "http_error", "Resolution", "ResolveError", "make_vllm_resolver",
            "stable_int_id", "to_vllm_exception", "validate_name"]

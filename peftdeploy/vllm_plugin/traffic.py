@@ -40,7 +40,22 @@ METRIC = "peftdeploy_requests"  # exported as peftdeploy_requests_total
 OTHER = "__other__"  # cannot be an adapter or recipe name (their patterns start with [a-z0-9])
 MAX_BODY_BYTES = 8 << 20  # bodies up to this size are parsed; larger ones pass through (counted as "other")
 # POST routes whose JSON body names the model (vLLM 0.32's OpenAI-compatible inference routes)
-ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses"})
+ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/invocations"})
+# SageMaker's /invocations names the adapter in this header (vLLM routes the request to it)
+ADAPTER_HEADER = b"x-amzn-sagemaker-adapter-identifier"
+# Adapters the plugin's resolver loaded on demand (catalog) get their own label, up to this many.
+MAX_DYNAMIC_LABELS = 1024
+# Completions per request (n / best_of) above this are refused with 400: n=10000 held a CPU server for
+# minutes. PEFTDEPLOY_MAX_N (plan sets it to serving.max_num_seqs) overrides it.
+MAX_N_ENV = "PEFTDEPLOY_MAX_N"
+DEFAULT_MAX_N = 16
+
+
+def _resolved_names() -> Any:
+    """Names the peftdeploy resolver of this process loaded on demand (empty without the plugin)."""
+    from . import _state
+
+    return getattr(_state.get("core"), "resolved_names", ())
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -110,6 +125,11 @@ class TrafficMiddleware:
             logger.exception("peftdeploy: traffic counting is off (the server itself is unaffected)")
             self.counter = None
         self.known = frozenset(self.names)
+        self.dynamic: set[str] = set()
+        try:
+            self.max_n = max(1, int(os.environ.get(MAX_N_ENV) or DEFAULT_MAX_N))
+        except ValueError:
+            self.max_n = DEFAULT_MAX_N
 
     def label(self, model: Any) -> str:
         """The label value a request body's ``model`` is counted under."""
@@ -117,6 +137,10 @@ class TrafficMiddleware:
             return self.names[0] if self.names else OTHER
         if isinstance(model, str) and model in self.known:
             return model
+        if isinstance(model, str) and (model in self.dynamic or (
+                len(self.dynamic) < MAX_DYNAMIC_LABELS and model in _resolved_names())):
+            self.dynamic.add(model)
+            return model  # a catalog adapter the resolver loaded
         return OTHER
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -124,12 +148,21 @@ class TrafficMiddleware:
                 or scope.get("path") not in ROUTES):
             await self.app(scope, receive, send)
             return
-        label = OTHER
+        label, n = OTHER, None
         buffered: list[Message] = []  # the messages read from the client, replayed to the app as they came
         try:
-            label = await self._read_model(scope, receive, buffered)
+            label, n = await self._read_model(scope, receive, buffered)
         except Exception:  # noqa: BLE001 - whatever was received is still replayed below
             label = OTHER
+        if n is not None and n > self.max_n:
+            body = json.dumps({"error": {"message": f"n / best_of is {n}; this deployment allows at most "
+                                         f"{self.max_n} completions per request", "type": "BadRequestError",
+                                         "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         replay = list(buffered)
 
         async def receive_replayed() -> Message:
@@ -152,7 +185,7 @@ class TrafficMiddleware:
 
         await self.app(scope, receive_replayed if buffered else receive, send_counting)
 
-    async def _read_model(self, scope: Scope, receive: Receive, messages: list[Message]) -> str:
+    async def _read_model(self, scope: Scope, receive: Receive, messages: list[Message]) -> tuple[str, int | None]:
         """The label of this request: reads the body (appending each message received to
         `messages`) up to max_body_bytes and parses its model.
 
@@ -160,25 +193,29 @@ class TrafficMiddleware:
         then gets the messages read so far, followed by the rest from the client."""
         ctype = (_header(scope, b"content-type") or b"").split(b";")[0].strip().lower()
         if ctype and ctype != b"application/json" and not ctype.endswith(b"+json"):
-            return OTHER
+            return OTHER, None
         clen = _header(scope, b"content-length")
         if clen is not None and clen.strip().isdigit() and int(clen) > self.max_body_bytes:
-            return OTHER
+            return OTHER, None
         size = 0
         while True:
             msg = await receive()
             messages.append(msg)
             if msg.get("type") != "http.request":  # http.disconnect: the app sees it next
-                return OTHER
+                return OTHER, None
             size += len(msg.get("body") or b"")
             if size > self.max_body_bytes:
-                return OTHER
+                return OTHER, None
             if not msg.get("more_body", False):
                 break
         try:
             body = json.loads(b"".join(m.get("body") or b"" for m in messages))
         except (ValueError, UnicodeDecodeError, RecursionError):
-            return OTHER
+            return OTHER, None
         if not isinstance(body, dict):
-            return OTHER
-        return self.label(body.get("model"))
+            return OTHER, None
+        n = max((v for v in (body.get("n"), body.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)),
+                default=None)
+        hdr = _header(scope, ADAPTER_HEADER)
+        model = hdr.decode("latin-1").strip() if hdr else body.get("model")
+        return self.label(model), n
