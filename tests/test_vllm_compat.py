@@ -3,13 +3,12 @@
 The plugin failed to register on vLLM 0.26 (`cannot import name 'GracefulHTTPError'`), so every catalog
 adapter was a 404. This reads peftdeploy's vLLM-facing modules (vllm_plugin/, launch/) and checks each
 ``from vllm.X import name`` / ``import vllm.X`` against a vLLM source tree, statically: the installed
-vLLM (0.32 CPU in CI), and the 0.26 sources when present (``PEFTDEPLOY_VLLM026_SRC``, default
-/tmp/v026full/vllm). Imports inside ``try:`` blocks are feature-detected and not required.
+vLLM (0.32 CPU in CI), and the 0.26 sources (tests/vllm026.py: extracted from ../shared/gpu, or
+``PEFTDEPLOY_VLLM026_SRC``). Imports inside ``try:`` blocks are feature-detected and not required.
 """
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import pytest
@@ -88,10 +87,12 @@ def test_installed_vllm_has_every_imported_name() -> None:
 
 
 def test_vllm_026_sources_have_every_imported_name() -> None:
-    root = Path(os.environ.get("PEFTDEPLOY_VLLM026_SRC", "/tmp/v026full/vllm"))
-    if not (root / "__init__.py").is_file():
-        pytest.skip(f"no vLLM 0.26 source tree at {root}")
-    assert missing(root) == []
+    from tests import vllm026
+
+    tree = vllm026.tree()
+    if tree is None:
+        pytest.skip(f"no vLLM 0.26 site in {vllm026.GPU} (or PEFTDEPLOY_VLLM026_SRC)")
+    assert missing(tree / "vllm") == []
 
 
 def test_http_error_without_graceful_http_error(monkeypatch) -> None:

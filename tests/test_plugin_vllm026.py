@@ -1,0 +1,79 @@
+"""The plugin against vLLM 0.26.0's own Python code (the release the GPU benchmarks run on), in CI.
+
+vLLM 0.26 only installs on the GPU machine (CPython 3.12, CUDA 13), but the plugin's registration path
+touches pure-Python modules only (``vllm.lora.resolver``, ``vllm.lora.request``, ``vllm.exceptions``,
+``vllm.platforms``). The release's site directory ships in ``../shared/gpu`` (two xz parts); its ``.py``
+files are extracted once into the peftdeploy cache and put first on ``PYTHONPATH`` of a child process, which
+then registers the plugin with a dynamic-loading recipe and resolves a known and an unknown adapter name
+through the resolver vLLM 0.26 would call. Skipped where ``../shared/gpu`` is absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import vllm026 as V
+from tests.hubcache import TINY_LLAMA, write_adapter, write_model
+
+ROOT = V.ROOT
+
+
+@pytest.fixture(scope="module")
+def vllm026() -> Path:
+    root = V.tree()
+    if root is None:
+        pytest.skip(f"no vLLM 0.26 site in {V.GPU}")
+    return root
+
+
+CHILD = r'''
+import asyncio, json, os, sys
+import vllm
+assert vllm.__version__ == "0.26.0" and vllm.__file__.startswith(os.environ["V026"]), (vllm.__version__, vllm.__file__)
+from peftdeploy import vllm_plugin as plugin
+plugin.register()
+from vllm.lora.resolver import LoRAResolverRegistry as R
+out = {"resolvers": sorted(R.get_supported_resolvers())}
+r = R.get_resolver("peftdeploy")
+req = asyncio.run(r.resolve_lora(sys.argv[1], "good"))
+out["good"] = [type(req).__module__, req.lora_name, os.path.basename(req.lora_path)]
+for name in ("nope", "BAD NAME"):
+    try:
+        asyncio.run(r.resolve_lora(sys.argv[1], name))
+        out[name] = None
+    except Exception as e:
+        out[name] = [type(e).__module__, type(e).__name__, str(e)[:200]]
+print("RESULT " + json.dumps(out))
+'''
+
+
+def test_plugin_registers_and_resolves_on_vllm_026(vllm026: Path, tmp_path: Path) -> None:
+    import yaml
+
+    base = {**TINY_LLAMA, "_name_or_path": "acme/tiny-llama"}
+    write_model(tmp_path / "base", base, weights=True)
+    write_adapter(tmp_path / "ads" / "good", base, r=8, base_model="acme/tiny-llama")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "apiVersion": "peftdeploy/v1", "name": "plugin-026", "backbone": {"model": "./base"},
+        "adapters": [{"name": "good", "source": "./ads/good"}],
+        "policy": {"mode": "serve", "dynamic_loading": True}, "serving": {"max_lora_rank": 16}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTDEPLOY_")}
+    env.update(V026=str(vllm026), PYTHONPATH=f"{vllm026}{os.pathsep}{ROOT}", PEFTDEPLOY_RECIPE=str(recipe),
+               PEFTDEPLOY_CACHE=str(tmp_path / "pdcache"), PEFTDEPLOY_ADAPTER_CACHE_DIR=str(tmp_path / "adcache"),
+               VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "base")], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path)
+    res = next((json.loads(x[7:]) for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert res is not None, f"rc {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert "peftdeploy" in res["resolvers"]
+    assert res["good"] == ["vllm.lora.request", "good", "good"]
+    # an unknown name and an invalid one are client errors of vLLM 0.26's own kinds, not an ImportError
+    for name in ("nope", "BAD NAME"):
+        mod, cls, msg = res[name]
+        assert mod == "vllm.exceptions" and cls.startswith("VLLM"), res[name]
