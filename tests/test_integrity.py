@@ -306,3 +306,35 @@ def test_plan_refuses_non_finite_adapter(tmp_path: Path, fill: float) -> None:
     save_file({k: (np.full(v.shape, fill, v.dtype) if "lora_B" in k else v) for k, v in t.items()}, str(st))
     res = _cli("plan", str(p), "--device", "cpu")
     assert res.exit_code == 2 and "non-finite" in res.output and "NaN/inf" in res.output, res.output
+
+
+def test_shards_are_hashed_while_written_and_match_the_files(tmp_path: Path) -> None:
+    """The merge hashes each shard from its staging buffers on the writer thread (O_DIRECT leaves no page
+    cache to re-read): the digest equals the file's, the last block's padding excluded, whatever the
+    block boundaries; the manifest keeps it and a full verify passes."""
+    from peftdeploy.merge import manifest, stio
+
+    rng = np.random.default_rng(0)
+    payload = [rng.integers(0, 255, n, dtype=np.uint8) for n in (5000, 70_001, 12_345)]
+    tensors = [stio.OutTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(payload)]
+    wq = stio.WriteQueue(8192, 3)
+    d = tmp_path / "direct"
+    d.mkdir()
+    w = stio.ShardWriter(d / "s.safetensors", tensors, direct=True, queue=wq, hasher=manifest.stream_hasher())
+    for t, p in zip(tensors, payload):
+        w.write_bytes(t.name, memoryview(p))
+    w.close()
+    wq.close()
+    if not w.direct:
+        pytest.skip(f"{d}: the filesystem refuses O_DIRECT")
+    got = w.digest()
+    assert got == manifest.file_digest(d / "s.safetensors") and got.startswith("blake3:")
+    m = manifest.build(d, skip="none", known={"s.safetensors": got})
+    assert manifest.verify(d, m, full=True) is None
+    # an entry written with SHA-256 digests (bare hex, or sha256:) still verifies, and a changed byte does not
+    legacy = {k: [v[0], manifest.file_digest(d / k, "sha256").split(":", 1)[1], v[2]] for k, v in m.items()}
+    assert manifest.verify(d, legacy, full=True) is None
+    data = bytearray((d / "s.safetensors").read_bytes())
+    data[-1] ^= 1
+    (d / "s.safetensors").write_bytes(bytes(data))
+    assert "changed (blake3" in manifest.verify(d, m, full=True)

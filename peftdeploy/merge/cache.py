@@ -281,14 +281,15 @@ def merge_cached(
         tmp = parent / f".tmp-{key}-{os.getpid()}"
         from peftdeploy.merge.engine import merge_model  # torch: only when there is something to merge
 
+        digests: dict[str, str] = {}  # shards hashed while they were written
         res = merge_model(backbone_dir, adapters, tmp, dtype=dtype, shard_size_bytes=shard_size_bytes,
                           threads=threads, progress=progress, provenance=provenance, allow_pickle=allow_pickle,
-                          hash_cache=hc, fsync=fsync,
+                          hash_cache=hc, fsync=fsync, digests=digests,
                           _extra_provenance={"cache_key": key, "identity": identity,
                                              "key_seconds": round(t_key, 4)})
         marker = {"key": key, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "merge_engine_version": MERGE_ENGINE_VERSION,
-                  "files": manifest.build(tmp, skip=COMPLETE_MARKER)}
+                  "files": manifest.build(tmp, skip=COMPLETE_MARKER, known=digests)}
         mp = tmp / COMPLETE_MARKER
         mp.write_text(json.dumps(marker) + "\n")
         if fsync:

@@ -59,7 +59,7 @@ import numpy as np
 
 import peftdeploy
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import kernels, stio
+from peftdeploy.merge import kernels, manifest, stio
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      SAFE_INDEX, SAFE_SINGLE, AdapterInput, Backbone, MergeResult, dtype_name,
                                      iter_aux_files, open_backbone)
@@ -815,6 +815,7 @@ def merge_model(
     allow_pickle: bool = False,
     hash_cache: HashCache | None = None,
     fsync: bool = False,
+    digests: dict[str, str] | None = None,
     _extra_provenance: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Merge LoRA adapters into a backbone, streaming, and write a model directory to `out_dir`.
@@ -823,6 +824,7 @@ def merge_model(
     `threads`: helper threads (default: one per other core, at most 4; 0 = none): they merge pieces
     of each weight with the calling thread (fused kernel), or prepare whole tensors ahead (numpy path).
     `fsync`: fsync every written file before returning (durability across power loss).
+    `digests`: filled with ``{shard file: "<algo>:<hex>"}`` hashed while writing (the cache's manifest).
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -856,7 +858,7 @@ def merge_model(
         try:
             _check_space(out, sum(tp.out.nbytes for tp in plan.tensors))
             result = _run(bb, opened, adapters, weights, plan, out, od, threads, progress, provenance,
-                          hash_cache, fsync, timings, t0, _extra_provenance or {})
+                          hash_cache, fsync, timings, t0, _extra_provenance or {}, digests=digests)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 _cleanup(out, created)
@@ -876,7 +878,8 @@ def merge_model(
 def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInput], weights: list[float],
          plan: Plan, out: Path, od: str | None, threads: int | None, progress: bool,
          provenance: dict[str, Any] | None, hash_cache: HashCache | None, fsync: bool,
-         timings: dict[str, float], t0: float, extra: dict[str, Any]) -> MergeResult:
+         timings: dict[str, float], t0: float, extra: dict[str, Any],
+         digests: dict[str, str] | None = None) -> MergeResult:
     hc = hash_cache if hash_cache is not None else HashCache(None)
     # backbone shard hashes in the background (free when memoized)
     hashes: dict[str, str] = {}
@@ -936,11 +939,13 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
     results = _ordered(plan.tensors, prepare, workers)
     # staging buffers no larger than a quarter of the output: small models do not pay for 64 MiB
     wq = stio.WriteQueue(min(WRITE_BUFFER_BYTES, max(stio.DIRECT_ALIGN, total // 4)), WRITE_BUFFERS) if direct else None
+    writers: list[tuple[str, stio.ShardWriter]] = []
     try:
         weight_map: dict[str, str] = {}
         shard_meta = []
         for shard, fname in zip(plan.shards, plan.shard_names):
-            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct, queue=wq)
+            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct, queue=wq,
+                                 hasher=manifest.stream_hasher() if digests is not None else None)
             try:
                 for tp in shard:
                     res = next(results)
@@ -973,8 +978,11 @@ def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInpu
                 w.abort()
                 raise
             shard_meta.append({"file": fname, "size": w.size, "tensors": len(shard)})
+            writers.append((fname, w))
         if wq is not None:
             wq.close()  # every shard written and closed
+        if digests is not None:
+            digests.update({f: d for f, w in writers if (d := w.digest()) is not None})
     except BaseException:
         stop_hashing.set()
         if wq is not None:

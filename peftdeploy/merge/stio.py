@@ -413,7 +413,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None, *,
                  direct: bool = False, buffer_bytes: int = 8 << 20, buffers: int = 3,
-                 queue: WriteQueue | None = None):
+                 queue: WriteQueue | None = None, hasher: Any = None):
         self.path = Path(path)
         self.tensors = tensors
         self._expected = [(t.name, t.nbytes) for t in tensors]
@@ -426,6 +426,9 @@ class ShardWriter:
         self._q: WriteQueue | None = None
         self._own_q = False
         self._buf = self._mv = None
+        # `hasher` (e.g. manifest.stream_hasher()): the file's bytes, in order, on the writer thread
+        # (direct mode only: buffered writes leave the digest to a hash of the file, `digest` None)
+        self._hasher = hasher
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         if direct and hasattr(os, "O_DIRECT"):
             try:
@@ -435,6 +438,8 @@ class ShardWriter:
                 self.fd = -1
         if self.fd < 0:
             self.fd = os.open(self.path, flags, 0o644)
+        if not self.direct:
+            self._hasher = None
         try:
             if self.direct:
                 self._staged = True
@@ -476,7 +481,7 @@ class ShardWriter:
         self.direct = False
 
     def _flush(self, final: bool = False) -> None:
-        n = self._n
+        n = real = self._n
         if final and n % DIRECT_ALIGN:
             pad = -n % DIRECT_ALIGN
             self._buf[n:n + pad] = 0
@@ -484,6 +489,9 @@ class ShardWriter:
         buf, self._n = self._buf, 0
         if n:
             fd = self.fd
+            h = self._hasher
+            if h is not None:  # on the writer thread too, before the buffer is reused; not the padding
+                self._q.submit(lambda: h.update(memoryview(buf)[:real]))
             self._q.submit(lambda: self._write_block(fd, memoryview(buf)[:n]), buf)
         elif final:
             self._q.submit(lambda: None, buf)  # give the buffer back in order
@@ -607,6 +615,13 @@ class ShardWriter:
         self._q.submit(finish)
         if self._own_q:
             self._q.close()
+
+    def digest(self) -> str | None:
+        """``<algo>:<hex>`` of the file's bytes when a `hasher` saw them all (direct mode), read once the
+        writes are done (the queue closed); None otherwise."""
+        if self._hasher is None:
+            return None
+        return f"{self._hasher.name}:{self._hasher.hexdigest()}"
 
     def abort(self) -> None:
         """Give up on the file (the caller removes it): the fd is closed after what is queued."""
