@@ -23,12 +23,12 @@ pytest.importorskip("vllm")
 KEY = "s3cret-key"
 
 
-def _planned_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, key: str = KEY):
+def _planned_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, key: str = KEY, serving: str = ""):
     write_model(tmp / "m", TINY_LLAMA, weights=True)
     write_adapter(tmp / "a0", TINY_LLAMA, r=8, base_model="org/tiny")
     p = tmp / "r.yaml"
     p.write_text("apiVersion: peftdeploy/v1\nname: t\nbackbone: {model: ./m, max_model_len: 256}\n"
-                 "adapters:\n  - {name: a0, source: ./a0}\nserving:\n  api_key: ${GUARD_TEST_KEY}\n")
+                 "adapters:\n  - {name: a0, source: ./a0}\nserving:\n  api_key: ${GUARD_TEST_KEY}\n" + serving)
     monkeypatch.setenv("GUARD_TEST_KEY", key)
     spec = make_plan(load_recipe(p), device="cpu", host_memory="16GiB").launch
     for k, v in spec.env:
@@ -78,6 +78,19 @@ def test_api_key_locks_every_route(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert leaks == []
     assert 401 not in open_
     assert len(reqs) >= 30, reqs  # the whole app, not a handful
+
+
+def test_recipe_opens_metrics_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.public_metrics: true lets a scraper without the key read /metrics; nothing else opens."""
+    from starlette.testclient import TestClient
+
+    monkeypatch.delenv("PEFTDEPLOY_METRICS_PUBLIC", raising=False)
+    app = _planned_app(tmp_path, monkeypatch, serving="  public_metrics: true\n")
+    assert os.environ.get("PEFTDEPLOY_METRICS_PUBLIC") == "1"  # from the plan's server env
+    c = TestClient(app, raise_server_exceptions=False)
+    assert c.get("/metrics").status_code == 200
+    assert c.post("/v1/completions", json={}).status_code == 401
+    assert c.post("/tokenize", json={}).status_code == 401
 
 
 def test_adapter_routes_closed_without_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

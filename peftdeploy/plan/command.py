@@ -223,6 +223,8 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     max_n = mns.value if mns is not None else s.max_num_seqs
     if isinstance(max_n, int):  # the traffic middleware refuses n / best_of above it (a batch's worth)
         env.append(("PEFTDEPLOY_MAX_N", str(max_n)))
+    if s.public_metrics:  # the guard middleware lets /metrics through without the key
+        env.append(("PEFTDEPLOY_METRICS_PUBLIC", "1"))
     if lora_enabled and r.policy.dynamic_loading and mode == "serve":
         env.append(("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True"))
     if lora_enabled and lora_kernels:  # which LoRA kernels the plugin selects in every vLLM process

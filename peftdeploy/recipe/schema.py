@@ -137,6 +137,11 @@ class Serving(_Strict):
                     "target device, else vLLM's), peftdeploy, or vllm. `peftdeploy plan` shows the choice and why; "
                     "on a vLLM release the peftdeploy kernels were not verified against, the plugin keeps vLLM's "
                     "kernels and says so in the server log. Ignored when no adapter is served as LoRA (merge).")
+    # With an api_key every route but GET /health needs it (peftdeploy.vllm_plugin.guard); true opens
+    # /metrics as well, for a Prometheus scraper that has no key.
+    public_metrics: bool = Field(
+        False, description="Serve /metrics without the API key (for a Prometheus scraper); every other route "
+                           "still needs serving.api_key when one is set.")
     extra_args: dict[str, Any] = {}
 
     @field_validator("extra_args")
