@@ -22,15 +22,15 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 
 _BLOCK = 8 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def sha256_file(path: str | os.PathLike[str], *, block: int = _BLOCK) -> str:
-    h = hashlib.sha256()
+def hash_file(path: str | os.PathLike[str], h: Any, *, block: int = _BLOCK) -> Any:
+    """Stream a file through hasher `h` (anything with ``update``) in `block`-sized reads; returns `h`."""
     buf = bytearray(block)
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
@@ -39,7 +39,11 @@ def sha256_file(path: str | os.PathLike[str], *, block: int = _BLOCK) -> str:
             if not n:
                 break
             h.update(mv[:n])
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: str | os.PathLike[str], *, block: int = _BLOCK) -> str:
+    return hash_file(path, hashlib.sha256(), block=block).hexdigest()
 
 
 def hub_blob_sha256(path: str | os.PathLike[str]) -> str | None:

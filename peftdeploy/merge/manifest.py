@@ -25,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .hashing import sha256_file
+from .hashing import hash_file, sha256_file
 
 VERIFY_ENV = "PEFTDEPLOY_VERIFY_CACHE"
-_BLOCK = 8 << 20
 
 
 def stream_hasher() -> Any:
@@ -54,14 +53,7 @@ def file_digest(path: str | os.PathLike[str], algo: str | None = None) -> str:
     h = stream_hasher() if algo is None or algo == "blake3" else None
     if h is None or (algo == "blake3" and h.name != "blake3"):
         raise ValueError(f"digest {algo!r} cannot be computed here (pip install blake3)")
-    buf = bytearray(_BLOCK)
-    mv = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(mv[:n])
+    hash_file(path, h)
     return digest_of(h)
 
 
