@@ -23,6 +23,22 @@ pytest.importorskip("vllm")
 KEY = "s3cret-key"
 
 
+@pytest.fixture(autouse=True)
+def _plugin_state_restored():
+    """vLLM's build_app loads the general plugins: peftdeploy's registers its resolver in vLLM's global
+    registry from the planned env (PEFTDEPLOY_RECIPE). Leave the registry and the plugin as they were."""
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from peftdeploy import vllm_plugin
+
+    saved, state = dict(LoRAResolverRegistry.resolvers), dict(vllm_plugin._state)
+    yield
+    LoRAResolverRegistry.resolvers.clear()
+    LoRAResolverRegistry.resolvers.update(saved)
+    vllm_plugin._state.clear()
+    vllm_plugin._state.update(state)
+
+
 def _planned_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, key: str = KEY, serving: str = ""):
     write_model(tmp / "m", TINY_LLAMA, weights=True)
     write_adapter(tmp / "a0", TINY_LLAMA, r=8, base_model="org/tiny")

@@ -87,7 +87,34 @@ def _parse_file(path: Path, display: str) -> _Val:
             f"the top level of a recipe must be a mapping of keys (apiVersion, name, backbone, ...), "
             f"not a {_kind(node)}", location=_loc(display, node.start_mark),
             fix="write 'key: value' lines at the top level")
+    _check_expanded_size(node, display)
     return _convert(node, display, path.parent.resolve(), _Constructor(), [0])
+
+
+def _check_expanded_size(root: yaml.Node, file: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_NODES values, counted on the composed graph
+    (an alias is the same node object as its anchor: memoized, so an alias bomb costs its few distinct nodes,
+    not the billions it would expand to)."""
+    memo: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        hit = memo.get(id(node))
+        if hit is not None:
+            return hit
+        n = 1
+        if depth <= MAX_DEPTH + 1:  # deeper nesting is refused by _convert, with its own message
+            if isinstance(node, yaml.MappingNode):
+                n += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                n += sum(size(v, depth + 1) for v in node.value)
+        memo[id(node)] = n
+        if n > MAX_NODES:
+            raise RecipeError(f"the recipe expands to more than {MAX_NODES:,} values (YAML aliases '*' repeat "
+                              "what their anchor '&' holds)", location=_loc(file, node.start_mark),
+                              fix="write the values out instead of nesting aliases")
+        return n
+
+    size(root, 0)
 
 
 def _kind(node: yaml.Node) -> str:
