@@ -392,7 +392,7 @@ EST_S = {"graphs": 140, "agreement": 110, "profile": 170}  # start + measurement
 DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on this (still warm) machine  # start + measurements, for the deadline check
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
            "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
-           "many_auto_pd", "many_auto_vllm", "profile_pd", "kagree")
+           "many_auto_pd", "many_auto_vllm", "profile_pd", "kagree", "pd_mix", "pd_ds")
 
 
 def main() -> int:
@@ -590,6 +590,13 @@ def main() -> int:
                        [("LoRA on (peftdeploy kernels), base traffic only", ())], "profile"),
         "kagree": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: vLLM vs peftdeploy kernels",
                    None, ml, [], "agreement"),
+        "pd_mix": (f"multi-LoRA, peftdeploy's kernels, max_loras {ml}: {zl}, then base traffic only on the same server",
+                   lambda: with_env(plain, **PDK), ml,
+                   [(f"multi-LoRA, peftdeploy kernels, {zl}", zipf),
+                    ("LoRA on (peftdeploy kernels), base traffic only", ())], "graphs"),
+        "pd_ds": (f"multi-LoRA, peftdeploy's kernels + VLLM_LORA_ENABLE_DUAL_STREAM=1, max_loras {ml}",
+                  lambda: with_env(plain, **PDK, **DS), ml,
+                  [(f"multi-LoRA, peftdeploy kernels + dual stream, {zl}", zipf)], "graphs"),
     })
     exe = (a.python, "-m", "vllm.entrypoints.cli.main")
 

@@ -108,10 +108,10 @@ def vllm_fn():
 
 
 def pd_fn(T: int, slots: torch.Tensor, cfg: O.Config | None):
-    meta = O.make_meta(slots.to(torch.int32), L)
+    tiles, nl = O.make_tiles(slots.to(torch.int32), L, max_tokens=8192)  # sized as in the server
 
     def run(y, x, layer: Layer):
-        O.lora_linear(y, x, layer.A, layer.B, *meta, scale=1.0, config=cfg)
+        O.lora_linear(y, x, layer.A, layer.B, tiles, nl, scale=1.0, config=cfg)
     return run
 
 
@@ -148,8 +148,10 @@ def candidates(T: int) -> list[O.Config]:
         out = [O.Config(fused=False, bm=bm, bn=bn, bk=bk, split_k=sk) for sk, bk, bn in
                ((1, 256, 128), (4, 128, 128), (8, 128, 128), (16, 64, 128), (8, 128, 64), (8, 128, 256),
                 (4, 256, 256), (16, 128, 128))]
-        out += [O.Config(fused=True, bm=bm, bn=bn, bk=bk, n_iters=it) for bn, it, bk in
-                ((128, 1, 128), (128, 2, 128), (64, 1, 256), (256, 1, 128))]
+        out += [O.Config(fused=True, bm=bm, bn=bn, bk=bk, n_iters=it, stages=st) for bn, it, bk, st in
+                ((128, 1, 128, 2), (128, 2, 128, 2), (64, 1, 256, 2), (256, 1, 128, 2), (64, 1, 256, 3),
+                 (128, 1, 256, 3), (32, 1, 256, 3), (64, 1, 128, 4))]
+        out += [O.Config(fused=False, bm=bm, bn=128, bk=128, split_k=sk, stages=3) for sk in (8, 16)]
         if T == 256:
             out += [O.Config(fused=False, bm=16, bn=128, bk=128, split_k=8), O.Config(fused=False, bm=64, bn=128,
                                                                                        bk=64, split_k=4)]

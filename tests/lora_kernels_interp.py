@@ -40,10 +40,10 @@ def _case(O, *, T, K, widths, R, L, base=0.3, seed=0, dtype=None):
     return x, A, B, slots, y
 
 
-def _check(O, x, A, B, slots, y, L, cfg, scale=0.5):
+def _check(O, x, A, B, slots, y, L, cfg, scale=0.5, max_tokens=None):
     ref = O.reference(y, x, A, B, slots, scale)
     out = y.clone()
-    O.lora_linear(out, x, A, B, *O.make_meta(slots, L), scale=scale, config=cfg)
+    O.lora_linear(out, x, A, B, *O.make_tiles(slots, L, max_tokens), scale=scale, config=cfg)
     assert torch.isfinite(out).all()
     base = slots < 0
     assert torch.equal(out[base], y[base]), "a token without an adapter was changed"
@@ -58,6 +58,7 @@ CONFIGS = {
     "fused-bm16": dict(fused=True, bm=16, bn=32, bk=32, n_iters=2),
     "split3-bm16": dict(fused=False, bm=16, bn=32, bk=32, split_k=3),
     "split1-bm32": dict(fused=False, bm=32, bn=64, bk=16, split_k=1),
+    "split2-bm64": dict(fused=False, bm=64, bn=32, bk=32, split_k=2),
 }
 SHAPES = [  # T, K, slice widths, rank, max_loras
     (37, 96, (64, 32, 32), 16, 4),    # qkv-like: 3 unequal slices, odd token count
@@ -65,6 +66,8 @@ SHAPES = [  # T, K, slice widths, rank, max_loras
     (23, 64, (40, 72), 32, 8),        # gate_up-like: 2 slices, widths not multiples of the block
     (19, 48, (24,), 64, 4),           # rank 64
     (1, 33, (17, 15, 9), 16, 8),      # one token, odd K
+    (11, 48, (16, 24), 8, 3),         # rank 8 over 2 slices: the combined shrink's rank padding
+    (9, 40, (24, 16, 8), 64, 2),      # 3 slices of rank 64: bm 64 loops over slices (accumulator too big)
 ]
 
 
@@ -84,6 +87,29 @@ def test_prefill_like_segments_and_default_configs(O):
     for tokens in (T, 300):  # decode heuristic (<= 256 tokens) and prefill heuristic
         cfg = O.choose_config(tokens, K, widths, R)
         _check(O, x, A, B, slots, y, L, cfg)
+
+
+def test_tables_built_for_more_tokens_than_the_step(O):
+    """CUDA graphs: the tables are sized for max_num_batched_tokens, the step has fewer tokens."""
+    T, K, widths, R, L = 13, 48, (32, 16), 16, 4
+    x, A, B, slots, y = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=3)
+    for cfg in CONFIGS.values():
+        _check(O, x, A, B, slots, y, L, O.Config(**cfg), max_tokens=200)
+
+
+def test_add_inputs_false_writes_the_delta_only(O):
+    """vLLM's dual-stream LoRA (VLLM_LORA_ENABLE_DUAL_STREAM) asks for y = delta on adapter rows."""
+    T, K, widths, R, L = 21, 64, (48, 16, 16), 16, 4
+    x, A, B, slots, y = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=5)
+    for name in ("fused-bm16", "split3-bm16"):
+        out = y.clone()
+        O.lora_linear(out, x, A, B, *O.make_tiles(slots, L), scale=0.5, config=O.Config(**CONFIGS[name]),
+                      add_inputs=False)
+        base = slots < 0
+        assert torch.equal(out[base], y[base]), "rows without an adapter must not be touched"
+        delta = O.reference(torch.zeros_like(y), x, A, B, slots, 0.5)
+        err = float((out.double()[~base] - delta[~base]).norm() / delta[~base].norm())
+        assert err < 3e-3, (name, err)
 
 
 def test_no_adapter_tokens_cost_nothing(O):
@@ -169,3 +195,83 @@ def test_wrapper_falls_back_and_says_so(O, wrapper_cls, monkeypatch, caplog):
         w.add_lora_linear(y.float(), x.float(), tuple(a.float() for a in A), tuple(b.float() for b in B), 1.0, (16,))
     assert len(calls) == 1, "fp32 must go to vLLM's kernels"
     assert "falls back to vLLM's kernels: dtype torch.float32" in caplog.text
+
+
+@pytest.mark.parametrize("case", ["decode", "prefill", "all-base", "one-slot"])
+def test_host_metadata_equals_vllms_prepare_tensors(O, wrapper_cls, case):
+    """The wrapper builds LoRAKernelMeta on the host (no device read-back): every field and CPU flag
+    equals what vLLM's own prepare_tensors computes from the device mapping, for both metas."""
+    from vllm.lora.layers import LoRAMapping
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+
+    cls, base_cls = wrapper_cls
+    L, T = 4, 40
+    ids = [None, 11, 12, 13]
+    g = torch.Generator().manual_seed(hash(case) % 97)
+    pool = {"decode": [11, 12, 13, 0], "prefill": [11, 13], "all-base": [0], "one-slot": [12]}[case]
+    if case == "prefill":
+        index = [11] * 17 + [0] * 6 + [13] * (T - 23)
+        prompt = [11, 0, 13]
+    else:
+        index = [pool[int(i)] for i in torch.randint(0, len(pool), (T,), generator=g)]
+        prompt = index
+    mapping = LoRAMapping(tuple(index), tuple(prompt), is_prefill=case == "prefill")
+    w = _wrapper(cls, L, 64)
+    for _ in range(6):  # more steps than the ring of host buffers
+        w.update_metadata(mapping, ids, L, 32000)
+    for which, dev_map in (("token_mapping_meta", "token_lora_indices"), ("prompt_mapping_meta", "sampler_indices")):
+        mine = getattr(w, which)
+        ref = LoRAKernelMeta.make(L, 64, device="cpu", captured_lora_counts=mine.captured_lora_counts)
+        ref.prepare_tensors(getattr(w, dev_map))
+        n = getattr(w, dev_map).numel()
+        assert bool(mine.no_lora_flag_cpu[0]) == bool(ref.no_lora_flag_cpu[0]), which
+        if hasattr(ref, "num_active_loras_cpu"):
+            assert int(mine.num_active_loras_cpu[0]) == int(ref.num_active_loras_cpu[0]), which
+        if bool(ref.no_lora_flag_cpu[0]):
+            continue
+        for f in ("active_lora_ids", "num_tokens_per_lora", "lora_token_start_loc"):
+            assert torch.equal(getattr(mine, f), getattr(ref, f)), (which, f)
+        for f in ("token_lora_mapping", "token_indices_sorted_by_lora_ids"):
+            assert torch.equal(getattr(mine, f)[:n], getattr(ref, f)[:n]), (which, f)
+
+
+def test_tile_tables_cover_each_adapter_token_once(O):
+    from peftdeploy.vllm_plugin.lora_kernels import step_meta as M
+
+    g = torch.Generator().manual_seed(1)
+    slots = torch.randint(-1, 5, (300,), generator=g).to(torch.int32).numpy()
+    lay = M.Layout.make(512, 5, metas=())
+    import numpy as np
+
+    buf = np.full(lay.size, 7, dtype=np.int32)  # stale values must be overwritten
+    M.fill_tiles(buf, lay, M.group(slots))
+    for bm, (off, cap) in lay.tiles.items():
+        slot_t, rows_t = buf[off:off + cap], buf[off + cap:off + 2 * cap]
+        tok_t = buf[off + 2 * cap:off + cap * (2 + bm)].reshape(cap, bm)
+        seen = []
+        for i in range(cap):
+            if slot_t[i] < 0:
+                continue
+            assert 1 <= rows_t[i] <= bm
+            toks = tok_t[i, :rows_t[i]]
+            assert (slots[toks] == slot_t[i]).all()
+            seen += list(toks)
+        assert sorted(seen) == sorted(np.nonzero(slots >= 0)[0].tolist()), bm
+
+
+def test_wrapper_dual_stream_add_inputs_false(O, wrapper_cls):
+    """vLLM's dual-stream LoRA calls add_lora_linear(zeros, ..., add_inputs=False): the kernels take it."""
+    from vllm.lora.layers import LoRAMapping
+
+    cls, _ = wrapper_cls
+    L, T, K, widths, R = 4, 12, 32, (16, 16), 16
+    x, A, B, _, _ = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=9)
+    ids = [None, 11, 12, 13]
+    index = [[11, 12, 0, 13][t % 4] for t in range(T)]
+    w = _wrapper(cls, L, 64)
+    w.update_metadata(LoRAMapping(tuple(index), tuple(index)), ids, L, 32000)
+    slots = torch.tensor([ids.index(i) if i else -1 for i in index])
+    out = torch.zeros(T, sum(widths), dtype=x.dtype)
+    w.add_lora_linear(out, x, tuple(A), tuple(B), 1.0, widths, add_inputs=False)
+    ref = O.reference(torch.zeros_like(out), x, A, B, slots)
+    assert float((out.double() - ref).norm() / ref.norm()) < 3e-3

@@ -2,9 +2,11 @@
 by peftdeploy's Triton kernels (`triton_ops.lora_linear`: one launch or two per layer for all slices
 and all adapters of the batch, tokens without an adapter skipped, no fp32 scratch to zero).
 
-vLLM's per-step metadata (`LoRAKernelMeta`: tokens grouped by adapter slot) is reused as is, so the
-wrapper changes no scheduling and no memory layout: the LoRA weight stacks stay vLLM's. Logits and
-embedding LoRA (rare) keep vLLM's kernels. A layer the kernels cannot take (dtype, rank, slices,
+The per-step metadata is built on the host from vLLM's `LoRAMapping` (`step_meta.py`): vLLM's own
+`update_metadata` reads its device mapping back twice per step, which stalls asynchronous
+scheduling; here the same `LoRAKernelMeta` fields (and peftdeploy's tile tables) go to the device in
+one asynchronous copy. No scheduling and no memory layout change: the LoRA weight stacks stay vLLM's.
+Logits and embedding LoRA (rare) keep vLLM's kernels (reading the same, host-built, metadata). A layer the kernels cannot take (dtype, rank, slices,
 layout; `triton_ops.unsupported`) falls back to vLLM's kernels for that layer and says so once in
 the log: never a silently wrong answer.
 
@@ -41,18 +43,16 @@ def available() -> tuple[bool, str]:
 
 
 def _impl(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
-          sorted_tokens: torch.Tensor, tokens_per_slot: torch.Tensor, slot_start: torch.Tensor,
-          slot_ids: torch.Tensor, no_lora: torch.Tensor, scale: float) -> None:
-    if bool(no_lora.item()):
+          tiles: list[torch.Tensor], nl: int, no_lora: torch.Tensor, scale: float, add_inputs: bool) -> None:
+    if bool(no_lora.item()):  # a CPU tensor: no device sync
         return
     from .triton_ops import lora_linear
 
-    lora_linear(y, x, lora_a, lora_b, sorted_tokens, tokens_per_slot, slot_start, slot_ids, scale)
+    lora_linear(y, x, lora_a, lora_b, tiles, nl, scale, add_inputs=add_inputs)
 
 
 def _fake(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: list[torch.Tensor],
-          sorted_tokens: torch.Tensor, tokens_per_slot: torch.Tensor, slot_start: torch.Tensor,
-          slot_ids: torch.Tensor, no_lora: torch.Tensor, scale: float) -> None:
+          tiles: list[torch.Tensor], nl: int, no_lora: torch.Tensor, scale: float, add_inputs: bool) -> None:
     return None
 
 
@@ -80,22 +80,31 @@ def _fallback(why: str) -> None:
 def _make_class() -> type:
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
+    from .step_meta import StepMetadata, slots_of
     from .triton_ops import unsupported
 
     class PunicaWrapperPeftdeployGPU(PunicaWrapperGPU):  # type: ignore[misc,valid-type]
         """vLLM's GPU punica wrapper with peftdeploy's fused Triton kernels for linear layers."""
 
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
+        def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str,
+                     **kwargs: Any):
+            super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
             self._pd_op = register_op()
+            self._pd_meta = StepMetadata(max_num_batched_tokens, self.max_loras, device,
+                                         {"token": self.token_mapping_meta, "prompt": self.prompt_mapping_meta})
+
+        def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], max_loras: int,
+                            vocab_size: int, **kwargs: Any) -> None:
+            self.is_prefill = mapping.is_prefill
+            self._update_base_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+            self._pd_meta.update({"token": slots_of(mapping.index_mapping, lora_index_to_id),
+                                  "prompt": slots_of(mapping.prompt_mapping, lora_index_to_id)})
 
         def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                             lora_b_stacked: tuple[torch.Tensor, ...], scale: float,
                             output_slices: tuple[int, ...], *, buffer: torch.Tensor | None = None,
                             **kwargs: Any) -> None:
             why = unsupported(x, lora_a_stacked, lora_b_stacked)
-            if why is None and not kwargs.get("add_inputs", True):
-                why = "add_inputs=False (dual-stream LoRA)"
             if why is None and tuple(output_slices) != tuple(int(b.shape[-2]) for b in lora_b_stacked):
                 why = f"output slices {tuple(output_slices)} differ from the B stacks"
             if why is not None:
@@ -104,11 +113,9 @@ def _make_class() -> type:
                                                buffer=buffer, **kwargs)
             x2 = x.view(-1, x.shape[-1])
             y2 = y.view(-1, y.shape[-1])
-            meta = self.token_mapping_meta
-            t = x2.size(0)
-            self._pd_op(y2, x2, list(lora_a_stacked), list(lora_b_stacked),
-                        meta.token_indices_sorted_by_lora_ids[:t], meta.num_tokens_per_lora,
-                        meta.lora_token_start_loc, meta.active_lora_ids, meta.no_lora_flag_cpu, float(scale))
+            self._pd_op(y2, x2, list(lora_a_stacked), list(lora_b_stacked), self._pd_meta.tiles,
+                        self._pd_meta.layout.nl, self.token_mapping_meta.no_lora_flag_cpu, float(scale),
+                        bool(kwargs.get("add_inputs", True)))
             return None
 
     PunicaWrapperPeftdeployGPU.__module__ = __name__

@@ -6,10 +6,11 @@ of a (possibly packed: qkv, gate_up) linear layer::
     y[t, col_s : col_s + N_s] += ((x[t] @ A_s[l]^T) * scale) @ B_s[l]^T
 
 with ``A_s`` of shape ``[max_loras, 1, R, K]`` and ``B_s`` ``[max_loras, 1, N_s, R]`` (vLLM's stacked LoRA
-weights, used in place). Tokens without an adapter cost nothing: the grid walks *tiles*, each a block
-of up to ``BM`` tokens of one adapter, found in-kernel from vLLM's per-step token grouping
-(``LoRAKernelMeta``: tokens sorted by slot, tokens per slot, segment starts, active slot ids), so the
-launch is CUDA-graph safe (grid fixed by the token count) and spare programs exit at once.
+weights, used in place). Tokens without an adapter cost nothing: the grid walks *tiles*, each up to
+``BM`` tokens of one adapter, read from a tile table the wrapper builds on the host once per step
+(`step_meta.py`: slot, row count and the token index of every row, so a program needs one round of
+independent loads before it loads x), so the launch is CUDA-graph safe (grid fixed by the token
+count) and spare programs exit at once.
 
 Two schedules, chosen per layer shape and token count (`choose_config`):
 
@@ -36,29 +37,25 @@ import torch
 import triton
 import triton.language as tl
 
+from . import step_meta
+from .step_meta import TILE_BMS
+
 MAX_SLICES = 3
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_RANK = 128
+COMBINE_MAX = 8192  # accumulator elements per program above which the shrink loops over slices instead
 
 
 @triton.jit
-def _tile(pid, cnt_ptr, lid_ptr, start_ptr, NL, BM: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Tile `pid` of this step -> (valid, slot's adapter index, its token count, its first sorted token, m0)."""
-    offs_l = tl.arange(0, BLOCK_L)
-    in_l = offs_l < NL
-    lid = tl.load(lid_ptr + offs_l, mask=in_l, other=-1)
-    cnt = tl.load(cnt_ptr + offs_l, mask=in_l, other=0)
-    cnt = tl.where(lid >= 0, cnt, 0)
-    nt = (cnt + BM - 1) // BM
-    cum = tl.cumsum(nt, axis=0)
-    total = tl.sum(nt, axis=0)
-    slot = tl.sum((cum <= pid).to(tl.int32), axis=0)
-    before = tl.sum(tl.where(offs_l < slot, nt, 0), axis=0)
-    lora = tl.sum(tl.where(offs_l == slot, lid, 0), axis=0)
-    n_tok = tl.sum(tl.where(offs_l == slot, cnt, 0), axis=0)
-    start = tl.load(start_ptr + slot, mask=pid < total, other=0)
-    m0 = (pid - before) * BM
-    return pid < total, lora, n_tok, start, m0
+def _tile(pid, tiles_ptr, CAP, BM: tl.constexpr):
+    """Tile `pid` of this step's tile table -> (valid, adapter slot, row mask, token index per row).
+
+    One round of independent loads (the table is built on the host per step: step_meta.py)."""
+    lora = tl.load(tiles_ptr + pid)
+    n_rows = tl.load(tiles_ptr + CAP + pid)
+    offs_m = tl.arange(0, BM)
+    rows = tl.load(tiles_ptr + 2 * CAP + pid.to(tl.int64) * BM + offs_m).to(tl.int64)
+    return lora >= 0, lora, offs_m < n_rows, rows
 
 
 @triton.jit
@@ -76,39 +73,58 @@ def _shrink_acc(acc, x_ptr, a_ptr, rows, m_ok, offs_r, r_ok, k_lo, k_hi, K, stri
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, sorted_ptr, cnt_ptr, start_ptr, lid_ptr,
-                   T, K, NL, stride_xm, scale,
+def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, tiles_ptr, CAP, T, K, stride_xm, scale,
                    R: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr,
-                   KC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """p[j, s, t, :] = (x[t, Kj] @ A_s[slot t][:, Kj]^T) * scale for the tokens of one tile, all slices."""
-    valid, lora, n_tok, start, m0 = _tile(tl.program_id(0), cnt_ptr, lid_ptr, start_ptr, NL, BM, BLOCK_L)
+                   KC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, COMBINE: tl.constexpr,
+                   BLOCK_SR: tl.constexpr):
+    """p[j, s, t, :] = (x[t, Kj] @ A_s[slot t][:, Kj]^T) * scale for the tokens of one tile, all slices.
+
+    COMBINE: the slices' A rows side by side as the columns of one [BK, S*R] operand, so each x tile is
+    loaded once for all slices (qkv, gate_up) and one K loop runs instead of S."""
+    valid, lora, m_ok, rows = _tile(tl.program_id(0), tiles_ptr, CAP, BM)
     if valid:
         j = tl.program_id(1)
-        offs_m = tl.arange(0, BM)
-        m_ok = m0 + offs_m < n_tok
-        rows = tl.load(sorted_ptr + start + m0 + offs_m, mask=m_ok, other=0).to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
         k_lo = j * KC
         k_hi = tl.minimum(k_lo + KC, K)
-        lora_base = a_ptr + lora.to(tl.int64) * R * K
-        for s in tl.static_range(S):
-            a_s = lora_base + tl.load(a_off_ptr + s)
-            acc = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
-            acc = _shrink_acc(acc, x_ptr, a_s, rows, m_ok, offs_r, r_ok, k_lo, k_hi, K, stride_xm, R, BK)
-            pp = p_ptr + ((j * S + s) * T + rows[:, None]) * BLOCK_R + offs_r[None, :]
-            tl.store(pp, acc * scale, mask=m_ok[:, None])
+        lora_off = lora.to(tl.int64) * R * K
+        if COMBINE:
+            offs_c = tl.arange(0, BLOCK_SR)
+            s_c = offs_c // BLOCK_R
+            r_c = offs_c % BLOCK_R
+            in_s = s_c < S
+            c_ok = in_s & (r_c < R)
+            col = tl.load(a_off_ptr + s_c, mask=in_s, other=0) + lora_off + r_c.to(tl.int64) * K
+            acc = tl.zeros((BM, BLOCK_SR), dtype=tl.float32)
+            for k in range(k_lo, k_hi, BK):
+                offs_k = k + tl.arange(0, BK)
+                k_ok = offs_k < k_hi
+                xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_ptr + col[None, :] + offs_k[:, None], mask=c_ok[None, :] & k_ok[:, None], other=0.0)
+                acc += tl.dot(xt, at)
+            pp = p_ptr + ((j * S + s_c[None, :]) * T + rows[:, None]) * BLOCK_R + r_c[None, :]
+            tl.store(pp, acc * scale, mask=m_ok[:, None] & in_s[None, :])  # rank padding stores zeros
+        else:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            for s in tl.static_range(S):
+                a_s = a_ptr + lora_off + tl.load(a_off_ptr + s)
+                acc = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
+                acc = _shrink_acc(acc, x_ptr, a_s, rows, m_ok, offs_r, r_ok, k_lo, k_hi, K, stride_xm, R, BK)
+                pp = p_ptr + ((j * S + s) * T + rows[:, None]) * BLOCK_R + offs_r[None, :]
+                tl.store(pp, acc * scale, mask=m_ok[:, None])
 
 
 @triton.jit
-def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, sorted_ptr, cnt_ptr, start_ptr,
-                   lid_ptr, T, K, NL, stride_xm, stride_ym, scale,
+def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tiles_ptr, CAP, T, K,
+                   stride_xm, stride_ym, scale,
                    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
                    BLOCK_R: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, N_ITERS: tl.constexpr,
-                   BLOCK_L: tl.constexpr):
-    """y[t, cols of one chunk of slice s] += h_s[t] @ B_s[slot t][chunk]^T for the tokens of one tile."""
-    valid, lora, n_tok, start, m0 = _tile(tl.program_id(0), cnt_ptr, lid_ptr, start_ptr, NL, BM, BLOCK_L)
+                   ADD: tl.constexpr):
+    """y[t, cols of one chunk of slice s] (+)= h_s[t] @ B_s[slot t][chunk]^T for the tokens of one tile
+    (ADD=False: y is written, not read — vLLM's add_inputs=False for its dual-stream LoRA)."""
+    valid, lora, m_ok, rows = _tile(tl.program_id(0), tiles_ptr, CAP, BM)
     if valid:
         pid_c = tl.program_id(1)
         CH: tl.constexpr = BN * N_ITERS
@@ -119,9 +135,6 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, sort
         n_s = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
         col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
         n_lo = (pid_c - first) * CH
-        offs_m = tl.arange(0, BM)
-        m_ok = m0 + offs_m < n_tok
-        rows = tl.load(sorted_ptr + start + m0 + offs_m, mask=m_ok, other=0).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         if FUSED:
@@ -142,8 +155,10 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, sort
             acc = tl.dot(h, bt)
             yp = y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :]
             ym = m_ok[:, None] & n_ok[None, :]
-            yt = tl.load(yp, mask=ym, other=0.0)
-            tl.store(yp, (yt.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=ym)
+            if ADD:
+                yt = tl.load(yp, mask=ym, other=0.0)
+                acc += yt.to(tl.float32)
+            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -226,7 +241,9 @@ def choose_config(tokens: int, k: int, widths: Sequence[int], rank: int) -> Conf
         _OVERRIDES = _overrides()
     key = config_key(tokens, k, widths, rank)
     hit = _OVERRIDES.get(key) or TUNED.get(key)
-    return hit if hit is not None else default_config(tokens, k, widths, rank)
+    if hit is None or hit.bm not in TILE_BMS:  # the host builds tile tables for TILE_BMS only
+        return default_config(tokens, k, widths, rank)
+    return hit
 
 
 _OFFSETS: dict[tuple[int, ...], torch.Tensor] = {}
@@ -274,15 +291,14 @@ def unsupported(x: torch.Tensor, a: Sequence[torch.Tensor], b: Sequence[torch.Te
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                sorted_tokens: torch.Tensor, tokens_per_slot: torch.Tensor, slot_start: torch.Tensor,
-                slot_ids: torch.Tensor, scale: float = 1.0, config: Config | None = None) -> None:
-    """In place: y[t, slice cols] += x[t] @ A_s[slot]^T @ B_s[slot]^T * scale for tokens with a slot.
+                tiles: Sequence[torch.Tensor], nl: int, scale: float = 1.0, config: Config | None = None,
+                add_inputs: bool = True) -> None:
+    """In place: y[t, slice cols] += x[t] @ A_s[slot]^T @ B_s[slot]^T * scale for tokens with a slot
+    (``add_inputs=False``: ``=`` instead of ``+=``; rows of tokens without an adapter are never touched).
 
-    `sorted_tokens` [T] (token indices grouped by slot), `tokens_per_slot` [NL], `slot_start` [NL+1]
-    (first sorted index of each group), `slot_ids` [NL] (adapter slot of each group, -1 = no adapter):
-    vLLM's `LoRAKernelMeta` tensors (``token_indices_sorted_by_lora_ids``, ``num_tokens_per_lora``,
-    ``lora_token_start_loc``, ``active_lora_ids``). x: [T, K]; y: [T, ΣN_s], row stride free, unit
-    column stride.
+    `tiles`: this step's tile tables, one int32 tensor per height in `step_meta.TILE_BMS` (built on the
+    host by `step_meta.fill_tiles`; `make_tiles` for tests), `nl`: slot groups (max_loras + 1).
+    x: [T, K]; y: [T, ΣN_s], row stride free, unit column stride.
     """
     T, K = x.shape
     if T == 0:
@@ -293,47 +309,45 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
     assert y.shape[0] >= T and y.stride(-1) == 1 and x.stride(-1) == 1
     assert y.shape[-1] == sum(widths), (y.shape, widths)
     cfg = config or choose_config(T, K, widths, R)
-    NL = int(slot_ids.shape[0])
-    BLOCK_L = max(16, _pow2(NL))
+    table = tiles[TILE_BMS.index(cfg.bm)]
+    cap = table.numel() // (2 + cfg.bm)
+    grid_m = min(cap, -(-T // cfg.bm) + nl)  # >= the tiles of any T-token step (spare programs exit)
     BLOCK_R = max(16, _pow2(R))
     a_off, b_off = _offsets(lora_a), _offsets(lora_b)
     n = widths + [0] * (MAX_SLICES - S)
     ch = cfg.bn * cfg.n_iters
     chunks = sum(-(-w // ch) for w in widths)
-    tiles = -(-T // cfg.bm) + NL
-    meta = (sorted_tokens, tokens_per_slot, slot_start, slot_ids)
     if cfg.fused:
-        _expand_kernel[(tiles, chunks)](
-            y, x, lora_a[0], a_off, lora_b[0], b_off, x, *meta, T, K, NL, x.stride(0), y.stride(0), scale,
+        _expand_kernel[(grid_m, chunks)](
+            y, x, lora_a[0], a_off, lora_b[0], b_off, x, table, cap, T, K, x.stride(0), y.stride(0), scale,
             N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=1, FUSED=True, BM=cfg.bm, BN=cfg.bn,
-            BK=cfg.bk, N_ITERS=cfg.n_iters, BLOCK_L=BLOCK_L, num_warps=cfg.warps, num_stages=cfg.stages)
+            BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
         return
     kc = -(-(-(-K // cfg.split_k)) // cfg.bk) * cfg.bk
     split = -(-K // kc)
     p = torch.empty((split, S, T, BLOCK_R), dtype=torch.float32, device=x.device)
-    _shrink_kernel[(tiles, split)](
-        x, lora_a[0], a_off, p, *meta, T, K, NL, x.stride(0), scale,
-        R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=split, KC=kc, BM=cfg.bm, BK=cfg.bk, BLOCK_L=BLOCK_L,
-        num_warps=cfg.warps, num_stages=cfg.stages)
-    _expand_kernel[(tiles, chunks)](
-        y, x, lora_a[0], a_off, lora_b[0], b_off, p, *meta, T, K, NL, x.stride(0), y.stride(0), scale,
+    block_sr = _pow2(S * BLOCK_R)
+    combine = S > 1 and cfg.bm * block_sr <= COMBINE_MAX
+    _shrink_kernel[(grid_m, split)](
+        x, lora_a[0], a_off, p, table, cap, T, K, x.stride(0), scale,
+        R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=split, KC=kc, BM=cfg.bm, BK=cfg.bk, COMBINE=combine,
+        BLOCK_SR=block_sr, num_warps=cfg.warps, num_stages=cfg.stages)
+    _expand_kernel[(grid_m, chunks)](
+        y, x, lora_a[0], a_off, lora_b[0], b_off, p, table, cap, T, K, x.stride(0), y.stride(0), scale,
         N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=split, FUSED=False, BM=cfg.bm, BN=cfg.bn,
-        BK=cfg.bk, N_ITERS=cfg.n_iters, BLOCK_L=BLOCK_L, num_warps=cfg.warps, num_stages=cfg.stages)
+        BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
-def make_meta(slots: torch.Tensor, max_loras: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """vLLM's LoRAKernelMeta tensors for a token->slot mapping (tests, benchmarks; vLLM builds its own)."""
-    dev = slots.device
-    order = torch.sort(slots, stable=True).indices.to(torch.int32)
-    ids, counts = torch.unique(slots, sorted=True, return_counts=True)
-    nl = max_loras + 1
-    slot_ids = torch.full((nl,), -1, dtype=torch.int32, device=dev)
-    per = torch.zeros(nl, dtype=torch.int32, device=dev)
-    start = torch.zeros(nl + 1, dtype=torch.int32, device=dev)
-    slot_ids[: ids.numel()] = ids.to(torch.int32)
-    per[: counts.numel()] = counts.to(torch.int32)
-    start[1: 1 + counts.numel()] = torch.cumsum(counts, 0).to(torch.int32)
-    return order, per, start, slot_ids
+def make_tiles(slots: torch.Tensor, max_loras: int, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
+    """(tile tables, nl) for a token->slot mapping, as the wrapper builds them per step (tests, benchmarks)."""
+    import numpy as np
+
+    s = slots.detach().to("cpu", torch.int32).numpy()
+    lay = step_meta.Layout.make(max_tokens or max(1, s.size), max_loras, metas=())
+    buf = np.zeros(lay.size, dtype=np.int32)
+    step_meta.fill_tiles(buf, lay, step_meta.group(s))
+    dev = torch.from_numpy(buf).to(slots.device)
+    return [dev[o:o + cap * (2 + bm)] for bm, (o, cap) in lay.tiles.items()], lay.nl
 
 
 def reference(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
