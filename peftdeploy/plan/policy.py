@@ -10,7 +10,9 @@ Evidence (same run, same machine; ratios to the merged model's output tokens/s):
   the same per decode step whether all or some of the batch's tokens use an adapter, so a batch
   with *any* LoRA request pays the whole LoRA cost.
 * GPU, ``docs/bench/gpu-kernels.md`` (the same setup, 2026-12-02, one lease): peftdeploy's Triton kernels
-  0.83, vLLM's kernels 0.71 in the same lease (merged 3468 out tok/s).
+  0.83, vLLM's kernels 0.71 in the same lease (merged 3468 out tok/s). A second lease that day, with the
+  per-step metadata built on the host (no device read-back): peftdeploy's kernels 0.85, base traffic on
+  the same server 0.99; vLLM's kernels 0.72 (merged 3285 out tok/s).
 * CPU, ``docs/bench/cpu/bench_lora_kernels_cpu.json`` (2026-12-02, the demo recipe, 8 streams, medians of 3):
   peftdeploy's kernels base traffic 0.99, 1 adapter 0.77, 3 adapters Zipf(1.0) 0.66; vLLM's in the same run
   0.84 / 0.28 / 0.34.
@@ -64,9 +66,8 @@ KERNELS = ("vllm", "peftdeploy")
 RATIOS: dict[str, dict[str, dict[str, Any]]] = {
     "cuda": {
         "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md (0.71 again in docs/bench/gpu-kernels.md)"},
-        # idle not measured with peftdeploy's kernels (its op returns before any launch when no token
-        # uses an adapter, like vLLM's): vLLM's 0.99 is used
-        "peftdeploy": {"idle": None, "active": 0.83, "source": "docs/bench/gpu-kernels.md"},
+        # second lease of 2026-12-02 (docs/bench/gpu-kernels.md, "Lease 2"): 8 adapters 0.85, base traffic 0.99
+        "peftdeploy": {"idle": 0.99, "active": 0.85, "source": "docs/bench/gpu-kernels.md"},
     },
     "cpu": {
         "vllm": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},
