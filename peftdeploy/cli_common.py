@@ -23,6 +23,12 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
+def error_json(e: PeftDeployError) -> dict[str, Any]:
+    """One shape for one error and for several: {"ok": false, "errors": [{error, fix, file, line, ...}]}."""
+    d = e.to_dict()
+    return {"ok": False, "errors": d["errors"] if "errors" in d else [d]}
+
+
 def user_errors(fn: F) -> F:
     """Turn PeftDeployError into exit 2 with a readable message (JSON when --json was given)."""
 
@@ -32,7 +38,7 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except PeftDeployError as e:
             if kwargs.get("as_json"):
-                emit_json({"ok": False, **e.to_dict()})
+                emit_json(error_json(e))
             else:
                 click.echo(e.render(), err=True)
             sys.exit(e.exit_code)
