@@ -55,7 +55,15 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+# Off a terminal (`| cat`, CI logs) rich would lay tables out for 80 columns and cut names: lay them out
+# as wide as their content instead (COLUMNS, when set, still wins).
+PIPE_WIDTH = 1000
+
+
 def stdout_console():
+    import os
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, width=PIPE_WIDTH if wide else None)

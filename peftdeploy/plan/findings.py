@@ -349,6 +349,11 @@ def _non_finite(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
         bad = file_nonfinite(Path(a.path) / "adapter_model.safetensors")
     except (SafetensorsFormatError, OSError):
         return  # unreadable files are reported where they are read
+    except ImportError:  # the base install has no numpy (the scan is one numpy compare per tensor)
+        yield _f("non-finite-unchecked", I, f"adapter {a.name!r} was not scanned for NaN/inf values: numpy is "
+                 "not installed", "pip install 'peftdeploy[merge]' (any vLLM environment has numpy)", a.name,
+                 ctx.aloc(a))
+        return
     if bad:
         yield _f("non-finite", E, f"adapter {a.name!r} holds {sum(bad.values())} NaN/inf values in {len(bad)} "
                  f"tensors (first: {next(iter(bad))})", "the adapter is broken; re-train or re-export it",

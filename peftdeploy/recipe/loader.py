@@ -551,6 +551,14 @@ class RecipeErrors(RecipeError):
 def load_recipe(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedRecipe:
     """Load, merge (`extends`), interpolate and validate a recipe. Raises RecipeError."""
     p = Path(path)
+    shipped_note: list[str] = []
+    if not p.exists():
+        from .shipped import find_shipped
+
+        found = find_shipped(str(path))
+        if found is not None:
+            shipped_note.append(f"{path!r} is the shipped recipe {found} (no file {path!r} here)")
+            p = found
     if p.is_dir():
         raise RecipeError(f"{_display(p)} is a directory, not a recipe file",
                           fix="name the recipe's .yaml file")
@@ -565,4 +573,4 @@ def load_recipe(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         errs = _errors_from_validation(e, walk)
         raise RecipeErrors(errs) if len(errs) > 1 else errs[0]
     return LoadedRecipe(recipe, p.resolve(), tuple(files), walk.locations, frozenset(walk.env_refs),
-                        tuple(walk.notes))
+                        tuple(shipped_note + walk.notes))
