@@ -308,10 +308,14 @@ def down_cmd(target: str, timeout: float, as_json: bool) -> None:
 
     name = _name_of(target)
     s = st.read_state(name)
-    if s is None:
+    if s is None:  # nothing to stop is not an error (exit codes: README "Exit codes")
         running = ", ".join(x.name for x in st.list_states()) or "none"
-        raise LaunchError(f"no deployment named {name!r} is running (running: {running})",
-                          fix="`peftdeploy status` lists deployments")
+        if as_json:
+            emit_json({"ok": True, "name": name, "was_running": False, "running": running})
+        else:
+            click.echo(f"nothing to do: no deployment named {name!r} is running (running: {running}); "
+                       "`peftdeploy status` lists deployments")
+        return
     was_alive = s.alive or group_alive(s.pgid)
     t0 = time.monotonic()
     if s.supervisor_pid and st.pid_alive(s.supervisor_pid) and s.supervisor_pid != os.getpid():

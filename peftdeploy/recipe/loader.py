@@ -316,6 +316,11 @@ class _Walk:
     # revisions written inside a source (`hf://org/repo@rev`): revision field path -> (rev, where)
     at_revisions: dict[tuple[Any, ...], tuple[str, Location]] = field(default_factory=dict)
 
+    values: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def value_at(self, path: tuple[Any, ...]) -> Any:
+        return self.values.get(path)
+
     def _hub_id(self, value: str, v: _Val, path: tuple[Any, ...]) -> str:
         """`org/repo[@rev]` with no such local path -> `hf://org/repo`; `hf://org/repo@rev` -> revision."""
         where = _with_path(v.loc, path)
@@ -357,6 +362,7 @@ class _Walk:
         if isinstance(v.value, list):
             return [self.plain(c, (*path, i)) for i, c in enumerate(v.value)]
         value = v.value
+        self.values[path] = value
         if _match(path, SECRET_FIELDS):
             return self._secret(value, v.loc, path)
         if isinstance(value, str):
@@ -474,7 +480,39 @@ def _errors_from_validation(e: ValidationError, walk: _Walk) -> list[RecipeError
                 fix = f"write a value of the right type here ({_type_hint(etype)})"
             position = _nearest_location(loc_path, walk, prefer_key=False)
         out.append(RecipeError(msg, fix=fix, location=_with_path(position, _strip_union(loc_path))))
+    return _merge_union_errors(out, walk)
+
+
+def _merge_union_errors(errs: list[RecipeError], walk: _Walk) -> list[RecipeError]:
+    """One message per field: a union (`auto` or a positive integer) fails once per member in pydantic."""
+    by_path: dict[Any, list[RecipeError]] = {}
+    for e in errs:
+        by_path.setdefault((e.location.file, e.location.path) if e.location else id(e), []).append(e)
+    out: list[RecipeError] = []
+    for group in by_path.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        loc = group[0].location
+        path = next((k for k in walk.locations if _fmt_path(k) == loc.path), None) if loc else None
+        value = walk.value_at(path) if path is not None else None
+        allowed = _union_allowed(group)
+        out.append(RecipeError(f"{value!r} is not allowed here" if value is not None else group[0].message,
+                               fix=f"write {allowed}", location=loc))
     return out
+
+
+def _union_allowed(group: list[RecipeError]) -> str:
+    words: list[str] = []
+    for e in group:
+        fix = e.fix or ""
+        if fix.startswith("use one of: "):
+            words.append(fix[len("use one of: "):])
+        elif "integer" in e.message + fix or "greater than or equal to 1" in e.message:
+            words.append("a positive integer")  # the int member of auto-or-int fields is ge=1
+        else:
+            words.append(e.message)
+    return " or ".join(dict.fromkeys(words))
 
 
 def _strip_union(path: tuple[Any, ...]) -> tuple[Any, ...]:
