@@ -133,10 +133,14 @@ def _restore_handlers(old: dict[int, Any]) -> None:
 @click.option("--follow", is_flag=True, help="Stream the server log to stderr after it is ready.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Plan for this device.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: str | None, port: int | None,
-           host: str | None, timeout: float, follow: bool, device: str) -> None:
-    """Plan, merge if needed, and run the OpenAI-compatible server."""
+           host: str | None, timeout: float, follow: bool, device: str, vllm_args: tuple[str, ...] = ()) -> None:
+    """Plan, merge if needed, and run the OpenAI-compatible server.
+
+    `peftdeploy up RECIPE -- <vllm serve flags>` passes flags through to vLLM after the planned ones,
+    checked first against the installed vLLM's own argument parser."""
     from ..plan import make_plan
     from ..recipe import load_recipe
     from . import state as st
@@ -146,6 +150,12 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     plan = make_plan(loaded, device=device)
     plan.raise_for_errors()
     spec = _override_port(plan.launch, port, host)
+    if vllm_args:
+        from ..plan.findings import MANAGED_ARGS
+        from .passthrough import check
+
+        passed = check(vllm_args, managed=MANAGED_ARGS)
+        spec = dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
 
     if dry_run:
         if as_json:
