@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("peftdeploy.plan.cli:plan_cmd", "Inspect adapters, derive vLLM settings, print the plan."),
     "merge": ("peftdeploy.merge.cli:merge_cmd", "Merge the recipe's adapters into the backbone (cached)."),
     "up": ("peftdeploy.launch.cli:up_cmd", "Plan, merge if needed, and run the OpenAI-compatible server."),
+    "lock": ("peftdeploy.commands.lock_cmd:lock_cmd", "Pin hub commits, adapter sha256s and versions (up --locked)."),
     "down": ("peftdeploy.launch.cli:down_cmd", "Stop a deployment started with `up --detach`."),
     "status": ("peftdeploy.launch.cli:status_cmd", "Health and per-adapter metrics of running deployments."),
     "render": ("peftdeploy.render.cli:render_cmd", "Render manifests for Kubernetes, KServe, Ray Serve, ..."),

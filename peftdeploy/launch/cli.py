@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from ..cli_common import emit_json, json_option, user_errors
-from ..errors import LaunchError
+from ..errors import LaunchError, Location
 from .metrics import OTHER_MODEL
 
 STOP_GRACE = 20.0
@@ -133,10 +133,13 @@ def _restore_handlers(old: dict[int, Any]) -> None:
 @click.option("--follow", is_flag=True, help="Stream the server log to stderr after it is ready.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Plan for this device.")
+@click.option("--locked", is_flag=True, help="Refuse to run when anything drifted from RECIPE's lock file "
+              "(`peftdeploy lock`): hub commits, adapter sha256s, peftdeploy / vLLM versions.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: str | None, port: int | None,
-           host: str | None, timeout: float, follow: bool, device: str, vllm_args: tuple[str, ...] = ()) -> None:
+           host: str | None, timeout: float, follow: bool, device: str, locked: bool = False,
+           vllm_args: tuple[str, ...] = ()) -> None:
     """Plan, merge if needed, and run the OpenAI-compatible server.
 
     `peftdeploy up RECIPE -- <vllm serve flags>` passes flags through to vLLM after the planned ones,
@@ -149,6 +152,15 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
     plan.raise_for_errors()
+    if locked:
+        from ..lock import drift, lock_path, read_lock
+
+        lp = lock_path(loaded.path)
+        changed = drift(read_lock(lp), plan.resolved)
+        if changed:
+            raise LaunchError(f"--locked: {len(changed)} thing(s) drifted from {lp}: " + "; ".join(changed),
+                              fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
+                                  f"on purpose with `peftdeploy lock {recipe}`", location=Location(file=str(lp)))
     spec = _override_port(plan.launch, port, host)
     if vllm_args:
         from ..plan.findings import MANAGED_ARGS
