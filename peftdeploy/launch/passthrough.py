@@ -50,15 +50,23 @@ def _installed_parser() -> tuple[argparse.ArgumentParser, str]:
         pass
     import vllm
 
-    try:
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser  # 0.32
-    except ImportError:
-        from vllm.entrypoints.openai.cli_args import make_arg_parser  # 0.26
-    try:
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-    except ImportError:  # older layout
-        from vllm.utils import FlexibleArgumentParser  # type: ignore[attr-defined,no-redef]
-    return make_arg_parser(FlexibleArgumentParser()), str(vllm.__version__)
+    make_arg_parser = _first(("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),  # 0.32
+                             ("vllm.entrypoints.openai.cli_args", "make_arg_parser"))  # 0.26
+    parser_cls = _first(("vllm.utils.argparse_utils", "FlexibleArgumentParser"),  # 0.26, 0.32
+                        ("vllm.utils", "FlexibleArgumentParser"))  # older
+    return make_arg_parser(parser_cls()), str(vllm.__version__)
+
+
+def _first(*candidates: tuple[str, str]) -> Any:
+    """The first `module.name` that exists (vLLM moves its CLI modules between releases)."""
+    import importlib
+
+    for module, name in candidates:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"none of {', '.join(m + '.' + n for m, n in candidates)} exists in this vLLM")
 
 
 def installed_table() -> OptionTable:
