@@ -138,10 +138,106 @@ def drift(lock: dict[str, Any], resolved: "ResolvedRecipe") -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------ --in-place
+_TOKEN = re.compile(r"""'[^']*'|"[^"]*"|[^\s,}\]#]+""")
+
+
+def pin_in_place(resolved: "ResolvedRecipe") -> list[str]:
+    """Write the pins into the recipe files themselves (the file that wrote each source, `extends`
+    included): `revision: <commit>` for every hub source on a branch/tag/short sha, `sha256:` for every
+    adapter without one. Text edits at the positions the loader recorded, so comments and layout stay;
+    each file is rewritten atomically, and the result is loaded again and must resolve to the same
+    commits (else every file is restored). Returns what was pinned."""
+    from .recipe import load_recipe
+    from .sources import resolve
+
+    loaded = resolved.loaded
+    edits: dict[str, list[tuple[int, int, str, str]]] = {}  # file -> (line, col, kind, text)
+    done: list[str] = []
+
+    def add(src_path: tuple[Any, ...], key: str, value: str, existing: tuple[Any, ...] | None) -> None:
+        loc = loaded.location(*existing) if existing else None
+        src_loc = loaded.location(*src_path)
+        same = loc is not None and src_loc is not None and (loc.file, loc.line, loc.column) == (
+            src_loc.file, src_loc.line, src_loc.column)
+        if loc is not None and not same:  # the key is written: replace its value
+            edits.setdefault(loc.file, []).append((loc.line, loc.column, "replace", value))
+        elif loc is not None:  # written as source@rev: replace the @rev part
+            edits.setdefault(loc.file, []).append((loc.line, loc.column, "at", value))
+        elif src_loc is not None:
+            edits.setdefault(src_loc.file, []).append((src_loc.line, src_loc.column, "insert:" + key, value))
+        else:
+            return
+        done.append(f"{'.'.join(map(str, src_path[:-1]))}.{key}: {value}")
+
+    r = resolved.recipe
+    for sp, rp, src in ((("backbone", "model"), ("backbone", "revision"), resolved.backbone),
+                        (("backbone", "merge_base"), ("backbone", "merge_base_revision"), resolved.merge_base)):
+        if src is not None and src.kind == "hf" and src.commit and src.revision != src.commit:
+            add(sp, "revision" if rp[-1] == "revision" else rp[-1], src.commit, rp if loaded.location(*rp) else None)
+    for a in resolved.adapters:
+        sp, rp = ("adapters", a.index, "source"), ("adapters", a.index, "revision")
+        if a.source.kind == "hf" and a.source.commit and a.source.revision != a.source.commit:
+            add(sp, "revision", a.source.commit, rp if loaded.location(*rp) else None)
+        if a.weights_file and r.adapters[a.index].sha256 is None:
+            add(sp, "sha256", sha256_file(a.path / a.weights_file), None)
+    originals: dict[str, str] = {}
+    for file, es in edits.items():
+        text = Path(file).read_text()
+        originals[file] = text
+        atomic_write_text(file, _apply(text, es))
+    try:
+        again = resolve(load_recipe(loaded.path), fetch="metadata", offline=True, progress=False)
+        bad = [s.spec for s, t in ((again.backbone, resolved.backbone), (again.merge_base, resolved.merge_base))
+               if s is not None and t is not None and s.commit != t.commit]
+        if bad:
+            raise LaunchError(f"lock --in-place: {', '.join(bad)} no longer resolve to the locked commits")
+    except Exception:
+        for file, text in originals.items():
+            atomic_write_text(file, text)
+        raise
+    return done
+
+
+def _apply(text: str, edits: list[tuple[int, int, str, str]]) -> str:
+    lines = text.splitlines(keepends=True)
+    by_pos: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for line, col, kind, value in edits:
+        by_pos.setdefault((line, col), []).append((kind, value))
+    for (line, col), items in sorted(by_pos.items(), reverse=True):
+        s = lines[line - 1]
+        m = _TOKEN.match(s, col - 1)
+        end = m.end() if m else col - 1
+        inserts = [(k.split(":", 1)[1], v) for k, v in items if k.startswith("insert:")]
+        for kind, value in items:
+            if kind == "replace":
+                s = s[:col - 1] + value + s[end:]
+            elif kind == "at" and m:
+                tok = m.group(0)
+                q = tok[0] if tok[0] in "'\"" else ""
+                body = tok[1:-1] if q else tok
+                s = s[:col - 1] + q + body.rsplit("@", 1)[0] + q + s[end:]
+                inserts.insert(0, ("revision", value))
+        if inserts:
+            flow = "{" in s[:col - 1]
+            if flow:  # `{name: a, source: x}`: add the keys after the value
+                m = _TOKEN.match(s, col - 1)
+                end = m.end() if m else col - 1
+                s = s[:end] + "".join(f", {k}: {v}" for k, v in inserts) + s[end:]
+            else:  # block style: new lines at the key's indentation
+                head = s[:col - 1].rstrip().removesuffix(":").rstrip()  # "  - source" / "    model"
+                key_col = len(head) - len(head.split()[-1])  # where the key starts ("- " excluded)
+                nl = "" if s.endswith("\n") else "\n"
+                s = s + nl + "".join(f"{' ' * key_col}{k}: {v}\n" for k, v in inserts)
+        lines[line - 1] = s
+    return "".join(lines)
+
+
 def _fmt(s: dict[str, Any] | None) -> str:
     if not s:
         return "none"
     return s["spec"] + (f"@{s.get('commit')}" if s.get("commit") else "")
 
 
-__all__ = ["LOCK_VERSION", "adapter_sha256", "drift", "lock_data", "lock_path", "read_lock", "write_lock"]
+__all__ = ["LOCK_VERSION", "adapter_sha256", "drift", "lock_data", "lock_path", "pin_in_place", "read_lock",
+           "write_lock"]

@@ -69,3 +69,29 @@ def test_up_locked_refuses_drift(setup: dict[str, Path], monkeypatch: pytest.Mon
     assert f"backbone: hf://{REPO}@{'f' * 40}" in r.output
     assert "adapter 'mine': adapter_model.safetensors sha256" in r.output
     assert "vLLM 9.9.9" in r.output and "Traceback" not in r.output
+
+
+def test_lock_in_place_pins_the_recipe_keeping_its_layout(setup: dict[str, Path]) -> None:
+    recipe = setup["recipe"]
+    recipe.write_text(f"# prod recipe\napiVersion: peftdeploy/v1\nname: prod\nbackbone:\n  model: {REPO}   # the base\n"
+                      f"  dtype: float32\nadapters:\n  - name: hub\n    source: 'hf://{AD}@main'\n"
+                      "  - {name: mine, source: ./local-ad}\npolicy: {mode: serve}\n")
+    r = CliRunner().invoke(main, ["lock", str(recipe), "--in-place"])
+    assert r.exit_code == 0, r.output
+    text = recipe.read_text()
+    main_commit = hashlib.sha1(f"{REPO}@main".encode()).hexdigest()
+    ad_commit = hashlib.sha1(f"{AD}@main".encode()).hexdigest()
+    assert text.startswith("# prod recipe\n") and "# the base" in text
+    assert f"  model: {REPO}   # the base\n  revision: {main_commit}\n" in text
+    assert f"    source: 'hf://{AD}'\n    revision: {ad_commit}\n    sha256: " in text
+    assert "  - {name: mine, source: ./local-ad, sha256: " in text
+    from peftdeploy.recipe import load_recipe
+
+    rec = load_recipe(recipe).recipe
+    assert rec.backbone.revision == main_commit and rec.adapters[0].revision == ad_commit
+    assert all(a.sha256 for a in rec.adapters)
+    # pinned: plan no longer warns that the backbone follows a branch; a second run has nothing to pin
+    r = CliRunner().invoke(main, ["plan", str(recipe), "--device", "cpu", "--json"])
+    assert "revision-unpinned" not in r.output
+    r = CliRunner().invoke(main, ["lock", str(recipe), "--in-place"])
+    assert r.exit_code == 0 and "nothing to pin" in r.output, r.output
