@@ -23,6 +23,12 @@ def emit_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
+def error_json(e: PeftDeployError) -> dict[str, Any]:
+    """One shape for one error and for several: {"ok": false, "errors": [{error, fix, file, line, ...}]}."""
+    d = e.to_dict()
+    return {"ok": False, "errors": d["errors"] if "errors" in d else [d]}
+
+
 def user_errors(fn: F) -> F:
     """Turn PeftDeployError into exit 2 with a readable message (JSON when --json was given)."""
 
@@ -32,7 +38,7 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except PeftDeployError as e:
             if kwargs.get("as_json"):
-                emit_json({"ok": False, **e.to_dict()})
+                emit_json(error_json(e))
             else:
                 click.echo(e.render(), err=True)
             sys.exit(e.exit_code)
@@ -49,7 +55,15 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+# Off a terminal (`| cat`, CI logs) rich would lay tables out for 80 columns and cut names: lay them out
+# as wide as their content instead (COLUMNS, when set, still wins).
+PIPE_WIDTH = 1000
+
+
 def stdout_console():
+    import os
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(highlight=False, width=PIPE_WIDTH if wide else None)

@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+# Exit codes (README "Exit codes"): 0 ok (also "nothing to do", e.g. `down` of a deployment that is not
+# running); 1 a runtime failure (the vLLM server failed to start, died, or was not ready in time);
+# 2 a user error (usage, recipe, sources, plan errors, a missing extra); 128+N killed by signal N.
+EXIT_OK = 0
+EXIT_RUNTIME_FAILURE = 1
 EXIT_USER_ERROR = 2
 
 
@@ -87,7 +92,14 @@ class MergeError(PeftDeployError):
 
 
 class LaunchError(PeftDeployError):
-    """vLLM failed to start or died; message holds the cause in one paragraph and the log path."""
+    """`up` cannot start: port in use, a missing merged model, ...; the message holds cause and fix."""
+
+
+class ServerFailure(LaunchError):
+    """vLLM failed to start, died, or was not ready in time: a runtime failure (exit 1), not the user's
+    input; the message holds the cause in one paragraph and the log path."""
+
+    exit_code = EXIT_RUNTIME_FAILURE
 
 
 class Severity(str, Enum):

@@ -250,6 +250,8 @@ class Inventory:
     adapters: tuple[AdapterInfo, ...]
     merge_base: ModelInfo | None = None
     model_unavailable: str | None = None
+    # hub sources: subject ("backbone", "merge_base", adapter name) -> the commit sha the revision resolved to
+    commits: dict[str, str] = field(default_factory=dict)
 
     def adapter(self, name: str) -> AdapterInfo:
         for a in self.adapters:
@@ -572,7 +574,11 @@ def inspect(resolved: "ResolvedRecipe") -> Inventory:
     adapters = tuple(
         inspect_adapter(a.name, a.path, source=a.source.spec, weights_file=a.weights_file, sha256=a.sha256)
         for a in resolved.adapters)
-    return Inventory(model=model, adapters=adapters, merge_base=merge_base, model_unavailable=unavailable)
+    commits = {subject: src.commit for subject, src in
+               [("backbone", resolved.backbone), ("merge_base", resolved.merge_base)]
+               + [(a.name, a.source) for a in resolved.adapters] if src is not None and src.commit}
+    return Inventory(model=model, adapters=adapters, merge_base=merge_base, model_unavailable=unavailable,
+                     commits=commits)
 
 
 __all__ = ["AdapterConfigError", "HeaderError", "check_adapter_config", "validate_safetensors_header",

@@ -163,28 +163,55 @@ def source_kind(spec: str) -> str:
     return "local"
 
 
-def _cached_snapshot(repo_id: str, revision: str | None, repo_type: str = "model") -> tuple[Path, str] | None:
-    """The snapshot dir of a repo revision in the hub cache, without any network access."""
-    root = hub_cache_dir() / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    if not root.is_dir():
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
+_SHORT_SHA = re.compile(r"[0-9a-f]{7,39}")
+
+
+def _expand_short_sha(repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
+    """A short commit sha (7-39 hex digits) -> the one full sha of a cached revision that starts with it.
+
+    Read with huggingface_hub's `scan_cache_dir`; None when the revision is not a short sha or no
+    single cached commit matches (then the hub sees the revision as written: a branch or tag may look
+    like hex)."""
+    if not revision or not _SHORT_SHA.fullmatch(revision):
         return None
-    rev = revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", rev):
-        commit = rev
-    else:
-        ref = root / "refs" / rev
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snap = root / "snapshots" / commit
-    return (snap, commit) if snap.is_dir() else None
+    from huggingface_hub import scan_cache_dir  # lazy: only for hf:// recipes
+
+    cache = hub_cache_dir()
+    if not cache.is_dir():
+        return None
+    try:
+        info = scan_cache_dir(cache)
+    except Exception:  # noqa: BLE001 - CacheNotFound, a corrupt entry: nothing cached to match
+        return None
+    hits = {rev.commit_hash for repo in info.repos if repo.repo_id == repo_id and repo.repo_type == repo_type
+            for rev in repo.revisions if rev.commit_hash.startswith(revision)}
+    return hits.pop() if len(hits) == 1 else None
+
+
+def cached_snapshot(repo_id: str, revision: str | None, repo_type: str = "model",
+                    patterns: list[str] | None = None) -> tuple[Path, str] | None:
+    """The snapshot dir and commit of a repo revision in the hub cache, without any network access.
+
+    huggingface_hub's own `snapshot_download(local_files_only=True)` (refs/<branch>, a full sha, and
+    its check that a cached tree listing is complete); a short sha is expanded first."""
+    from huggingface_hub import snapshot_download  # lazy: only for hf:// recipes
+
+    rev = _expand_short_sha(repo_id, revision, repo_type) or revision or "main"
+    try:
+        path = snapshot_download(repo_id, revision=rev, repo_type=repo_type, allow_patterns=patterns,
+                                 local_files_only=True, cache_dir=str(hub_cache_dir()))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError / IncompleteSnapshotError: not (fully) cached
+        return None
+    p = Path(path)
+    return p, p.name
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None, offline: bool,
                   progress: bool) -> tuple[Path, str | None]:
     """Download (or find offline) a snapshot. Raises LookupError when offline and not cached."""
     if offline:
-        found = _cached_snapshot(repo_id, revision)
+        found = cached_snapshot(repo_id, revision, patterns=patterns)
         if found is None:
             raise LookupError(f"{repo_id}@{revision or 'main'} is not in the hub cache ({hub_cache_dir()})")
         return found
@@ -193,10 +220,17 @@ def _hub_snapshot(repo_id: str, revision: str | None, patterns: list[str] | None
     kw: dict[str, Any] = {}
     if not progress:
         kw["tqdm_class"] = None
+    revision = _expand_short_sha(repo_id, revision) or revision
     path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=_hf_token(),
                              cache_dir=str(hub_cache_dir()), **kw)
     p = Path(path)
-    return p, p.name if re.fullmatch(r"[0-9a-f]{40}", p.name) else None
+    return p, p.name if _FULL_SHA.fullmatch(p.name) else None
+
+
+def hf_download_command(repo_id: str, revision: str | None = None, *files: str) -> str:
+    """The huggingface_hub CLI command that fills the cache for a repo (`hf`; `huggingface-cli` is gone)."""
+    rev = f" --revision {revision}" if revision and revision != "main" else ""
+    return f"hf download {repo_id}{''.join(' ' + f for f in files)}{rev}"
 
 
 def _remote_tensors(repo_id: str, revision: str | None) -> dict[str, tuple[str, tuple[int, ...]]] | None:
@@ -319,9 +353,10 @@ def _check_adapter_dir(src: ResolvedSource, *, name: str, sha256: str | None, al
                        location: Location | None) -> tuple[str | None, str | None]:
     """Checks every adapter must pass (config present, sha256). Returns (weights_file, sha256)."""
     if src.path is None:
+        dl = f"`{hf_download_command(src.repo_id, src.revision)}`" if src.kind == "hf" and src.repo_id \
+            else "a download"
         raise SourceError(f"adapter {name!r}: {src.unavailable}", location=location,
-                          fix="run once online (unset HF_HUB_OFFLINE) or pre-download it with "
-                              "`huggingface-cli download`")
+                          fix=f"run once online (unset HF_HUB_OFFLINE) or pre-download it with {dl}")
     p = src.path
     if not p.is_dir():
         raise SourceError(f"adapter {name!r}: {p} is not a directory", location=location,
@@ -417,6 +452,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 __all__ = [
-    "ResolvedAdapter", "ResolvedRecipe", "ResolvedSource", "adapter_weights_file", "hub_cache_dir",
+    "ResolvedAdapter", "ResolvedRecipe", "ResolvedSource", "adapter_weights_file", "cached_snapshot",
+    "hf_download_command", "hub_cache_dir",
     "hub_offline", "parse_hf", "resolve", "resolve_adapter_source", "source_kind",
 ]

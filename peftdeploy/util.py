@@ -117,3 +117,21 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+MERGE_KERNEL_ENV = "PEFTDEPLOY_MERGE_KERNEL"  # "numpy": do not use the compiled merge kernel
+
+
+def merge_kernel_note() -> str | None:
+    """Why merges here would take the numpy path (about 2x slower), or None when the compiled kernel
+    is installed. Pure (looks for the extension file; imports neither numpy nor the extension), so
+    `plan` can say it; `merge` checks the loaded kernel itself (peftdeploy.merge.kernels.load)."""
+    import importlib.machinery
+
+    if os.environ.get(MERGE_KERNEL_ENV, "").strip().lower() == "numpy":
+        return f"{MERGE_KERNEL_ENV}=numpy is set (unset it for the compiled kernel)"
+    d = Path(__file__).resolve().parent / "merge"
+    if any((d / f"_kernels{suffix}").is_file() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        return None
+    return ("the C extension peftdeploy.merge._kernels is not built (no C compiler or Python headers at "
+            "install); install gcc and python3-dev and reinstall peftdeploy")

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from peftdeploy.bench import report  # noqa: E402
+from peftdeploy.plan.kernels import installed_vllm_version  # noqa: E402
 from peftdeploy.bench.client import run_workload_sync  # noqa: E402
 from peftdeploy.bench.compare import Setup, _row, hottest_first, ratio_rows  # noqa: E402
 from peftdeploy.bench.deploy import Server, merge_adapters, recipe_spec, variant  # noqa: E402
@@ -118,11 +119,13 @@ def main() -> int:
         "recipe": a.recipe, "recipe_name": loaded.recipe.name, "merged_model": merged_model,
         "workload": dataclasses.asdict(wl(servers[-1][2][-1], a.num_requests, 0)), "runs": a.runs,
         "servers": info, "results": results, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "vllm_version": installed_vllm_version(),
         "targets": {f"{zipf}": 0.85, "1 adapter": 0.9},
     }
     pj = report.write_json(result, out / "bench_lora_kernels_cpu.json")
     pp = report.plot_compare(results, out / "bench_lora_kernels_cpu.png",
-                             title=f"{loaded.recipe.name} on CPU: LoRA kernels vs merged (median of {a.runs} runs)")
+                             title=f"{loaded.recipe.name} on CPU: LoRA kernels vs merged (median of {a.runs} runs)",
+                             vllm_version=result["vllm_version"])
     head, rows = ratio_rows(results)
     print()
     print(report.format_table(head, rows, title=f"{loaded.recipe.name} (CPU): concurrency {a.concurrency}, "

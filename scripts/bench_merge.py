@@ -265,9 +265,9 @@ def _detail(r: dict) -> dict:
     return r
 
 
-HUB = "ours (hub-cache backbone)"
-MEMO_ROW = "ours (local dir, hash memoized)"
-FIRST = "ours (local dir, first sight)"
+HUB = "peftdeploy (hub-cache backbone)"
+MEMO_ROW = "peftdeploy (local dir, hash memoized)"
+FIRST = "peftdeploy (local dir, first sight)"
 OURS = """
 import sys, json
 from peftdeploy.merge import AdapterInput, HashCache, merge_model
@@ -402,9 +402,9 @@ def main() -> int:
         for i in range(a.repeat):  # interleaved, so all see the same machine conditions
             cp_runs.append(run_measured("cp -r", ["cp", "-r", str(model), str(dst)], logs))
             shutil.rmtree(dst)
-            for runs, nm, argv in ((hub_runs, "ours (hub)", [py, "-c", OURS, str(hub)] + tail),
-                                   (memo_runs, "ours (memo)", [py, "-c", OURS, str(model)] + tail + [str(memo)]),
-                                   (ours_runs, "ours (first sight)", [py, "-c", OURS, str(model)] + tail)):
+            for runs, nm, argv in ((hub_runs, "peftdeploy (hub)", [py, "-c", OURS, str(hub)] + tail),
+                                   (memo_runs, "peftdeploy (memo)", [py, "-c", OURS, str(model)] + tail + [str(memo)]),
+                                   (ours_runs, "peftdeploy (first sight)", [py, "-c", OURS, str(model)] + tail)):
                 shutil.rmtree(ours_out, ignore_errors=True)
                 runs.append(_detail(run_measured(nm, argv, logs, env)))
         results.append(summarize("cp -r (warm)", cp_runs))
@@ -412,7 +412,7 @@ def main() -> int:
         results.append(summarize(MEMO_ROW, memo_runs))
         results.append(summarize(FIRST, ours_runs))
         croot = work / "cache"
-        for nm in ("ours cached (cold, hub backbone)", "ours cached (hit)"):
+        for nm in ("peftdeploy cached (cold, hub backbone)", "peftdeploy cached (hit)"):
             r = _detail(run_measured(nm, [py, "-c", OURS_CACHED, str(hub), str(adapter), str(croot),
                                           str(shard_bytes), str(a.threads)], logs, env))
             if isinstance(r.get("detail"), dict):
@@ -433,10 +433,10 @@ def main() -> int:
                     c = json.loads(chk.stdout.strip().splitlines()[-1])
                     notes.append(
                         f"accuracy on {c['tensors']} sampled tensors vs the exact float64 merge W + (alpha/r)·B@A: "
-                        f"ours max error {c['ours']['max_err_operand_ulps']:.2f} bf16 ulp of max(|W|, |ΔW|), "
+                        f"peftdeploy max error {c['ours']['max_err_operand_ulps']:.2f} bf16 ulp of max(|W|, |ΔW|), "
                         f"{100 * c['ours']['correctly_rounded']:.4f}% correctly rounded; PEFT (rounds ΔW to bf16, "
                         f"adds in bf16) max {c['peft']['max_err_operand_ulps']:.2f} ulp, "
-                        f"{100 * c['peft']['correctly_rounded']:.4f}% correctly rounded; ours vs PEFT max "
+                        f"{100 * c['peft']['correctly_rounded']:.4f}% correctly rounded; peftdeploy vs PEFT max "
                         f"{c['max_ulps_vs_peft']:.0f} ulp of the result (where W and ΔW cancel)")
                     report_check = c
                 else:

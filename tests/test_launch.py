@@ -359,6 +359,7 @@ def test_supervisor_dead_server_becomes_launch_error(tmp_path):
     msg = ei.value.render()
     assert "exit code 1" in msg and "already in use" in msg and str(tmp_path / "x.log") in msg
     assert "Traceback" not in msg
+    assert ei.value.exit_code == 1  # a runtime failure, not a user error (README "Exit codes", issue 17)
 
 
 def test_supervisor_timeout_stops_server(tmp_path):
@@ -367,8 +368,9 @@ def test_supervisor_timeout_stops_server(tmp_path):
     sup = sv.Supervisor(_spec(_free_port()), log_path=tmp_path / "f.log",
                         argv=[sys.executable, str(script), "1", "0"])
     sup.start()
-    with pytest.raises(LaunchError, match="not ready after"):
+    with pytest.raises(LaunchError, match="not ready after") as ei:
         sup.wait_ready(timeout=2)
+    assert ei.value.exit_code == 1
     assert not sv.group_alive(sup.pgid)
 
 
@@ -451,8 +453,8 @@ def test_status_and_down_without_deployments():
     assert r.exit_code == 0 and "no deployments" in r.output
     r = CliRunner().invoke(status_cmd, ["--json"])
     assert json.loads(r.output) == {"ok": True, "deployments": []}
-    r = CliRunner().invoke(down_cmd, ["nothing"])
-    assert r.exit_code == 2 and "no deployment named 'nothing'" in r.output
+    r = CliRunner().invoke(down_cmd, ["nothing"])  # nothing to stop: a no-op, exit 0 (issue 17)
+    assert r.exit_code == 0 and "nothing to do: no deployment named 'nothing' is running" in r.output
 
 
 def test_down_stale_state_and_detached_fake(tmp_path):

@@ -453,7 +453,7 @@ def test_plan_observed_errors(fake_server, tmp_path, monkeypatch):
     fake_server('peftdeploy_requests_total{model="demo"} 0.0\npeftdeploy_requests_total{model="__other__"} 3.0\n')
     r = _plan([demo, "--observed", "--device", "cpu", "--json"])
     assert r.exit_code == 2
-    e = json.loads(r.output)
+    e = json.loads(r.output)["errors"][0]
     assert "counted no requests for this recipe's models yet" in e["error"] and "__other__ 3" in e["error"]
     assert e["file"] == demo
     # a merge of two adapters: its requests cannot be split between them

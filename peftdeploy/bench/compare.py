@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import report
+from ..plan.kernels import installed_vllm_version
 from .client import run_workload_sync
 from .deploy import Server, merge_adapters, recipe_spec, variant
 from .workload import WorkloadConfig, build_workload
@@ -207,6 +208,7 @@ def run_compare(
         "warmup_requests": warmup_requests,
         "servers": servers,
         "results": results,
+        "vllm_version": installed_vllm_version(),  # the servers are this machine's vLLM
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -217,7 +219,8 @@ def save_compare(result: dict[str, Any], out_json: str | Path, out_png: str | Pa
     png = None
     if out_png:
         png = report.plot_compare(result["results"], out_png, title=title or f"{result.get('recipe_name', '')}: "
-                                  f"merged vs multi-LoRA ({result.get('runs')} runs, median)")
+                                  f"merged vs multi-LoRA ({result.get('runs')} runs, median)",
+                                  vllm_version=result.get("vllm_version", "installed"))
     return p, png
 
 

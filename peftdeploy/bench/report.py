@@ -240,9 +240,58 @@ def _plt() -> Any:
 
 
 
-def _save(plt: Any, fig: Any, title: str, path: str | Path) -> Path:
-    """Title, tight layout, write the PNG (parents created), close the figure."""
-    fig.suptitle(title)
+def _vllm_title(title: str, vllm_version: str | None) -> str:
+    """The title with the vLLM release the run served with ("installed": this machine's)."""
+    if vllm_version == "installed":
+        from ..plan.kernels import installed_vllm_version
+
+        vllm_version = installed_vllm_version()
+    return f"{title} — vLLM {vllm_version}" if vllm_version else title
+
+
+def _tick_names(names: Sequence[str], width: int = 16) -> list[str]:
+    """Setup names wrapped onto lines of `width` characters, so neighbouring tick labels do not overlap."""
+    import textwrap
+
+    return ["\n".join(textwrap.wrap(n, width, break_long_words=False, break_on_hyphens=False)) or n for n in names]
+
+
+def compare_figure(rows: Sequence[dict[str, Any]], title: str, vllm_version: str | None = "installed") -> tuple[Any, Any]:
+    """(plt, figure) of `plot_compare`: throughput (higher is better), TTFT / TPOT (lower is better)."""
+    plt = _plt()
+    if plt is None or not rows:
+        return plt, None
+    names = _tick_names([r["setup"] for r in rows])
+    idx = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 3, figsize=(max(16, 1.3 * 3 * len(rows)), 5))
+    tps = [r.get("output_tok_s") or 0 for r in rows]
+    lo = [t - min(r.get("runs_tok_s") or [t]) for t, r in zip(tps, rows)]
+    hi = [max(r.get("runs_tok_s") or [t]) - t for t, r in zip(tps, rows)]
+    bars = axes[0].bar(idx, tps, yerr=[lo, hi], capsize=4, color="tab:blue")
+    for b, r, up in zip(bars, rows, hi):
+        if r.get("ratio") is not None:  # above the error bar, not on it
+            axes[0].annotate(f"{r['ratio']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height() + up),
+                             ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    axes[0].margins(y=0.12)
+    axes[0].set_title("throughput (median; bars: min..max; labels: ratio to the first)")
+    axes[0].set_ylabel("output tokens/s — higher is better")
+    for ax, key, name in ((axes[1], "ttft_p50", "TTFT p50"), (axes[2], "tpot_p50", "TPOT p50")):
+        ax.bar(idx, [(r.get(key) or 0) * 1000 for r in rows], color="tab:orange" if "ttft" in key else "tab:green")
+        ax.set_title(name)
+        ax.set_ylabel(f"{name}, ms — lower is better")
+    for ax in axes:
+        ax.set_xticks(idx)
+        ax.set_xticklabels(names, rotation=0, ha="center", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(_vllm_title(title, vllm_version))
+    fig.tight_layout()
+    return plt, fig
+
+
+def _save(plt: Any, fig: Any, title: str | None, path: str | Path) -> Path:
+    """Title (None: already set), tight layout, write the PNG (parents created), close the figure."""
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +309,7 @@ def plot_wall_bars(rows: Sequence[tuple[str, float]], path: str | Path, title: s
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
     names = [n for n, _ in rows][::-1]
     vals = [v for _, v in rows][::-1]
-    bars = ax.barh(names, vals, color=["#4c72b0" if not n.startswith(("peft", "mergekit")) else "#999999"
+    bars = ax.barh(names, vals, color=["#999999" if n.split(" ")[0] in ("peft", "PEFT", "mergekit") else "#4c72b0"
                                        for n in names])
     for b, v in zip(bars, vals):
         ax.text(v * 1.05, b.get_y() + b.get_height() / 2, f"{v:.2f} s", va="center", fontsize=8)
@@ -270,7 +319,7 @@ def plot_wall_bars(rows: Sequence[tuple[str, float]], path: str | Path, title: s
         ax.axvline(limit, color="#c44e52", lw=1, ls=":", label=f"target {limit:.2f} s")
     ax.set_xscale("log")
     ax.set_xlim(right=max(vals) * 3)
-    ax.set_xlabel("wall time, s (log scale)")
+    ax.set_xlabel("wall time, s (log scale) — lower is better")
     if ref is not None or limit is not None:
         ax.legend(loc="upper right", fontsize=8)
     return _save(plt, fig, title, path)
@@ -328,32 +377,15 @@ def plot_per_adapter(summary: dict[str, Any], path: str | Path, title: str = "pe
     return _save(plt, fig, title, path)
 
 
-def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "policy comparison") -> Path | None:
-    """Bars per setup: output tok/s (with the min..max of the runs) and TTFT / TPOT p50.
+def plot_compare(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "policy comparison",
+                 vllm_version: str | None = "installed") -> Path | None:
+    """Bars per setup: output tok/s (with the min..max of the runs) and TTFT / TPOT p50; the title names the
+    vLLM release (`vllm_version`; "installed": this machine's).
 
     ``rows``: [{"setup": name, "output_tok_s": median, "runs_tok_s": [...], "ttft_p50": s, "tpot_p50": s,
     "ratio": x}, ...]
     """
-    plt = _plt()
-    if plt is None or not rows:
+    plt, fig = compare_figure(rows, title, vllm_version)
+    if fig is None:
         return None
-    names = [r["setup"] for r in rows]
-    idx = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    tps = [r.get("output_tok_s") or 0 for r in rows]
-    lo = [t - min(r.get("runs_tok_s") or [t]) for t, r in zip(tps, rows)]
-    hi = [max(r.get("runs_tok_s") or [t]) - t for t, r in zip(tps, rows)]
-    bars = axes[0].bar(idx, tps, yerr=[lo, hi], capsize=4, color="tab:blue")
-    for b, r in zip(bars, rows):
-        if r.get("ratio") is not None:
-            axes[0].annotate(f"{r['ratio']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                             ha="center", va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
-    axes[0].set_title("output tokens/s (median; bars: min..max)")
-    for ax, key, name in ((axes[1], "ttft_p50", "TTFT p50 (ms)"), (axes[2], "tpot_p50", "TPOT p50 (ms)")):
-        ax.bar(idx, [(r.get(key) or 0) * 1000 for r in rows], color="tab:orange" if "ttft" in key else "tab:green")
-        ax.set_title(name)
-    for ax in axes:
-        ax.set_xticks(idx)
-        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-    return _save(plt, fig, title, path)
+    return _save(plt, fig, None, path)

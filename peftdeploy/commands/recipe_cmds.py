@@ -22,11 +22,14 @@ def validate(recipe: str, show: bool, as_json: bool) -> None:
     loaded = load_recipe(recipe)
     r = loaded.recipe
     if as_json:
-        out = {"ok": True, "name": r.name, "hash": r.compute_hash(), "files": [str(f) for f in loaded.files]}
+        out = {"ok": True, "name": r.name, "hash": r.compute_hash(), "files": [str(f) for f in loaded.files],
+               "notes": list(loaded.notes)}
         if show:
             out["recipe"] = r.public_dict()
         emit_json(out)
         return
+    for note in loaded.notes:
+        click.echo(f"note: {note}", err=True)
     if show:
         click.echo(yaml.safe_dump(r.public_dict(), sort_keys=False), nl=False)
     else:

@@ -30,7 +30,7 @@ from typing import Any
 import click
 
 from ..cli_common import emit_json, json_option, user_errors
-from ..errors import LaunchError
+from ..errors import LaunchError, Location
 from .metrics import OTHER_MODEL
 
 STOP_GRACE = 20.0
@@ -133,10 +133,17 @@ def _restore_handlers(old: dict[int, Any]) -> None:
 @click.option("--follow", is_flag=True, help="Stream the server log to stderr after it is ready.")
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Plan for this device.")
+@click.option("--locked", is_flag=True, help="Refuse to run when anything drifted from RECIPE's lock file "
+              "(`peftdeploy lock`): hub commits, adapter sha256s, peftdeploy / vLLM versions.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: str | None, port: int | None,
-           host: str | None, timeout: float, follow: bool, device: str) -> None:
-    """Plan, merge if needed, and run the OpenAI-compatible server."""
+           host: str | None, timeout: float, follow: bool, device: str, locked: bool = False,
+           vllm_args: tuple[str, ...] = ()) -> None:
+    """Plan, merge if needed, and run the OpenAI-compatible server.
+
+    `peftdeploy up RECIPE -- <vllm serve flags>` passes flags through to vLLM after the planned ones,
+    checked first against the installed vLLM's own argument parser."""
     from ..plan import make_plan
     from ..recipe import load_recipe
     from . import state as st
@@ -145,7 +152,22 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
     plan.raise_for_errors()
+    if locked:
+        from ..lock import drift, lock_path, read_lock
+
+        lp = lock_path(loaded.path)
+        changed = drift(read_lock(lp), plan.resolved)
+        if changed:
+            raise LaunchError(f"--locked: {len(changed)} thing(s) drifted from {lp}: " + "; ".join(changed),
+                              fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
+                                  f"on purpose with `peftdeploy lock {recipe}`", location=Location(file=str(lp)))
     spec = _override_port(plan.launch, port, host)
+    if vllm_args:
+        from ..plan.findings import MANAGED_ARGS
+        from .passthrough import check
+
+        passed = check(vllm_args, managed=MANAGED_ARGS)
+        spec = dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
 
     if dry_run:
         if as_json:
@@ -308,10 +330,14 @@ def down_cmd(target: str, timeout: float, as_json: bool) -> None:
 
     name = _name_of(target)
     s = st.read_state(name)
-    if s is None:
+    if s is None:  # nothing to stop is not an error (exit codes: README "Exit codes")
         running = ", ".join(x.name for x in st.list_states()) or "none"
-        raise LaunchError(f"no deployment named {name!r} is running (running: {running})",
-                          fix="`peftdeploy status` lists deployments")
+        if as_json:
+            emit_json({"ok": True, "name": name, "was_running": False, "running": running})
+        else:
+            click.echo(f"nothing to do: no deployment named {name!r} is running (running: {running}); "
+                       "`peftdeploy status` lists deployments")
+        return
     was_alive = s.alive or group_alive(s.pgid)
     t0 = time.monotonic()
     if s.supervisor_pid and st.pid_alive(s.supervisor_pid) and s.supervisor_pid != os.getpid():

@@ -104,9 +104,16 @@ def materialize(plan: Any, spec: Any, *, quiet: bool = False,
                           fix="download it (unset HF_HUB_OFFLINE) or point backbone.model at a local directory")
 
     def adapter_path(name: str) -> str:
-        ra = resolved.adapter(name)
-        if ra is None or ra.path is None:
-            raise LaunchError(f"adapter {name!r} is not available locally", fix="check its source in the recipe")
+        try:
+            ra = resolved.adapter(name)
+        except KeyError:  # the plan names an adapter the recipe (as resolved) does not have
+            known = ", ".join(a.name for a in resolved.adapters) or "none"
+            raise LaunchError(f"adapter {name!r} is not in the recipe's adapters ({known})",
+                              fix="name one of the recipe's adapters in policy.merge.adapters / policy.hybrid.hot") \
+                from None
+        if ra.source.path is None:
+            raise LaunchError(f"adapter {name!r} is not available locally ({ra.source.unavailable})",
+                              fix="check its source in the recipe")
         return str(ra.path)
 
     # -- 1. merge in full precision ----------------------------------------------------------------

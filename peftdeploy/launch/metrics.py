@@ -21,12 +21,11 @@ counts). Deployments started by `up` also export peftdeploy's own counter (vLLM 
   name) — successful requests to the OpenAI inference routes per model name: `requests_by_model`
   and `observed_shares` (None when the series is absent: a server started without the middleware).
 
-Pure text parsing, no dependencies.
+Parsed with prometheus_client (installed with vLLM); nothing else.
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -36,15 +35,6 @@ __all__ = ["Sample", "parse_prometheus", "Snapshot", "snapshot", "fetch_metrics"
 REQUESTS_METRIC = "peftdeploy_requests_total"  # peftdeploy.vllm_plugin.traffic
 OTHER_MODEL = "__other__"  # its label value for names the deployment does not serve
 
-_SAMPLE_RE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"(?:\{(?P<labels>.*)\})?"
-    r"\s+(?P<value>[^\s]+)"
-    r"(?:\s+(?P<ts>-?\d+))?\s*$"
-)
-_LABEL_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
-
 @dataclass(frozen=True)
 class Sample:
     name: str
@@ -52,49 +42,26 @@ class Sample:
     value: float
 
 
-def _unescape(s: str) -> str:
-    return s.replace(r"\\", "\x00").replace(r"\"", '"').replace(r"\n", "\n").replace("\x00", "\\")
-
-
-def _parse_labels(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(text):
-        m = _LABEL_RE.match(text, pos)
-        if not m:
-            break
-        out[m.group(1)] = _unescape(m.group(2))
-        pos = m.end()
-    return out
-
-
-def _float(s: str) -> float:
-    s = s.strip()
-    if s in ("+Inf", "Inf"):
-        return math.inf
-    if s == "-Inf":
-        return -math.inf
-    if s == "NaN":
-        return math.nan
-    return float(s)
-
-
 def parse_prometheus(text: str) -> list[Sample]:
-    """Samples of a Prometheus text exposition (comments / HELP / TYPE lines are skipped)."""
-    out: list[Sample] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE_RE.match(line)
-        if not m:
-            continue
-        try:
-            value = _float(m.group("value"))
-        except ValueError:
-            continue
-        out.append(Sample(m.group("name"), _parse_labels(m.group("labels") or ""), value))
-    return out
+    """Samples of a Prometheus text exposition, read by `prometheus_client.parser` (a dependency of
+    every vLLM install). A malformed line is skipped, not fatal: the rest of the page is read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        return _samples(text_string_to_metric_families(text))
+    except ValueError:  # one bad line makes the parser give up on the page: read it line by line
+        out: list[Sample] = []
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                try:
+                    out += _samples(text_string_to_metric_families(line + "\n"))
+                except ValueError:
+                    continue
+        return out
+
+
+def _samples(families: Iterable[Any]) -> list[Sample]:
+    return [Sample(s.name, dict(s.labels), float(s.value)) for fam in families for s in fam.samples]
 
 
 def _split_names(s: str | None) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import LaunchError
+from ..errors import LaunchError, ServerFailure
 from ..util import cache_root
 from .diagnose import _NOISE_RE, diagnose_file, strip_prefix
 from .spec import LaunchSpec
@@ -331,12 +331,12 @@ class Supervisor:
             return False
         return all(n in ids for n in expected)
 
-    def failure(self, rc: int | None, *, prefix: str = "vLLM failed to start") -> LaunchError:
+    def failure(self, rc: int | None, *, prefix: str = "vLLM failed to start") -> ServerFailure:
         d = diagnose_file(self.log_path, exit_code=rc)
         code = f" (exit code {rc})" if rc is not None and rc >= 0 else ""
         cause = d.cause.rstrip(".")
         fix = f"{d.fix.rstrip('.')}; full log: {self.log_path}" if d.fix else f"see the full log: {self.log_path}"
-        return LaunchError(f"{prefix}{code}: {cause}.", fix=fix)
+        return ServerFailure(f"{prefix}{code}: {cause}.", fix=fix)
 
     def wait_ready(self, *, timeout: float = 900.0, expected: list[str] | None = None,
                    on_tick: Callable[[Progress], None] | None = None, interval: float = 0.25) -> float:
@@ -373,7 +373,7 @@ class Supervisor:
             if now > deadline:
                 self.stop(grace=10)
                 d = diagnose_file(self.log_path)
-                raise LaunchError(
+                raise ServerFailure(
                     f"vLLM was not ready after {timeout:.0f} s (phase: {self.progress.phase}; last log line: "
                     f"{self.progress.last_line or '-'}); it was stopped. {d.paragraph() if d.kind != 'unknown' else ''}"
                     .strip(), fix=f"raise --timeout, or look at the full log: {self.log_path}")

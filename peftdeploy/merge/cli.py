@@ -43,6 +43,13 @@ def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
+    from .kernels import load as load_kernel
+
+    if load_kernel() is None:
+        from ..util import merge_kernel_note
+
+        why = merge_kernel_note() or "the compiled kernel failed to load or its self-test"
+        say(f"note: merging with the numpy path (about 2x slower): {why}")
     if verify:  # read by the merge and quantize caches (peftdeploy.merge.manifest)
         import os
 

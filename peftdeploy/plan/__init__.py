@@ -115,6 +115,11 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
         r, inventory, device=dev, served=served, lora_enabled=lora_enabled,
         gpu_memory=memory.parse_bytes(gpu_memory), host_memory=memory.parse_bytes(host_memory), loc=ctx.loc,
         slot_shares=slots.served_shares(r, [a.name for a in served], mode), traffic_source=traffic_source)
+    if gpu_memory is not None and dev == "cpu":
+        fs.append(Finding("gpu-memory-ignored", Severity.WARNING,
+                          f"--gpu-memory {gpu_memory} is ignored: the plan is for the CPU (KV cache and LoRA slots "
+                          "live in host RAM there)", fix="give --host-memory for a CPU plan, or --device cuda to plan "
+                          "for a GPU of that size", subject="serving", location=None))
     if not lora_enabled:
         kchoice = None
     elif kchoice.falls_back:

@@ -47,12 +47,15 @@ def plan_cmd(recipe: str, as_json: bool, device: str, gpu_memory: str | None, ho
                      traffic_source="observed traffic" if traffic is not None else None)
     if as_json:
         d = plan.to_dict()
+        d["notes"] = list(loaded.notes)
         if traffic is not None:
             d["traffic"] = traffic
         emit_json(d)
     else:
         from ..plan.report import render
 
+        for note in loaded.notes:
+            click.echo(f"note: {note}", err=True)
         if traffic is not None:
             click.echo(traffic_line(traffic))
         render(plan, stdout_console())

@@ -349,6 +349,11 @@ def _non_finite(ctx: CheckContext, a: AdapterInfo) -> Iterable[Finding]:
         bad = file_nonfinite(Path(a.path) / "adapter_model.safetensors")
     except (SafetensorsFormatError, OSError):
         return  # unreadable files are reported where they are read
+    except ImportError:  # the base install has no numpy (the scan is one numpy compare per tensor)
+        yield _f("non-finite-unchecked", I, f"adapter {a.name!r} was not scanned for NaN/inf values: numpy is "
+                 "not installed", "pip install 'peftdeploy[merge]' (any vLLM environment has numpy)", a.name,
+                 ctx.aloc(a))
+        return
     if bad:
         yield _f("non-finite", E, f"adapter {a.name!r} holds {sum(bad.values())} NaN/inf values in {len(bad)} "
                  f"tensors (first: {next(iter(bad))})", "the adapter is broken; re-train or re-export it",
@@ -377,6 +382,12 @@ def recipe_check(code: str) -> Callable[[RecipeCheck], RecipeCheck]:
     return deco
 
 
+def _hf_download(spec: str, revision: str | None) -> str:
+    from ..sources import hf_download_command  # pure: imports nothing heavy
+
+    return hf_download_command(spec.removeprefix("hf://"), revision, "config.json")
+
+
 @recipe_check("backbone-unavailable")
 def _backbone_unavailable(ctx: CheckContext) -> Iterable[Finding]:
     if ctx.model is None:
@@ -384,7 +395,7 @@ def _backbone_unavailable(ctx: CheckContext) -> Iterable[Finding]:
                  f"{ctx.inventory.model_unavailable or 'its config.json is not available'}",
                  "run `peftdeploy plan` once online" + (" (unset HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE")
                                                         else "") + " or pre-download it "
-                 f"(huggingface-cli download {ctx.recipe.backbone.model.removeprefix('hf://')} config.json)",
+                 f"(`{_hf_download(ctx.recipe.backbone.model, ctx.recipe.backbone.revision)}`)",
                  "backbone", ctx.loc("backbone", "model"))
 
 
@@ -478,10 +489,13 @@ def _revision(ctx: CheckContext) -> Iterable[Finding]:
         items.append((a.name, a.source, a.revision, ("adapters", i, "revision")))
     for subject, src, rev, path in items:
         if src.startswith("hf://") and not (rev and re.fullmatch(r"[0-9a-f]{40}", rev)):
+            commit = ctx.inventory.commits.get(subject)
+            now = f" (now commit {commit})" if commit else ""
+            pin = f"revision: {commit}" if commit else "a commit sha in revision:"
             yield _f("revision-unpinned", I if subject != "backbone" else W,
-                     f"{subject} {src} follows {'branch ' + repr(rev) if rev else 'the default branch'}; the "
-                     "deployment changes when the repo does", "pin a commit sha in revision: for reproducible "
-                     "deployments", subject, ctx.loc(*path) or ctx.loc(*path[:-1]))
+                     f"{subject} {src} follows {'branch ' + repr(rev) if rev else 'the default branch'}{now}; the "
+                     "deployment changes when the repo does", f"pin {pin} for reproducible deployments "
+                     "(or `peftdeploy lock`)", subject, ctx.loc(*path) or ctx.loc(*path[:-1]), commit=commit)
 
 
 @recipe_check("api-key-empty")

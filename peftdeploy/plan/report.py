@@ -24,6 +24,13 @@ def render(plan: Any, console: Any) -> None:
         console.print(f"lora kernels: [bold]{k.value}[/bold] — {escape(k.reason)}", highlight=False)
     else:
         console.print("lora kernels: n/a (no adapter is served as LoRA)")
+    if plan.launch.merge is not None:
+        from ..util import merge_kernel_note
+
+        why = merge_kernel_note()
+        if why:
+            console.print(f"merge kernel: [yellow]numpy, about 2x slower[/yellow]: {why}",
+                          markup=True, highlight=False)
     if m is not None:
         est = " [yellow](estimated from config.json)[/yellow]" if m.weights_estimated else ""
         console.print(f"backbone: {r.backbone.model} — {m.architecture}, {m.num_layers} layers, hidden {m.hidden_size}, "
@@ -35,7 +42,7 @@ def render(plan: Any, console: Any) -> None:
     if plan.inventory.adapters:
         t = Table(title="adapters", title_justify="left")
         for c in ("name", "role", "rank", "alpha", "targets", "size", "dtype", "findings"):
-            t.add_column(c)
+            t.add_column(c, overflow="fold")
         hybrid = plan.mode == "hybrid"
         hot_rank = next((a.max_rank for a in plan.inventory.adapters if a.name in plan.merge_adapters), 0)
         for a in plan.inventory.adapters:

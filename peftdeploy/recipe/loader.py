@@ -295,12 +295,63 @@ def is_local_path(s: str) -> bool:
     return not _SCHEME_RE.match(s)
 
 
+# Fields that name a model or adapter (a hub id, a path, ...) and the field that holds their revision.
+HUB_FIELDS: dict[tuple[Any, ...], str] = {
+    ("backbone", "model"): "revision",
+    ("backbone", "merge_base"): "merge_base_revision",
+    ("adapters", "*", "source"): "revision",
+}
+# `org/repo` as vLLM and transformers take it (optionally `@revision`): one slash, hub-legal names
+_BARE_HUB_ID = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@([^\s/@]+))?$")
+_HF_AT_REV = re.compile(r"^(hf://[^/@\s]+/[^/@\s]+)@([^/@\s]+)(/.*)?$")
+
+
 @dataclass
 class _Walk:
     env: Mapping[str, str]
     locations: dict[tuple[Any, ...], Location] = field(default_factory=dict)
     key_locations: dict[tuple[Any, ...], Location] = field(default_factory=dict)
     env_refs: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    # revisions written inside a source (`hf://org/repo@rev`): revision field path -> (rev, where)
+    at_revisions: dict[tuple[Any, ...], tuple[str, Location]] = field(default_factory=dict)
+
+    values: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+
+    def value_at(self, path: tuple[Any, ...]) -> Any:
+        return self.values.get(path)
+
+    def _hub_id(self, value: str, v: _Val, path: tuple[Any, ...]) -> str:
+        """`org/repo[@rev]` with no such local path -> `hf://org/repo`; `hf://org/repo@rev` -> revision."""
+        where = _with_path(v.loc, path)
+        rev_field = next(f for pat, f in HUB_FIELDS.items() if _match(path, (pat,)))
+        m = _BARE_HUB_ID.match(value)
+        if m and not value.startswith("."):
+            local = Path(value) if v.base_dir is None else v.base_dir / value
+            if local.exists():
+                self.notes.append(f"{where}: {value!r} is read as the local path {local} (it exists); "
+                                  f"write hf://{m.group(1)} for the hub repo")
+                return value
+            self.notes.append(f"{where}: {value!r} is read as the hub id hf://{m.group(1)} "
+                              f"(no local path {local})")
+            value = "hf://" + value
+        m = _HF_AT_REV.match(value)
+        if m:
+            self.at_revisions[(*path[:-1], rev_field)] = (m.group(2), where)
+            value = m.group(1) + (m.group(3) or "")
+        return value
+
+    def apply_at_revisions(self, data: dict[str, Any]) -> None:
+        for rpath, (rev, where) in self.at_revisions.items():
+            parent: Any = data
+            for k in rpath[:-1]:
+                parent = parent[k]
+            written = parent.get(rpath[-1])
+            if written not in (None, rev):
+                raise RecipeError(f"two revisions: {rev!r} after '@' and {_fmt_path(rpath)}: {written!r}",
+                                  location=where, fix=f"keep one: drop '@{rev}' or {_fmt_path(rpath)}")
+            parent[rpath[-1]] = rev
+            self.locations.setdefault(rpath, where)
 
     def plain(self, v: _Val, path: tuple[Any, ...]) -> Any:
         self.locations[path] = v.loc
@@ -311,12 +362,15 @@ class _Walk:
         if isinstance(v.value, list):
             return [self.plain(c, (*path, i)) for i, c in enumerate(v.value)]
         value = v.value
+        self.values[path] = value
         if _match(path, SECRET_FIELDS):
             return self._secret(value, v.loc, path)
         if isinstance(value, str):
             refs: list[str] = []
             value = _interpolate_str(value, v.loc, path, self.env, refs)
             self.env_refs.update(refs)
+            if value and _match(path, tuple(HUB_FIELDS)):
+                value = self._hub_id(value, v, path)
             if _match(path, PATH_FIELDS) and value and is_local_path(value):
                 p = Path(os.path.expanduser(value))
                 if not p.is_absolute() and v.base_dir is not None:
@@ -426,7 +480,39 @@ def _errors_from_validation(e: ValidationError, walk: _Walk) -> list[RecipeError
                 fix = f"write a value of the right type here ({_type_hint(etype)})"
             position = _nearest_location(loc_path, walk, prefer_key=False)
         out.append(RecipeError(msg, fix=fix, location=_with_path(position, _strip_union(loc_path))))
+    return _merge_union_errors(out, walk)
+
+
+def _merge_union_errors(errs: list[RecipeError], walk: _Walk) -> list[RecipeError]:
+    """One message per field: a union (`auto` or a positive integer) fails once per member in pydantic."""
+    by_path: dict[Any, list[RecipeError]] = {}
+    for e in errs:
+        by_path.setdefault((e.location.file, e.location.path) if e.location else id(e), []).append(e)
+    out: list[RecipeError] = []
+    for group in by_path.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        loc = group[0].location
+        path = next((k for k in walk.locations if _fmt_path(k) == loc.path), None) if loc else None
+        value = walk.value_at(path) if path is not None else None
+        allowed = _union_allowed(group)
+        out.append(RecipeError(f"{value!r} is not allowed here" if value is not None else group[0].message,
+                               fix=f"write {allowed}", location=loc))
     return out
+
+
+def _union_allowed(group: list[RecipeError]) -> str:
+    words: list[str] = []
+    for e in group:
+        fix = e.fix or ""
+        if fix.startswith("use one of: "):
+            words.append(fix[len("use one of: "):])
+        elif "integer" in e.message + fix or "greater than or equal to 1" in e.message:
+            words.append("a positive integer")  # the int member of auto-or-int fields is ge=1
+        else:
+            words.append(e.message)
+    return " or ".join(dict.fromkeys(words))
 
 
 def _strip_union(path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -479,6 +565,8 @@ class LoadedRecipe:
     files: tuple[Path, ...]  # the extends chain, root parent first
     locations: dict[tuple[Any, ...], Location]
     env_refs: frozenset[str]
+    # how ambiguous values were read (e.g. `org/repo` as a hub id), for `validate` and `plan` to print
+    notes: tuple[str, ...] = ()
 
     def location(self, *path: Any) -> Location | None:
         return self.locations.get(tuple(path))
@@ -501,15 +589,26 @@ class RecipeErrors(RecipeError):
 def load_recipe(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> LoadedRecipe:
     """Load, merge (`extends`), interpolate and validate a recipe. Raises RecipeError."""
     p = Path(path)
+    shipped_note: list[str] = []
+    if not p.exists():
+        from .shipped import find_shipped
+
+        found = find_shipped(str(path))
+        if found is not None:
+            shipped_note.append(f"{path!r} is the shipped recipe {found} (no file {path!r} here)")
+            p = found
     if p.is_dir():
         raise RecipeError(f"{_display(p)} is a directory, not a recipe file",
                           fix="name the recipe's .yaml file")
     tree, files = _load_chain(p, [])
     walk = _Walk(env=os.environ if env is None else env)
     data = walk.plain(tree, ())
+    if isinstance(data, dict):
+        walk.apply_at_revisions(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         errs = _errors_from_validation(e, walk)
         raise RecipeErrors(errs) if len(errs) > 1 else errs[0]
-    return LoadedRecipe(recipe, p.resolve(), tuple(files), walk.locations, frozenset(walk.env_refs))
+    return LoadedRecipe(recipe, p.resolve(), tuple(files), walk.locations, frozenset(walk.env_refs),
+                        tuple(shipped_note + walk.notes))

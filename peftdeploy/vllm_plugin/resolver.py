@@ -226,9 +226,9 @@ class CatalogResolver:
                 except Exception as e:  # noqa: BLE001
                     tried.append(f"{key}: {e}")
             if info is None and key and re.fullmatch(r"[\w.-]+/[\w.-]+", key):
-                from ..sources import _cached_snapshot
+                from ..sources import cached_snapshot
 
-                snap = _cached_snapshot(key, self.recipe.backbone.revision)
+                snap = cached_snapshot(key, self.recipe.backbone.revision)
                 if snap is not None:
                     try:
                         info = compat.model_info(snap[0])
@@ -281,11 +281,11 @@ class CatalogResolver:
             if not ok:
                 raise _NotHere()
         elif kind == "hf":
-            from ..sources import _cached_snapshot, hub_offline, parse_hf
+            from ..sources import cached_snapshot, hub_offline, parse_hf
 
             if hub_offline():
                 repo_id, _sub = parse_hf(entry.source)
-                if _cached_snapshot(repo_id, entry.revision) is None:
+                if cached_snapshot(repo_id, entry.revision) is None:
                     raise _NotHere()
 
     def _fetch_remote(self, entry: CatalogEntry) -> tuple[Path, str]:
