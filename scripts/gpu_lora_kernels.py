@@ -156,7 +156,11 @@ def candidates(T: int) -> list[O.Config]:
             out += [O.Config(fused=False, bm=16, bn=128, bk=128, split_k=8), O.Config(fused=False, bm=64, bn=128,
                                                                                        bk=64, split_k=4)]
         return out
-    return [O.Config(fused=False, bm=64, bn=128, bk=64), O.Config(fused=False, bm=64, bn=256, bk=64),
+    extra = []
+    if T <= 1024:  # prefill segments of ~1000 tokens: too few tiles for down_proj's K without a deeper split
+        extra = [O.Config(fused=False, bm=bm, bn=128, bk=128, split_k=sk) for bm, sk in
+                 ((64, 4), (64, 8), (32, 4), (32, 8), (128, 8))]
+    return extra + [O.Config(fused=False, bm=64, bn=128, bk=64), O.Config(fused=False, bm=64, bn=256, bk=64),
             O.Config(fused=False, bm=128, bn=128, bk=64, warps=8), O.Config(fused=False, bm=64, bn=128, bk=128,
                                                                              split_k=2),
             O.Config(fused=True, bm=64, bn=128, bk=64, n_iters=4), O.Config(fused=True, bm=128, bn=128, bk=64,
