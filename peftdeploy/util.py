@@ -135,3 +135,14 @@ def merge_kernel_note() -> str | None:
         return None
     return ("the C extension peftdeploy.merge._kernels is not built (no C compiler or Python headers at "
             "install); install gcc and python3-dev and reinstall peftdeploy")
+
+
+def gib(n: int | float | None) -> str:
+    """A byte count for people: GiB, MiB or KiB ("-" for None)."""
+    if n is None:
+        return "-"
+    if abs(n) >= 1 << 30:
+        return f"{n / (1 << 30):.2f} GiB"
+    if abs(n) >= 1 << 20 or n == 0:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / 1024:.1f} KiB"

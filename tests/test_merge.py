@@ -317,7 +317,7 @@ def test_chunking_threads_and_progress_do_not_change_bytes(models, tmp_path, mon
     """The fused kernel writes the same bytes however a weight is cut (threads, pieces, staging
     buffers that end mid-tensor or mid-row); the numpy path too whatever the threads, and its row
     chunking changes the GEMM's rounding only just."""
-    from peftdeploy.merge import engine, kernels
+    from peftdeploy.merge import compute, engine, kernels
 
     src = models["gpt2"]  # transposed (Conv1D) deltas
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("c_attn", "c_fc", "wte"))
@@ -326,7 +326,7 @@ def test_chunking_threads_and_progress_do_not_change_bytes(models, tmp_path, mon
         out = tmp_path / f"o{len(list(tmp_path.glob('o*')))}"
         with monkeypatch.context() as m:
             for k, v in patch.items():
-                m.setattr(engine, k, v)
+                m.setattr(compute if hasattr(compute, k) else engine, k, v)
             res = merge_model(src, [AdapterInput("a", ad)], out, threads=threads, progress=progress)
         return {p.name: p.read_bytes() for p in out.glob("*.safetensors")}, res.provenance["stats"]
 
@@ -353,7 +353,7 @@ def test_numpy_casts_match_torch():
     """The numpy kernels (no torch at merge time) load and round exactly as torch's casts do."""
     import numpy as np
 
-    from peftdeploy.merge import engine
+    from peftdeploy.merge import compute, stio
 
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-3, 1.0, 1e3)])
@@ -364,19 +364,19 @@ def test_numpy_casts_match_torch():
     x = torch.cat([x, ties.view(torch.float32), special]).reshape(4, -1).contiguous()
     for code, tdt in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
         src = x.numpy().copy()
-        dst = np.empty(src.shape, np.dtype(engine.stio.NP_STORAGE[code]))
-        engine._store_f32(code, src, dst, np.empty(src.shape, np.uint32))
+        dst = np.empty(src.shape, np.dtype(stio.NP_STORAGE[code]))
+        compute._store_f32(code, src, dst, np.empty(src.shape, np.uint32))
         want = x.to(tdt)
         got = torch.from_numpy(dst.view(np.int16) if code != "F32" else dst).view(tdt)
         assert torch.equal(got.view(torch.int16 if code != "F32" else torch.int32),
                            want.view(torch.int16 if code != "F32" else torch.int32)), code
         back = np.empty(src.shape, np.float32)
-        engine._load_f32(code, dst, back)
+        compute._load_f32(code, dst, back)
         assert torch.equal(torch.from_numpy(back), want.float()), code
     # NaN stays NaN whatever its payload (a naive round-to-nearest-even turns some into inf)
     nan = np.array([[0x7F800001, 0xFF800001, 0x7FC00000, 0x7FFFFFFF]], np.uint32).view(np.float32)
     dst = np.empty(nan.shape, np.uint16)
-    engine._store_f32("BF16", nan.copy(), dst, np.empty(nan.shape, np.uint32))
+    compute._store_f32("BF16", nan.copy(), dst, np.empty(nan.shape, np.uint32))
     assert torch.isnan(torch.from_numpy(dst.view(np.int16)).view(torch.bfloat16)).all()
 
 
@@ -413,13 +413,13 @@ def test_untouched_tensors_are_copied_bit_for_bit_without_torch(models, tmp_path
 
 def test_numpy_and_torch_paths_agree(models, base_tensors, tmp_path, monkeypatch):
     """The torch fallback (DoRA, float64/float8 tensors) and the numpy kernels compute the same merge."""
-    from peftdeploy.merge import engine
+    from peftdeploy.merge import compute
 
     for name in ("llama", "llama_bf16", "gpt2"):
         src = models[name]
         ad = build_tiny_lora(src, tmp_path / f"ad-{name}", lora_bias=name == "gpt2")
         _, fast = merge(tmp_path, src, [AdapterInput("a", ad, 0.7)])
-        monkeypatch.setattr(engine, "FAST", set())
+        monkeypatch.setattr(compute, "FAST", set())
         _, slow = merge(tmp_path, src, [AdapterInput("a", ad, 0.7)])
         monkeypatch.undo()
         base = base_tensors[name]

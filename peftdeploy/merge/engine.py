@@ -38,11 +38,12 @@ The output is a plain Hugging Face model directory: sharded ``model-0000k-of-000
 ``model.safetensors.index.json`` (or a single ``model.safetensors``), the backbone's config.json
 (``torch_dtype``/``dtype`` updated when the dtype changes), tokenizer, generation config, chat
 templates and every other non-weight file, and ``peftdeploy-provenance.json``.
+
+This module is the pipeline (threads, writer, hashing, progress, provenance); the layout plan is
+layout.py, the per-tensor arithmetic compute.py, the BLAS binding blas.py, the file format stio.py.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -51,20 +52,22 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
-
-import numpy as np
 
 import peftdeploy
 from peftdeploy.errors import MergeError
 from peftdeploy.merge import kernels, manifest, stio
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
-                                     SAFE_INDEX, SAFE_SINGLE, AdapterInput, Backbone, MergeResult, dtype_name,
+                                     SAFE_INDEX, AdapterInput, Backbone, MergeResult, dtype_name,
                                      iter_aux_files, open_backbone)
+from peftdeploy.merge.blas import single_threaded as _single_threaded_blas
+from peftdeploy.merge.compute import _check_finite, _compute, _Ctx, _Fused, _fusable, _fused, _Prepared, _torch, _write_fused
 from peftdeploy.merge.hashing import HashCache
-from peftdeploy.merge.lora import LoraAdapter, LoraModule, adapter_fingerprint_files, open_adapter
+from peftdeploy.merge.layout import Plan, TensorPlan, plan_merge
+from peftdeploy.merge.lora import LoraAdapter, adapter_fingerprint_files, open_adapter
+from peftdeploy.util import gib
 
 if TYPE_CHECKING:
     import torch
@@ -75,9 +78,6 @@ __all__ = ["merge_model", "plan_merge", "resolve_dtype", "default_threads", "Ada
 WRITE_BUFFER_BYTES = 16 << 20  # O_DIRECT staging buffers: WRITE_BUFFERS of them in flight at most
 WRITE_BUFFERS = 4
 HASH_THREADS = 2  # backbone shards hashed at once when their SHA-256 is not known yet
-CHUNK_BYTES = 512 << 10  # float32 working set per row chunk of an adapted weight (two of them fit in L2)
-FAST = {"BF16", "F16", "F32"}  # dtypes the numpy kernels load and store (others: torch fallback)
-_NAME_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 TEST_DELAY_ENV = "PEFTDEPLOY_MERGE_TEST_DELAY"  # tests only: seconds to sleep after each tensor
 DIRECT_IO_ENV = "PEFTDEPLOY_MERGE_DIRECT_IO"  # "0": write the output through the page cache
 
@@ -89,596 +89,10 @@ def default_threads() -> int:
     return max(1, min(4, n - 1))
 
 
-def _torch():  # noqa: ANN202 - torch is only needed for DoRA, pickled adapters and exotic dtypes
-    import torch
-
-    return torch
-
-
 def resolve_dtype(dtype: "str | torch.dtype | None") -> "torch.dtype | None":
     """The output torch dtype; None for "auto" (keep each tensor's stored dtype). Imports torch."""
     name = dtype_name(dtype)
     return None if name is None else getattr(_torch(), name)
-
-
-def _out_code(dtype: Any) -> str | None:
-    """safetensors code of the output dtype (a name, a torch dtype or None/"auto")."""
-    name = dtype_name(dtype)
-    return None if name is None else _NAME_CODE[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# plan
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Contribution:
-    adapter: int  # index into the adapters list
-    module: LoraModule
-    transposed: bool
-    coef: float  # weight * scale
-
-
-@dataclass
-class TensorPlan:
-    name: str
-    src: stio.TensorInfo
-    out_dtype: str  # safetensors code
-    contributions: list[Contribution] = field(default_factory=list)
-    bias_from: list[tuple[int, LoraModule]] = field(default_factory=list)  # lora_bias deltas
-    replacement: tuple[int, str] | None = None  # (adapter index, key)
-    dora: tuple[int, LoraModule, bool] | None = None
-
-    @property
-    def passthrough(self) -> bool:
-        return (not self.contributions and not self.bias_from and self.replacement is None
-                and self.dora is None and self.out_dtype == self.src.dtype)
-
-    @property
-    def out(self) -> stio.OutTensor:
-        return stio.OutTensor(self.name, self.out_dtype, self.src.shape)
-
-
-@dataclass
-class Plan:
-    tensors: list[TensorPlan]
-    shards: list[list[TensorPlan]]
-    shard_names: list[str]
-
-
-def _fmt_list(items: Sequence[str], n: int = 8) -> str:
-    items = list(items)
-    s = ", ".join(items[:n])
-    return s + (f" … (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Sequence[float],
-               out_dtype: "torch.dtype | str | None", shard_size_bytes: int) -> Plan:
-    """Check every adapter against the backbone and lay the output out. Reads no backbone tensor data.
-
-    `out_dtype`: a torch dtype or a dtype name ("bfloat16", ...); None or "auto" keeps each tensor's."""
-    plans = {}
-    oc = _out_code(out_dtype)
-    for n, t in backbone.tensors.items():
-        od = t.dtype
-        if oc is not None and t.dtype in stio.FLOAT_ST:
-            od = oc
-        plans[n] = TensorPlan(n, t, od)
-
-    unmatched: list[str] = []
-    for ai, (ad, w) in enumerate(zip(adapters, weights)):
-        mism: list[str] = []
-        for target, m in ad.modules.items():
-            src = backbone.tensors.get(target)
-            if src is None:
-                unmatched.append(f"{ad.name}:{m.module}")
-                continue
-            if src.dtype not in stio.FLOAT_ST:
-                raise MergeError(f"backbone tensor {target} is {src.dtype}, not a float tensor (quantized?)",
-                                 fix="merge into an unquantized backbone")
-            tr = m.orientation(src.shape)
-            if tr is None:
-                mism.append(f"{m.module} (adapter delta {m.natural_shape[0]}x{m.natural_shape[1]}"
-                            f"{', embedding' if m.kind == 'embedding' else ''}, backbone {tuple(src.shape)})")
-                continue
-            tp = plans[target]
-            if m.magnitude_key is not None:
-                if w != 1.0:
-                    raise MergeError(f"adapter {ad.name!r} uses DoRA, which cannot be merged with weight {w}",
-                                     fix="merge DoRA adapters with weight 1.0")
-                mshape = ad.shape(m.magnitude_key)
-                if tuple(mshape) not in ((m.natural_shape[0],), (1, m.natural_shape[0])):
-                    raise MergeError(f"adapter {ad.name!r}: DoRA magnitude of {m.module} has shape {mshape}",
-                                     fix="re-save the adapter with peft")
-                tp.dora = (ai, m, tr)
-            else:
-                tp.contributions.append(Contribution(ai, m, tr, float(w) * m.scale))
-            if m.bias_key is not None:
-                bt = backbone.tensors.get(m.bias_target)
-                if bt is None:
-                    raise MergeError(f"adapter {ad.name!r} has a LoRA bias (lora_bias) for {m.module} but the "
-                                     "backbone layer has no bias", fix="use an adapter trained on this backbone")
-                if tuple(bt.shape) != (m.natural_shape[0],):
-                    mism.append(f"{m.bias_target} (lora bias {ad.shape(m.bias_key)}, backbone {bt.shape})")
-                    continue
-                plans[m.bias_target].bias_from.append((ai, m))
-        for target, key in ad.replacements.items():
-            src = backbone.tensors.get(target)
-            if src is None:
-                unmatched.append(f"{ad.name}:{target} (modules_to_save)")
-                continue
-            if tuple(ad.shape(key)) != tuple(src.shape):
-                mism.append(f"{target} (adapter's saved copy {tuple(ad.shape(key))}, backbone {tuple(src.shape)})")
-                continue
-            tp = plans[target]
-            if tp.replacement is not None:
-                prev_ai, prev_key = tp.replacement
-                pa = adapters[prev_ai]
-                if pa.dtype_code(prev_key) != ad.dtype_code(key) or not _values_equal(
-                        ad.dtype_code(key), pa.raw(prev_key), ad.raw(key)):
-                    raise MergeError(
-                        f"adapters {adapters[prev_ai].name!r} and {ad.name!r} both replace {target} "
-                        "(modules_to_save) with different values; a merge can keep only one",
-                        fix="merge them separately, or drop modules_to_save from one of them")
-                continue
-            tp.replacement = (ai, key)
-        if mism:
-            raise MergeError(f"adapter {ad.name!r} does not fit the backbone: shape mismatch for "
-                             f"{_fmt_list(mism, 4)}",
-                             fix="use an adapter trained on this backbone (same architecture and size)")
-    if unmatched:
-        hint = ""
-        if any(u.split(":", 1)[1].startswith("lm_head") for u in unmatched) and \
-                backbone.config.get("tie_word_embeddings") and "lm_head.weight" not in backbone.tensors:
-            hint = " (lm_head is tied to the input embeddings in this backbone, so it has no weight of its own)"
-        raise MergeError(
-            f"{len(unmatched)} adapted module(s) have no weight in the backbone: {_fmt_list(unmatched)}{hint}",
-            fix="use an adapter trained on this backbone; module names must match the backbone's tensor names "
-                "(e.g. an adapter on q_proj/k_proj/v_proj cannot be merged into a backbone storing a packed qkv_proj)")
-
-    for tp in plans.values():
-        if tp.dora is not None and (tp.contributions or tp.replacement is not None):
-            others = {adapters[c.adapter].name for c in tp.contributions}
-            raise MergeError(f"{tp.name}: a DoRA adapter ({adapters[tp.dora[0]].name!r}) and other adapters "
-                             f"({_fmt_list(sorted(others))}) adapt the same weight; this merge cannot combine them",
-                             fix="merge the DoRA adapter alone")
-
-    # layout: input order, greedy shards; within a shard largest itemsize first (alignment)
-    ordered = list(plans.values())
-    shards: list[list[TensorPlan]] = [[]]
-    size = 0
-    for tp in ordered:
-        nb = tp.out.nbytes
-        if shards[-1] and size + nb > shard_size_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tp)
-        size += nb
-    for s in shards:
-        s.sort(key=lambda tp: -stio.ST_ITEMSIZE[tp.out_dtype])  # stable
-    if len(shards) == 1:
-        names = [SAFE_SINGLE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    return Plan([tp for s in shards for tp in s], shards, names)
-
-
-# ---------------------------------------------------------------------------------------------
-# compute
-# ---------------------------------------------------------------------------------------------
-class _BufferPool:
-    """Reusable uint8 buffers for tensors in flight: fresh multi-MB allocations are mmap'd and
-    page-faulted each time, which costs as much as the merge arithmetic itself."""
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def get(self, nbytes: int) -> np.ndarray:
-        with self._lock:
-            fit = [i for i, b in enumerate(self._free) if b.size >= nbytes]
-            if fit:
-                return self._free.pop(min(fit, key=lambda i: self._free[i].size))
-        return np.empty(max(nbytes, 1), dtype=np.uint8)
-
-    def put(self, buf: np.ndarray | None) -> None:
-        if buf is None:
-            return
-        with self._lock:
-            self._free.append(buf)
-            if len(self._free) > self.keep:  # drop the smallest
-                self._free.pop(min(range(len(self._free)), key=lambda i: self._free[i].size))
-
-
-class _Ctx:
-    def __init__(self, backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Sequence[float], keep: int):
-        self.adapters = adapters
-        self.weights = weights
-        self.fds = {f: os.open(f, os.O_RDONLY) for f in backbone.files}
-        if hasattr(os, "posix_fadvise"):  # we read each shard front to back: ask for big readahead
-            for fd in self.fds.values():
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self.pool = _BufferPool(keep)
-        self._local = threading.local()
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
-
-    def workspace(self, numel: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two float32 scratch arrays of this thread (the chunk, and the chunk's delta)."""
-        ws = getattr(self._local, "ws", None)
-        if ws is None or ws[0].size < numel:
-            ws = self._local.ws = (np.empty(numel, np.float32), np.empty(numel, np.float32))
-        return ws[0][:numel], ws[1][:numel]
-
-    def lora(self, ai: int, key: str) -> np.ndarray:
-        """An adapter tensor as float32 (numpy), checked finite."""
-        t = self.adapters[ai].array(key)
-        if not np.isfinite(t).all():
-            raise MergeError(f"adapter {self.adapters[ai].name!r}: {key} holds NaN/inf values",
-                             fix="the adapter is broken; re-train or re-export it")
-        return t
-
-    def lora_t(self, ai: int, key: str) -> "torch.Tensor":
-        return _torch().from_numpy(self.lora(ai, key))
-
-
-@dataclass
-class _Prepared:
-    """The bytes of a tensor ready to be written, and the pooled buffers to give back once it is."""
-
-    data: memoryview
-    buffers: list[np.ndarray]
-
-
-# -- numpy kernels: float32 chunk <-> storage dtype --------------------------------------------
-def _load_f32(code: str, src: np.ndarray, dst: np.ndarray) -> None:
-    """dst (float32) = src (storage dtype of `code`), exactly."""
-    if code == "BF16":  # bf16 bits are the top half of the float32 bits
-        np.left_shift(src, 16, out=dst.view(np.uint32), dtype=np.uint32)
-    else:
-        np.copyto(dst, src, casting="unsafe")
-
-
-def _store_f32(code: str, src: np.ndarray, dst: np.ndarray, tmp: np.ndarray) -> None:
-    """dst (storage dtype of `code`) = src (float32) rounded to nearest even, as torch casts.
-    Clobbers src and tmp (a uint32 array of src's shape)."""
-    if code != "BF16":
-        with np.errstate(over="ignore", invalid="ignore"):  # out of float16 range -> inf, as torch
-            np.copyto(dst, src, casting="unsafe")  # f32 copy / f32->f16 (IEEE round to nearest even)
-        return
-    # NaNs whose payload sits in the low 16 bits would round to inf below: find them (rare) first
-    nan = np.isnan(src) if np.isnan(np.maximum.reduce(src, axis=None)) else None
-    u = src.view(np.uint32)
-    np.right_shift(u, 16, out=tmp)
-    np.bitwise_and(tmp, 1, out=tmp)
-    np.add(u, 0x7FFF, out=u)
-    np.add(u, tmp, out=u)
-    np.right_shift(u, 16, out=u)
-    np.copyto(dst, u, casting="unsafe")
-    if nan is not None and nan.any():
-        dst[nan] = 0x7FC0
-
-
-def _values_equal(code: str, a: np.ndarray, b: np.ndarray) -> bool:
-    """torch.equal for two storage arrays of the same dtype code (bf16 compared as values)."""
-    if a.shape != b.shape:
-        return False
-    if code == "BF16":
-        a, b = stio.to_float32(code, a), stio.to_float32(code, b)
-    return bool(np.array_equal(a, b))
-
-
-def _merge_rows(W: np.ndarray, wc: str, out: np.ndarray, oc: str,
-                factors: list[tuple[np.ndarray, np.ndarray, float]], ctx: _Ctx) -> None:
-    """out = W + Σ coef · left @ right, in float32, in row chunks that stay in cache; one rounding to `oc`.
-
-    W and out may be the same buffer (same dtype): each chunk is loaded before it is stored."""
-    if W.size == 0:
-        return
-    rows, cols = _rows_cols(W.shape)
-    W2 = W.reshape(rows, cols)
-    O2 = out.reshape(rows, cols)
-    step = max(1, CHUNK_BYTES // (4 * cols))
-    cbuf, dbuf = ctx.workspace(min(rows, step) * cols)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        k = (r1 - r0) * cols
-        c = cbuf[:k].reshape(r1 - r0, cols)
-        d = dbuf[:k].reshape(r1 - r0, cols)
-        _load_f32(wc, W2[r0:r1], c)
-        for left, right, coef in factors:
-            _addmm(c, left[r0:r1], right, coef, d)
-        _store_f32(oc, c, O2[r0:r1], d.view(np.uint32))
-
-
-def _as_bytes(a: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
-    """The output bytes (out dtype) of one non-passthrough plan entry."""
-    wc = tp.src.dtype
-    if tp.replacement is not None:
-        ai, key = tp.replacement
-        wc = ctx.adapters[ai].dtype_code(key)
-    oc = tp.out_dtype
-    if tp.dora is not None or wc not in FAST or oc not in FAST or tp.src.dtype not in FAST:
-        return _compute_torch(tp, ctx)
-
-    fd = ctx.fds[tp.src.file]
-    bufs: list[np.ndarray] = []
-    if tp.replacement is not None:
-        ai, key = tp.replacement
-        W = ctx.adapters[ai].raw(key)
-        if ctx.weights[ai] != 1.0:
-            base = stio.read_array(fd, tp.src)
-            if not (tp.src.dtype == wc and _values_equal(wc, base, W)):
-                raise MergeError(
-                    f"adapter {ctx.adapters[ai].name!r} replaces {tp.name} (modules_to_save) and has weight "
-                    f"{ctx.weights[ai]}; a replaced tensor cannot be scaled",
-                    fix="give this adapter weight 1.0, or merge it without modules_to_save")
-            del base
-    else:
-        bufs.append(ctx.pool.get(tp.src.nbytes))
-        W = stio.read_array(fd, tp.src, bufs[-1])
-
-    if tp.bias_from:  # 1-D bias vector: tiny
-        if tp.contributions:  # a tensor is either a weight or a bias
-            raise AssertionError(tp.name)
-        Wf = stio.to_float32(wc, W).reshape(1, -1)
-        for ai, m in tp.bias_from:
-            Wf += ctx.lora(ai, m.bias_key).reshape(1, -1) * (float(ctx.weights[ai]) * m.scale)
-        res = stio.raw_array(oc, np.empty(tp.out.nbytes, np.uint8), (1, Wf.shape[1]))
-        _store_f32(oc, Wf, res, np.empty(Wf.shape, np.uint32))
-        return _Prepared(_as_bytes(res), bufs)
-
-    if wc == oc:
-        out = W
-    else:
-        bufs.append(ctx.pool.get(tp.out.nbytes))
-        out = stio.raw_array(oc, bufs[-1], tuple(tp.src.shape))
-    if not tp.contributions and wc == oc:  # a replacement kept as is
-        return _Prepared(_as_bytes(out), bufs)
-
-    _merge_rows(W, wc, out, oc, _factor_terms(tp, ctx), ctx)
-    return _Prepared(_as_bytes(out), bufs)
-
-
-def _factor_terms(tp: TensorPlan, ctx: _Ctx) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """(left, right, coef) per contribution with delta = left @ right in the weight's orientation."""
-    terms = []
-    for c in tp.contributions:
-        A = ctx.lora(c.adapter, c.module.a_key)  # (r, in) | embedding (r, vocab)
-        B = ctx.lora(c.adapter, c.module.b_key)  # (out, r) | embedding (dim, r)
-        if c.transposed:  # delta = (B @ A).T = A.T @ B.T ; rows of the delta <-> columns of A
-            terms.append((np.ascontiguousarray(A.T), np.ascontiguousarray(B.T), c.coef))
-        else:  # rows of the delta <-> rows of B
-            terms.append((B, A, c.coef))
-    return terms
-
-
-def _rows_cols(shape: Sequence[int]) -> tuple[int, int]:
-    n = 1
-    for d in shape:
-        n *= d
-    rows = shape[0] if len(shape) else 1
-    return rows, (n // rows if rows else 0)
-
-
-@dataclass
-class _Fused:
-    """An adapted weight that the compiled kernel merges straight into the output's staging buffer."""
-
-    factors: kernels.Factors
-
-
-def _fusable(tp: TensorPlan, kern: kernels.Kernel | None) -> bool:
-    return (kern is not None and bool(tp.contributions) and tp.replacement is None and tp.dora is None
-            and not tp.bias_from and kern.supports(tp.src.dtype, tp.out_dtype) and tp.src.numel > 0)
-
-
-def _fused(tp: TensorPlan, ctx: _Ctx) -> _Fused:
-    rows, cols = _rows_cols(tp.src.shape)
-    return _Fused(kernels.Factors(_factor_terms(tp, ctx), rows, cols))
-
-
-PIECE_ELEMENTS = 1 << 20  # a thread's unit of work in _write_fused (2-4 MiB of output)
-
-
-def _check_finite(name: str, code: str, data: "np.ndarray | memoryview") -> None:
-    """Refuse merged bytes holding NaN/inf (all exponent bits set): alpha, weights or a delta overflowed."""
-    n = stio.nonfinite_count(code, data)
-    if n:
-        raise MergeError(f"merged tensor {name} has {n} NaN/inf values ({code}): an adapter's lora_alpha, weight "
-                         "or delta overflows it", fix="check the adapters' lora_alpha / r and the recipe's weight "
-                         "values; nothing was written to the cache")
-
-
-def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, kern: kernels.Kernel,
-                 helpers: ThreadPoolExecutor | None, nhelpers: int) -> None:
-    """Merge one weight into the writer's staging buffers. Each span is cut into pieces that this
-    thread and the helpers take in turn (the kernel drops the GIL), so a thread that also does
-    other work (this one copies the untouched tensors) simply takes fewer pieces."""
-    sc, oc = tp.src.dtype, tp.out_dtype
-    osz = kernels.ITEMSIZE[oc]
-    fd, off = ctx.fds[tp.src.file], tp.src.offset
-    e = 0
-    for buf in w.spans(tp.name, tp.out.nbytes, unit=osz):
-        n = len(buf) // osz
-        pieces = deque((a, min(n, a + PIECE_ELEMENTS)) for a in range(0, n, PIECE_ELEMENTS))
-
-        def work(e: int = e, buf: np.ndarray = buf, pieces: deque = pieces) -> None:
-            while True:
-                try:
-                    a, b = pieces.popleft()
-                except IndexError:
-                    return
-                kern.merge_fd(fd, off, sc, buf[a * osz:b * osz], oc, fz.factors, e + a, e + b)
-                _check_finite(tp.name, oc, buf[a * osz:b * osz])
-
-        k = min(nhelpers, len(pieces) - 1) if helpers is not None else 0
-        futs = [helpers.submit(work) for _ in range(k)]
-        try:
-            work()
-        finally:
-            for f in futs:
-                f.result()
-        e += n
-
-
-def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
-    """The torch path: DoRA, and dtypes the numpy kernels do not handle (float64, float8 …)."""
-    torch = _torch()
-    od = stio.torch_dtype(tp.out_dtype)
-    fd = ctx.fds[tp.src.file]
-    if tp.replacement is not None:
-        ai, key = tp.replacement
-        rep = ctx.adapters[ai].tensor(key)
-        if ctx.weights[ai] != 1.0:
-            base = stio.read_tensor(fd, tp.src)
-            if not (base.dtype == rep.dtype and torch.equal(base, rep)):
-                raise MergeError(
-                    f"adapter {ctx.adapters[ai].name!r} replaces {tp.name} (modules_to_save) and has weight "
-                    f"{ctx.weights[ai]}; a replaced tensor cannot be scaled",
-                    fix="give this adapter weight 1.0, or merge it without modules_to_save")
-            del base
-        W = rep
-    else:
-        W = stio.read_tensor(fd, tp.src)
-
-    if tp.dora is not None:
-        return _Prepared(stio.tensor_bytes(_compute_dora(W, tp, ctx, od)), [])
-
-    if tp.bias_from:
-        Wf = W.float()
-        for ai, m in tp.bias_from:
-            Wf += ctx.lora_t(ai, m.bias_key) * (float(ctx.weights[ai]) * m.scale)
-        return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
-    if not tp.contributions:
-        return _Prepared(stio.tensor_bytes(W.to(od)), [])
-    Wf = W.float()
-    for c in tp.contributions:
-        A = ctx.lora_t(c.adapter, c.module.a_key)
-        B = ctx.lora_t(c.adapter, c.module.b_key)
-        if c.transposed:
-            Wf.addmm_(A.t(), B.t(), alpha=c.coef)
-        else:
-            Wf.addmm_(B, A, alpha=c.coef)
-    return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
-
-
-def _compute_dora(W: "torch.Tensor", tp: TensorPlan, ctx: _Ctx, od: "torch.dtype") -> "torch.Tensor":
-    """PEFT's DoRA merge: W' = m / ||W + ΔW||_row · (W + ΔW), rows = output features."""
-    torch = _torch()
-    ai, m, tr = tp.dora
-    A = ctx.lora_t(ai, m.a_key)
-    B = ctx.lora_t(ai, m.b_key)
-    mag = ctx.lora_t(ai, m.magnitude_key).reshape(-1)
-    delta = (B @ A) * m.scale  # (out, in), like peft's get_delta_weight before transpose
-    Wf = W.float()
-    Wn = Wf.t() if tr else Wf  # (out, in) view
-    merged = Wn + delta
-    norm = torch.linalg.norm(merged, dim=1)
-    merged = (mag / norm).view(-1, 1) * merged
-    res = merged.t() if tr else merged
-    return res.contiguous().to(od)
-
-
-# -- BLAS ----------------------------------------------------------------------------------------
-# numpy's matmul cannot accumulate into its output (C += A @ B) and lets OpenBLAS spawn threads for
-# these small GEMMs; numpy's bundled OpenBLAS (ILP64, symbol suffix 64_) exports cblas_sgemm, which
-# does both for us: called through ctypes (which releases the GIL), with a self-test at first use,
-# and np.matmul + np.add whenever it is not there.
-_BLAS: dict[str, Any] = {}
-
-
-def _openblas_libs() -> list[ctypes.CDLL]:
-    libs = []
-    try:
-        paths = set()
-        with open("/proc/self/maps") as f:
-            for line in f:
-                p = line.rsplit(None, 1)[-1]
-                if p.startswith("/") and "openblas" in os.path.basename(p).lower():
-                    paths.add(p)
-        for p in sorted(paths):
-            libs.append(ctypes.CDLL(p))
-    except (OSError, ValueError):
-        pass
-    return libs
-
-
-def _blas_init() -> dict[str, Any]:
-    if _BLAS:
-        return _BLAS
-    threads = sgemm = None
-    for lib in _openblas_libs():
-        for g, s_ in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                      ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                      ("openblas_get_num_threads", "openblas_set_num_threads")):
-            if threads is None and hasattr(lib, g) and hasattr(lib, s_):
-                get, set_ = getattr(lib, g), getattr(lib, s_)
-                get.restype, get.argtypes = ctypes.c_int, []
-                set_.restype, set_.argtypes = None, [ctypes.c_int]
-                threads = (get, set_)
-        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):  # 64-bit integer interface only
-            if sgemm is None and hasattr(lib, name):
-                f = getattr(lib, name)
-                i64, fl, vp = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-                f.restype = None
-                f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, fl, vp, i64, vp, i64, fl,
-                              vp, i64]
-                if _sgemm_selftest(f):
-                    sgemm = f
-    _BLAS.update(threads=threads, sgemm=sgemm)
-    return _BLAS
-
-
-def _sgemm_selftest(f: Any) -> bool:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((5, 3), dtype=np.float32)
-    b = rng.standard_normal((3, 7), dtype=np.float32)
-    c = rng.standard_normal((5, 7), dtype=np.float32)
-    want = c + np.float32(0.5) * (a @ b)
-    try:
-        f(101, 111, 111, 5, 7, 3, 0.5, a.ctypes.data, 3, b.ctypes.data, 7, 1.0, c.ctypes.data, 7)
-    except Exception:  # noqa: BLE001 - any ctypes trouble: use numpy
-        return False
-    return bool(np.allclose(c, want, rtol=1e-5, atol=1e-6))
-
-
-def _addmm(c: np.ndarray, left: np.ndarray, right: np.ndarray, coef: float, d: np.ndarray) -> None:
-    """c += coef · left @ right (float32, C-contiguous); d: scratch of c's shape."""
-    sgemm = (_BLAS or _blas_init())["sgemm"]
-    if sgemm is not None:
-        m, k = left.shape
-        n = right.shape[1]
-        sgemm(101, 111, 111, m, n, k, coef, left.ctypes.data, k, right.ctypes.data, n, 1.0, c.ctypes.data, n)
-        return
-    np.matmul(left, right, out=d)
-    if coef != 1.0:
-        np.multiply(d, np.float32(coef), out=d)
-    np.add(c, d, out=c)
-
-
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Rank-r GEMMs on row chunks are far too small for BLAS threads (they would spin on the cores
-    the writer and the hasher need): run them on the calling thread."""
-    f = _blas_init()["threads"]
-    if f is None:
-        yield
-        return
-    get, set_ = f
-    prev = get()
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(prev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,8 +201,6 @@ def _check_space(out: Path, nbytes: int) -> None:
     except OSError:
         return
     if free < nbytes + (16 << 20):
-        from peftdeploy.plan.memory import gib
-
         raise MergeError(f"not enough space under {out}: the merged model needs {gib(nbytes)}, {gib(free)} "
                          "are free", fix=_SPACE_FIX)
 
@@ -857,8 +269,11 @@ def merge_model(
         out.mkdir(parents=True, exist_ok=True)
         try:
             _check_space(out, sum(tp.out.nbytes for tp in plan.tensors))
-            result = _run(bb, opened, adapters, weights, plan, out, od, threads, progress, provenance,
-                          hash_cache, fsync, timings, t0, _extra_provenance or {}, digests=digests)
+            job = _Job(backbone=bb, opened=opened, adapters=adapters, weights=weights, plan=plan, out=out,
+                       out_dtype=od, threads=threads, progress=progress, provenance=provenance or {},
+                       hash_cache=hash_cache if hash_cache is not None else HashCache(None), fsync=fsync,
+                       extra=_extra_provenance or {}, digests=digests)
+            result = _run(job, timings, t0)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 _cleanup(out, created)
@@ -875,12 +290,30 @@ def merge_model(
             a.close()
 
 
-def _run(bb: Backbone, opened: list[LoraAdapter], adapters: Sequence[AdapterInput], weights: list[float],
-         plan: Plan, out: Path, od: str | None, threads: int | None, progress: bool,
-         provenance: dict[str, Any] | None, hash_cache: HashCache | None, fsync: bool,
-         timings: dict[str, float], t0: float, extra: dict[str, Any],
-         digests: dict[str, str] | None = None) -> MergeResult:
-    hc = hash_cache if hash_cache is not None else HashCache(None)
+@dataclass(frozen=True)
+class _Job:
+    """One merge as `merge_model` checked and opened it: everything `_run` needs."""
+
+    backbone: Backbone
+    opened: list[LoraAdapter]  # the adapters' files, open
+    adapters: Sequence[AdapterInput]
+    weights: list[float]
+    plan: Plan
+    out: Path
+    out_dtype: str | None  # None: keep each tensor's stored dtype
+    threads: int | None
+    progress: bool
+    provenance: dict[str, Any]
+    hash_cache: HashCache
+    fsync: bool
+    extra: dict[str, Any]  # more provenance fields (the cache key)
+    digests: dict[str, str] | None  # filled with the written shards' digests when given
+
+
+def _run(job: _Job, timings: dict[str, float], t0: float) -> MergeResult:
+    bb, opened, adapters, weights, plan, out = job.backbone, job.opened, job.adapters, job.weights, job.plan, job.out
+    od, threads, progress, provenance, fsync = job.out_dtype, job.threads, job.progress, job.provenance, job.fsync
+    hc, extra, digests = job.hash_cache, job.extra, job.digests
     # backbone shard hashes in the background (free when memoized)
     hashes: dict[str, str] = {}
     hash_err: list[BaseException] = []

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..inspect import ModelInfo
+from ..util import gib
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -492,16 +493,6 @@ def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Any, device:
                               max_concurrency=round(r["kv_tokens"] / budget.max_model_len, 2)
                               if budget.max_model_len else 0.0, **r))
     return tuple(rows)
-
-
-def gib(n: int | float | None) -> str:
-    if n is None:
-        return "-"
-    if abs(n) >= GiB:
-        return f"{n / GiB:.2f} GiB"
-    if abs(n) >= MiB or n == 0:
-        return f"{n / MiB:.1f} MiB"
-    return f"{n / 1024:.1f} KiB"
 
 
 __all__ = [
