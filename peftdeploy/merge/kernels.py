@@ -21,11 +21,13 @@ from typing import Sequence
 
 import numpy as np
 
+from peftdeploy.safetensors_format import DTYPE_BYTES
+
 __all__ = ["Kernel", "Factors", "load", "kernel_id", "reference", "KERNEL_ENV", "CODES"]
 
 KERNEL_ENV = "PEFTDEPLOY_MERGE_KERNEL"  # "numpy": do not use the compiled kernel
 CODES = {"BF16": 0, "F16": 1, "F32": 2}
-ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+ITEMSIZE = {k: int(DTYPE_BYTES[k]) for k in CODES}
 ABI = 1  # PD_ABI in _kernels.c
 ARITH = 1  # bump when the kernel's arithmetic (and so its output bytes) changes
 

@@ -1,4 +1,5 @@
-"""Out-of-core safetensors reading and writing.
+"""Out-of-core safetensors reading and writing (the format itself — dtype table, header reader,
+validator and writer — is peftdeploy/safetensors_format.py).
 
 The safetensors format is: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON (a map
 ``name -> {"dtype", "shape", "data_offsets": [begin, end]}`` plus an optional ``"__metadata__"``
@@ -18,24 +19,19 @@ spaces to a multiple of 8, contiguous data, ``__metadata__ = {"format": "pt"}``)
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from typing import TYPE_CHECKING
+from peftdeploy import safetensors_format as _format
+from peftdeploy.safetensors_format import (DTYPE_BYTES, TORCH_NAMES, HeaderError, read_raw_header,
+                                           validate_safetensors_header)
 
 if TYPE_CHECKING:  # torch/numpy are imported lazily: reading headers (cache lookups) must not pay for them
     import numpy as np
     import torch
 
-_ST_TORCH_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-}
 _maps: tuple[dict, dict] | None = None
 
 
@@ -44,7 +40,7 @@ def _torch_maps() -> tuple[dict[str, "torch.dtype"], dict["torch.dtype", str]]:
     if _maps is None:
         import torch
 
-        st2t = {k: getattr(torch, v) for k, v in _ST_TORCH_NAMES.items() if hasattr(torch, v)}
+        st2t = {k: getattr(torch, v) for k, v in TORCH_NAMES.items() if hasattr(torch, v)}
         _maps = (st2t, {v: k for k, v in st2t.items()})
     return _maps
 
@@ -59,14 +55,8 @@ def st_code(dtype: "torch.dtype") -> str:
     return _torch_maps()[1][dtype]
 
 
-ST_ITEMSIZE: dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
+ST_ITEMSIZE: dict[str, int] = {k: int(DTYPE_BYTES[k]) for k in TORCH_NAMES}  # the codes the merge reads
 FLOAT_ST = {"F64", "F32", "F16", "BF16"}
-
-_MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
-
 
 class SafetensorsFormatError(ValueError):
     pass
@@ -105,22 +95,8 @@ class SafetensorsHeader:
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Parse a safetensors file's header without touching the tensor data."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise SafetensorsFormatError(f"{path}: too small to be a safetensors file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsFormatError(f"{path}: invalid safetensors header length {n}")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError) as e:
-            raise SafetensorsFormatError(f"{path}: safetensors header is not JSON ({e})") from None
-    data_start = 8 + n
-    from ..inspect import HeaderError, validate_safetensors_header  # the validator plan uses too
-
     try:
+        header, size, data_start = read_raw_header(path)
         entries, metadata = validate_safetensors_header(header, path=path, size=size, data_start=data_start)
     except HeaderError as e:
         raise SafetensorsFormatError(str(e)) from None
@@ -294,16 +270,7 @@ class OutTensor:
 
 def build_header(tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length + JSON header for tensors laid out contiguously in the given order."""
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    off = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
-        off += t.nbytes
-    js = json.dumps(header, separators=(",", ":")).encode()
-    js += b" " * (-len(js) % 8)  # data section starts 8-byte aligned, as safetensors writes it
-    return struct.pack("<Q", len(js)) + js
+    return _format.build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata)
 
 
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the block size
