@@ -1,7 +1,6 @@
 """Deployments the benchmark starts itself: a recipe's LaunchSpec, variants of it, a server process.
 
-``recipe_spec`` asks the planner for the recipe's :class:`LaunchSpec` (``peftdeploy.plan.make_plan``)
-and falls back to a minimal spec built from the resolved recipe when the planner is not available.
+``recipe_spec`` asks the planner for the recipe's :class:`LaunchSpec` (``peftdeploy.plan.make_plan``).
 ``variant`` derives the comparison setups from it (no LoRA / merged model, a subset of adapters,
 another ``max_loras``) by editing only the LoRA flags, so every setup shares the rest of the
 engine configuration. :class:`Server` runs a spec (``peftdeploy-vllm serve ...``), waits until it
@@ -11,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..launch.spec import MODEL_NAMES_ENV, LaunchSpec, ServedAdapter
+from ..launch.supervisor import stop_process_group
 from .client import wait_ready
 
 __all__ = ["LORA_FLAGS", "Server", "recipe_spec", "variant", "merge_adapters"]
@@ -33,31 +32,17 @@ def _load(recipe: str | os.PathLike[str]) -> Any:
     return load_recipe(recipe)
 
 
-def recipe_spec(recipe: str | os.PathLike[str], *, port: int | None = None, host: str = "127.0.0.1",
+def recipe_spec(recipe: str | os.PathLike[str], *, port: int | None = None,
                 mode: str | None = "serve") -> tuple[LaunchSpec, Any]:
     """The recipe's LaunchSpec and the loaded recipe. ``mode``: "serve" (adapters unmerged, what the
     comparison derives its setups from), "merge", or None (the recipe's own policy)."""
-    loaded = _load(recipe)
-    spec = None
-    try:
-        from ..plan import make_plan  # type: ignore[attr-defined]
-    except ImportError:
-        make_plan = None
-    if make_plan is not None:
-        kwargs: dict[str, Any] = {}
-        import inspect as _inspect
+    from ..plan import make_plan
 
-        params = _inspect.signature(make_plan).parameters
-        if "mode" in params and mode is not None:
-            kwargs["mode"] = mode
-        if "port" in params and port is not None:
-            kwargs["port"] = port
-        plan = make_plan(loaded, **kwargs)
-        spec = getattr(plan, "launch", None)
-        if spec is not None and mode == "serve" and spec.mode != "serve":
-            spec = _as_serve(spec, plan)
-    if spec is None:
-        spec = _fallback_spec(loaded, port=port or loaded.recipe.serving.port, host=host)
+    loaded = _load(recipe)
+    plan = make_plan(loaded)
+    spec = plan.launch
+    if mode == "serve" and spec.mode != "serve":
+        spec = _as_serve(spec, plan)
     changes: dict[str, Any] = {}
     if port is not None:
         changes["port"] = port
@@ -76,55 +61,6 @@ def _as_serve(spec: LaunchSpec, plan: Any) -> LaunchSpec:
             adapters.append(ServedAdapter(name=a.name, path=str(ra.path), source=ra.source.spec, rank=a.max_rank))
     backbone = res.merge_base if (res.merge_base is not None and res.merge_base.path) else res.backbone
     return dataclasses.replace(spec, mode="serve", model=str(backbone.path), merge=None, adapters=tuple(adapters))
-
-
-def _fallback_spec(loaded: Any, *, port: int, host: str) -> LaunchSpec:
-    """A minimal serve-mode spec from the resolved recipe (used only when the planner is missing)."""
-    from ..sources import resolve
-
-    r = loaded.recipe
-    res = resolve(loaded, fetch="full", progress=False)
-    model = str(res.backbone.path)
-    adapters = []
-    max_rank = 8
-    import json
-
-    for a in res.adapters:
-        cfg = json.loads((a.path / "adapter_config.json").read_text())
-        rank = int(cfg.get("r", 8))
-        max_rank = max(max_rank, rank)
-        adapters.append(ServedAdapter(name=a.name, path=str(a.path), source=a.source.spec, rank=rank))
-    from ..plan.memory import round_rank
-
-    rank = round_rank(max_rank) or max_rank
-    served = r.name
-    args: list[tuple[str, str | None]] = [("--served-model-name", served), ("--host", host), ("--port", str(port))]
-    if r.backbone.dtype != "auto":
-        args.append(("--dtype", r.backbone.dtype))
-    if r.backbone.max_model_len:
-        args.append(("--max-model-len", str(r.backbone.max_model_len)))
-    if isinstance(r.serving.max_num_seqs, int):
-        args.append(("--max-num-seqs", str(r.serving.max_num_seqs)))
-    device = "cuda" if Path("/proc/driver/nvidia/gpus").is_dir() else "cpu"
-    if device == "cpu":
-        # vLLM-CPU reserves gpu_memory_utilization x node RAM unless the KV cache size is given
-        args.append(("--kv-cache-memory-bytes", str(1 << 30)))
-    else:
-        args.append(("--gpu-memory-utilization", str(r.serving.gpu_memory_utilization)))
-    for k, v in r.serving.extra_args.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            args.append((flag, None))
-        elif v not in (False, None):
-            args.append((flag, str(v)))
-    spec = LaunchSpec(recipe_name=r.name, recipe_hash=r.compute_hash(), mode="serve", model=model,
-                      model_source=r.backbone.model, served_model_name=served, host=host, port=port,
-                      device=device,
-                      args=tuple(args), adapters=tuple(adapters))
-    if adapters:
-        max_loras = r.serving.max_loras if isinstance(r.serving.max_loras, int) else len(adapters)
-        spec = variant(spec, adapters=[a.name for a in adapters], max_loras=max_loras, max_lora_rank=rank)
-    return spec
 
 
 def _set_flag(spec: LaunchSpec, flag: str, value: str | None) -> LaunchSpec:
@@ -275,18 +211,7 @@ class Server:
         p = self.proc
         if p is None or p.poll() is not None:
             return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=10)
+        stop_process_group(p.pid, grace=timeout_s, proc=p)
 
     def __enter__(self) -> "Server":
         return self.start()
