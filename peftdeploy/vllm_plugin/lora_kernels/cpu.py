@@ -464,24 +464,21 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
     @staticmethod
     def _apply_plain(g: _Grouping, y: torch.Tensor, x: torch.Tensor, ent: _Layer, scale: float) -> None:
         """No cached copies (stacks without version counters): per slice, straight from vLLM's stacks."""
-        mm = torch.mm
-        for slot, s, e in g.views:
-            xs, ys = x[s:e], y[s:e]
+
+        def slices(xs: torch.Tensor, ys: torch.Tensor, slot: int, beta: float) -> None:
             for yc, ai, bi in zip(ent.cols, ent.a_t[slot], ent.b_t[slot]):
-                t = mm(xs, ai)
+                t = torch.mm(xs, ai)
                 if scale != 1.0:
                     t.mul_(scale)
-                ys[:, yc].addmm_(t, bi)
+                ys[:, yc].addmm_(t, bi, beta=beta)
+
+        for slot, s, e in g.views:
+            slices(x[s:e], y[s:e], slot, 1.0)
         if g.gathered:
             xg = x.index_select(0, g.index)
             dg = torch.empty((xg.shape[0], ent.width), dtype=y.dtype, device=y.device)
             for slot, s, e in g.gathered:
-                xs, ds = xg[s:e], dg[s:e]
-                for yc, ai, bi in zip(ent.cols, ent.a_t[slot], ent.b_t[slot]):
-                    t = mm(xs, ai)
-                    if scale != 1.0:
-                        t.mul_(scale)
-                    ds[:, yc].addmm_(t, bi, beta=0)
+                slices(xg[s:e], dg[s:e], slot, 0.0)  # beta 0: dg's garbage is not read
             y.index_add_(0, g.index, dg)
 
     def _check_xy(self, g: _Grouping, y: torch.Tensor, x: torch.Tensor, ent: _Layer) -> str:
