@@ -172,6 +172,78 @@ def test_paths_are_all_exercised(W):
         _run_case(W, max_loras=4, rank=16, d_in=64, widths=(48, 16, 16), ntok=2048, layout=layout, seed=7)
 
 
+def test_long_runs_are_views_short_runs_dense(W):
+    """A prefill chunk (long run) stays a view even when the same slot also has decode tokens elsewhere;
+    only the short runs go to the dense path."""
+    from peftdeploy.vllm_plugin.lora_kernels.cpu import _Grouping
+
+    m = (3, 5, 0, 3, 5, 3) + (3,) * 40
+    g = _Grouping(m, [5, 3], "cpu")
+    assert g.views == ((1, 5, 46),)
+    assert g.dense and g.dense_rows == 4 and g.index.tolist() == [0, 1, 3, 4]
+
+
+def _zero_slot(stacks, slot, slices=None):
+    a, b = stacks
+    for i, (ai, bi) in enumerate(zip(a, b)):
+        if slices is None or i in slices:
+            ai[slot].zero_()
+            bi[slot].zero_()
+
+
+def test_dead_slots_and_padded_ranks_cost_nothing_and_stay_exact(W, monkeypatch):
+    """vLLM zero-fills the stacks of a module an adapter does not target, and pads a rank below
+    max_lora_rank with zeros: those slots / slices / rank columns are skipped, exactly."""
+    from vllm.lora.layers import LoRAMapping
+
+    widths = (32, 8, 8)
+    stacks = _setup(3, 16, 40, widths, 31)
+    _zero_slot(stacks, 0)  # slot 0: adapter without this module
+    _zero_slot(stacks, 1, slices={1})  # slot 1: q/v only (k zero)
+    for t in stacks[0]:
+        t[2, 0, 8:] = 0  # slot 2: rank 8 in a rank-16 stack
+    w = _wrapper(W, 3)
+    m = (5, 5, 0, 7, 9, 5, 7, 9) + (5,) * 40 + (7,) * 40
+    w.update_metadata(LoRAMapping(m, m, is_prefill=True), [5, 7, 9], 3, 32000)
+    x = torch.randn(len(m), 40)
+    y0 = torch.randn(len(m), sum(widths))
+    y = y0.clone()
+    w.add_lora_linear(y, x, *stacks, 1.0, widths)
+    slots = [{5: 0, 7: 1, 9: 2}.get(v, -1) for v in m]
+    ref = _reference(y0, x, *stacks, widths, slots, 1.0)
+    assert (y.double() - ref).abs().max().item() < 1e-4
+    dead = [t for t, s in enumerate(slots) if s <= 0]
+    assert torch.equal(y[dead], y0[dead])  # bit-for-bit untouched, not "+ 0"
+    ent = next(iter(w._layers.values()))
+    assert ent.live == frozenset({1, 2})
+    assert ent.b_bd[1].shape == (32, 48) and [b[0] for b in ent.blocks[1]] == [slice(0, 16), slice(16, 32)]
+    assert ent.b_bd[2].shape == (24, 48)  # 3 slices x rank 8
+    # every LoRA token of the step is of the dead slot: no torch op at all
+    m2 = (5,) * 6 + (0,) * 3
+    w.update_metadata(LoRAMapping(m2, m2, is_prefill=True), [5, 7, 9], 3, 32000)
+    calls = []
+    monkeypatch.setattr(torch, "mm", lambda *x, **k: calls.append(1))
+    y = torch.randn(9, sum(widths))
+    y1 = y.clone()
+    w.add_lora_linear(y, torch.randn(9, 40), *stacks, 1.0, widths)
+    assert not calls and torch.equal(y, y1)
+
+
+def test_dead_slot_loaded_later_becomes_live(W):
+    for layout in ("decode-lora", "prefill", "one"):
+        w = _wrapper(W, 4)
+        stacks = _setup(4, 16, 48, (32, 16, 16), 13)
+        for s in range(4):
+            _zero_slot(stacks, s)
+        _run_case(W, max_loras=4, rank=16, d_in=48, widths=(32, 16, 16), ntok=19, layout=layout, seed=5,
+                  wrapper=w, stacks=stacks)
+        fresh = _setup(4, 16, 48, (32, 16, 16), 14)
+        for t, f in zip((*stacks[0], *stacks[1]), (*fresh[0], *fresh[1])):
+            t.copy_(f)  # like set_lora into every slot
+        _run_case(W, max_loras=4, rank=16, d_in=48, widths=(32, 16, 16), ntok=19, layout=layout, seed=5,
+                  wrapper=w, stacks=stacks)
+
+
 def test_no_lora_batch_returns_at_once(W, monkeypatch):
     from vllm.lora.layers import LoRAMapping
 
@@ -267,6 +339,7 @@ def test_embedding_and_logits(W):
         slots = [l2i.index(v) if v else -1 for v in m]
         # embedding: x is the token's LoRA-A embedding row [T, rank], B [max_loras, 1, dim, rank]
         bst = torch.randn(4, 1, 40, 16)
+        bst[2] = 0  # slot 2 (id 7): an adapter without embedding LoRA
         x = torch.randn(13, 16)
         y0 = torch.randn(13, 40)
         y = y0.clone()

