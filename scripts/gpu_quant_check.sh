@@ -11,7 +11,7 @@
 #     python3 (torch 2.11 cu130, transformers 5.17, accelerate 1.15) with that site on its path
 #
 # Here, once (in the repo root):
-#   printf '/.gpu_stage0/\n/.gpu_stage1/\n/.gpu_llmc/\n' >> .git/info/exclude
+#   printf '/.gpu_stage0/\n/.gpu_stage1/\n' >> .git/info/exclude     # (.gpu_llmc/ is in .gitignore)
 #   mkdir -p .gpu_stage0 .gpu_stage1 && cp ../shared/gpu/vllm026_site.tar.xz.part00 .gpu_stage0/ \
 #     && cp ../shared/gpu/vllm026_site.tar.xz.part01 .gpu_stage1/
 #   bash scripts/gpu_quant_check.sh --wheels          # downloads the wheels into .gpu_llmc/
