@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("peftdeploy.launch.cli:status_cmd", "Health and per-adapter metrics of running deployments."),
     "render": ("peftdeploy.render.cli:render_cmd", "Render manifests for Kubernetes, KServe, Ray Serve, ..."),
     "bench": ("peftdeploy.bench.cli:bench_cmd", "Load-test a deployment (Zipf adapters, Poisson arrivals)."),
-    "eval": ("peftdeploy.quantize.cli:eval_cmd", "Perplexity of the merged model, full precision vs quantized."),
+    "eval": ("peftdeploy.commands.eval_cmd:eval_cmd", "Perplexity of the merged model, full precision vs quantized."),
     "demo": ("peftdeploy.commands.demo_cmd:demo_cmd", "Build the embedded demo model (offline); list shipped recipes."),
 }
 

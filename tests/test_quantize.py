@@ -300,7 +300,7 @@ def _write(p: Path, text: str) -> Path:
 def test_merge_into_prequantized_refused_and_merge_base_used(tmp_path):
     from tests.tiny import build_tiny_lora
 
-    from peftdeploy.quantize.cli import _merged_model
+    from peftdeploy.quantize.evaluate import _merged_model
 
     full = _tiny(tmp_path / "full")
     lora = build_tiny_lora(full, tmp_path / "lora")

@@ -101,6 +101,27 @@ def _run_merge(plan: Any, spec: Any, *, quiet: bool) -> tuple[Any, dict[str, Any
     return materialize(plan, spec, quiet=quiet, log=_err)
 
 
+def _ppl_gate(plan: Any, spec: Any, merge_info: dict[str, Any], loaded: Any, *, quiet: bool) -> None:
+    """quantization.max_ppl_increase: measure the quantized merge against the full-precision one (cached)
+    and refuse to start the server when it lost more (exit 2, with the numbers)."""
+    q = plan.recipe.quantization
+    step = spec.merge
+    if q.max_ppl_increase is None or step is None or not step.quantize_scheme or "quantize" not in merge_info:
+        return
+    from ..quantize.gate import check_ppl_gate
+
+    dt = plan.recipe.backbone.dtype
+    rep = check_ppl_gate(step.output_dir, step.quantized_dir, max_increase=q.max_ppl_increase,
+                         scheme=step.quantize_scheme, method=step.quantize_method or "rtn",
+                         merged_key=merge_info["key"], quantized_key=merge_info["quantize"]["key"],
+                         dtype=dt if dt in ("bfloat16", "float16") else "bfloat16", recipe_file=str(loaded.path),
+                         progress=None if quiet else (lambda m: _err(f"gate: {m}")))
+    merge_info["gate"] = rep
+    if not quiet:
+        _err(f"gate: perplexity {rep['ppl_quantized']:.3f} vs {rep['ppl_full']:.3f} full precision "
+             f"({rep['increase']:+.2%}, allowed +{q.max_ppl_increase:.2%}){' (cached)' if rep['cache_hit'] else ''}")
+
+
 def _install_handlers(handler) -> dict[int, Any]:
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -194,6 +215,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     merge_info = None
     if spec.merge is not None:
         spec, merge_info = _run_merge(plan, spec, quiet=quiet)
+        _ppl_gate(plan, spec, merge_info, loaded, quiet=quiet)
 
     sup = Supervisor(spec, log_path=log_file or default_log_path(spec.recipe_name))
     stopping: dict[str, Any] = {"signum": None}

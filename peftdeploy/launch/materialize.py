@@ -138,13 +138,20 @@ def materialize(plan: Any, spec: Any, *, quiet: bool = False,
                               f"stage, which cannot be imported here ({e})",
                               fix="install the merge extra (torch) and compressed-tensors, or use "
                                   "quantization.scheme none / fp8") from None
-        say(f"quantize: {step.quantize_scheme} of the merged weights ...")
+        from ..quantize.calibration import load_calibration
+
+        method = step.quantize_method or "rtn"
+        cal = load_calibration(r.quantization.calibration) if method in ("gptq", "awq") else None
+        say(f"quantize: {step.quantize_scheme} of the merged weights with {method}"
+            + (f" (calibration {cal.dataset}, up to {cal.samples} x {cal.seq_len} tokens)" if cal else "") + " ...")
         t0 = time.perf_counter()
-        q = quantize_cached_result(res.path, step.quantize_scheme,
+        gs = r.quantization.group_size
+        q = quantize_cached_result(res.path, step.quantize_scheme, method=method, calibration=cal,
+                                   group_size=128 if gs == "auto" else int(gs),
                                    progress=None if quiet else (lambda m: say(f"quantize: {m}")))
         hit = install_checkpoint(q.path, step.quantized_dir, key=q.key)
         dt = time.perf_counter() - t0
-        info["quantize"] = {"scheme": q.scheme, "cache_hit": q.cache_hit and hit, "key": q.key,
+        info["quantize"] = {"scheme": q.scheme, "method": method, "cache_hit": q.cache_hit and hit, "key": q.key,
                             "cache_path": str(q.path), "path": step.quantized_dir, "seconds": round(dt, 3)}
         say(f"quantize: {'cache hit' if q.cache_hit and hit else f'done in {dt:.1f} s'} ({step.quantized_dir})")
 

@@ -50,8 +50,9 @@ class MergeStep:
     weights: tuple[float, ...] | None = None  # per adapter; None = the recipe's `weight`s
     hot: str | None = None  # mode hybrid: the merged adapter ...
     delta_dir: str | None = None  # ... and where the delta adapters of the others are written
-    quantize_scheme: str | None = None  # offline scheme produced from the merged weights (int8|w8a16|w4a16)
+    quantize_scheme: str | None = None  # offline scheme produced from the merged weights (int8|w8a16|w4a16|fp8)
     quantized_dir: str | None = None  # ... and where that checkpoint is served from (None: output_dir)
+    quantize_method: str | None = None  # rtn | gptq | awq (peftdeploy.quantize.methods.resolve_method)
 
     @property
     def served_dir(self) -> str:

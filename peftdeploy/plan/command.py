@@ -66,7 +66,8 @@ def offline_quantize_scheme(recipe: Any) -> str | None:
     """The scheme `up` quantizes the merged weights to (None: served as merged, or quantized by vLLM).
 
     Offline schemes (int8, w8a16, w4a16) as written; a pre-quantized backbone (awq/gptq, merged on
-    its backbone.merge_base) is re-quantized to the format it came in (w4a16, weight-only 4 bit).
+    its backbone.merge_base) is re-quantized to the format it came in (w4a16, weight-only 4 bit);
+    fp8 with method rtn is an offline fp8-dynamic checkpoint (llm-compressor), else vLLM's runtime fp8.
     """
     from ..quantize.support import scheme_info  # pure data, no torch
 
@@ -75,7 +76,17 @@ def offline_quantize_scheme(recipe: Any) -> str | None:
         return si.name
     if si.kind == "prequantized":
         return si.merge_offline_scheme
+    if si.name == "fp8" and recipe.quantization.method == "rtn":
+        return "fp8"
     return None
+
+
+def quantize_method_for(recipe: Any) -> Any:
+    """The :class:`peftdeploy.quantize.methods.Method` the merged weights are quantized with."""
+    from ..quantize.methods import resolve_method  # pure, no torch
+
+    q = offline_quantize_scheme(recipe)
+    return resolve_method(q or recipe.quantization.scheme, recipe.quantization.method)
 
 
 def quantized_output_for(plan_key: str, scheme: str, merge_output: str | None = None) -> str:
@@ -153,7 +164,8 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
                               quantization=r.quantization.scheme, weights=(1.0,), hot=hot, delta_dir=str(ddir))
             served_name = hot  # requests for the hot adapter hit the merged weights with no LoRA
         if qscheme is not None:
-            merge = dataclasses.replace(merge, quantize_scheme=qscheme,
+            qm = quantize_method_for(r)
+            merge = dataclasses.replace(merge, quantize_scheme=qscheme, quantize_method=qm.name,
                                         quantized_dir=quantized_output_for(
                                             key, qscheme, out_dir if r.policy.merge.output else None))
         model, model_extra = merge.served_dir, []
@@ -179,7 +191,7 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
     elif isinstance(s.max_num_seqs, int):
         args.append(("--max-num-seqs", str(s.max_num_seqs)))
     q = r.quantization.scheme
-    if q in QUANT_FLAGS:
+    if q in QUANT_FLAGS and not (merge is not None and merge.quantize_scheme == q):  # fp8 rtn: a checkpoint
         args.append(("--quantization", QUANT_FLAGS[q]))
     # awq / gptq (and merge-mode int8/w4a16 outputs) carry quantization_config: vLLM detects the method
     # and picks its fastest kernel (e.g. awq_marlin); forcing --quantization awq would disable that.

@@ -475,10 +475,49 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                  "ships the bitsandbytes method and loader (plus the bitsandbytes package); vLLM 0.32 has none",
                  "pin the GPU host's vLLM to a release with bitsandbytes, or use w4a16 with policy.mode: merge "
                  "(same 4-bit footprint, made offline by peftdeploy)", "backbone", ctx.loc("quantization", "scheme"))
+    yield from _quant_method(ctx, info)
     if ctx.device == "cpu" and r.quantization.kv_cache_dtype == "fp8":
         yield _f("quantization-cpu", W, "kv_cache_dtype fp8 may not be supported by vLLM's CPU backend",
                  "use --device cuda for this recipe, or kv_cache_dtype: auto on CPU", "backbone",
                  ctx.loc("quantization", "kv_cache_dtype") or ctx.loc("quantization", "scheme"))
+
+
+def _quant_method(ctx: CheckContext, info: Any) -> Iterable[Finding]:
+    """Which method quantizes the merged weights (plan says which and why), and what it needs."""
+    from ..quantize.methods import SETUP_COMMAND, resolve_method, tool_python
+
+    q = ctx.recipe.quantization
+    if info.kind == "none":
+        return
+    merged = ctx.mode in ("merge", "hybrid")
+    offline = info.kind in ("offline", "prequantized") or (info.name == "fp8" and q.method == "rtn")
+    loc = ctx.loc("quantization", "method") or ctx.loc("quantization", "scheme")
+    if not merged:
+        if q.method not in ("auto", "runtime") and info.kind != "offline":
+            yield _f("quantization-method", W, f"quantization.method {q.method} quantizes a merged model; in "
+                     f"policy.mode {ctx.mode} the backbone is served as it is (vLLM applies {q.scheme})",
+                     "drop quantization.method, or use policy.mode: merge", "backbone", loc)
+        if q.max_ppl_increase is not None:
+            yield _f("quantization-gate", W, "quantization.max_ppl_increase is checked by `up` on the quantized "
+                     f"merge; in policy.mode {ctx.mode} nothing is merged, so it is not checked",
+                     "use policy.mode: merge, or measure with `peftdeploy eval`", "backbone",
+                     ctx.loc("quantization", "max_ppl_increase"))
+        return
+    if not offline:
+        return
+    scheme = ("w4a16" if info.kind == "prequantized" else info.name)
+    m = resolve_method(scheme, q.method)
+    cal = ""
+    if m.calibrated:
+        cal = f"; calibration {q.calibration.dataset} ({q.calibration.samples} x {q.calibration.seq_len} tokens)"
+    gate = (f"; `up` refuses it if perplexity rises more than {q.max_ppl_increase:.1%} over the full-precision "
+            "merge" if q.max_ppl_increase is not None else "")
+    yield _f("quantization-method", I, f"the merged weights are quantized to {scheme} with {m.name}: {m.why}{cal}"
+             f"{gate}", "set quantization.method to choose (rtn | gptq | awq)", "backbone", loc)
+    if m.tool == "llmcompressor" and tool_python() is None:
+        yield _f("quantization-tool", E, f"quantization method {m.name} ({scheme}) runs llm-compressor from its own "
+                 "tool venv, and there is none (.venv-quantize, or $PEFTDEPLOY_QUANTIZE_PYTHON)",
+                 f"run `{SETUP_COMMAND}`, or set quantization.method: rtn", "backbone", loc)
 
 
 @recipe_check("revision")

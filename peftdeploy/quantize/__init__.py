@@ -6,10 +6,14 @@
 
 * :mod:`.support`  — pure data (no torch): :func:`scheme_info` -> :class:`SchemeInfo`.
 * :mod:`.rtn`      — streaming round-to-nearest quantizer writing compressed-tensors checkpoints.
+* :mod:`.methods`  — which method (rtn | gptq | awq | runtime) a recipe gets; the tool venv (pure).
+* :mod:`.calibration` — the calibration text (shipped, sha256-pinned; or a team's own) (pure).
+* :mod:`.llmc`     — GPTQ / AWQ / SmoothQuant / FP8 with llm-compressor, a subprocess in .venv-quantize.
+* :mod:`.gate`     — ``quantization.max_ppl_increase``: `up` refuses a quantized merge that lost more.
 * :mod:`.cache`    — content-addressed cache of quantized checkpoints (:func:`quantize_cached`).
 * :mod:`.ppl`      — perplexity with vLLM on the fixed text in ``peftdeploy/data/eval/``.
 * :mod:`.qlora`    — which quantization an adapter was trained against (QLoRA), vs the served one.
-* :mod:`.cli`      — ``peftdeploy eval``.
+* :mod:`.evaluate` — the ``peftdeploy eval`` report (the command: peftdeploy/commands/eval_cmd.py).
 
 Importing this package imports neither torch nor vllm (the heavy parts load lazily).
 """

@@ -1,7 +1,8 @@
 """Content-addressed cache of quantized checkpoints (same conventions as ``peftdeploy.merge.cache``).
 
-Key: ``sha256`` of a canonical JSON of the quantizer version, the method (``rtn``), the scheme and
-its requested parameters (group size), and the identity of the source model: the merge cache key
+Key: ``sha256`` of a canonical JSON of the quantizer version, the method (``rtn``, ``gptq``, ``awq``),
+the scheme and its requested parameters (group size), for llm-compressor methods the tool version
+and the calibration set (dataset name, its sha256, samples, seq_len), and the identity of the source model: the merge cache key
 when the source is a peftdeploy merge output (its ``.peftdeploy-complete`` marker names the key —
 the merge key already hashes backbone + adapters + dtype), else the content fingerprint of the
 directory (SHA-256 of every weight shard and copied file, memoized like the merge cache).
@@ -29,6 +30,8 @@ from filelock import FileLock, Timeout
 
 from peftdeploy.errors import MergeError
 from peftdeploy.util import cache_root
+from peftdeploy.quantize.calibration import CalibrationSet, load_calibration
+from peftdeploy.quantize.methods import CALIBRATED
 from peftdeploy.quantize.rtn import QUANTIZER_VERSION, QuantizeResult, canonical_scheme, quantize_model
 
 COMPLETE_MARKER = ".peftdeploy-complete"
@@ -80,12 +83,27 @@ def source_identity(src_dir: str | os.PathLike[str], cache_root: Path | None = N
     return {"fingerprint": fp}
 
 
+def _canon(scheme: str) -> str:
+    """Offline schemes of the cache: rtn.py's (int8, w8a16, w4a16) and fp8 (llm-compressor FP8_DYNAMIC)."""
+    return "fp8" if str(scheme).lower() in ("fp8", "fp8_dynamic") else canonical_scheme(scheme)
+
+
 def quant_key(src_dir: str | os.PathLike[str], scheme: str, *, group_size: int = 128, method: str = "rtn",
-              cache_root: Path | None = None) -> tuple[str, dict[str, Any]]:
-    s = canonical_scheme(scheme)
-    identity = {"quantizer": QUANTIZER_VERSION, "method": method, "scheme": s,
-                "group_size": int(group_size) if s == "w4a16" else None,
-                "source": source_identity(src_dir, cache_root)}
+              cache_root: Path | None = None, calibration: CalibrationSet | None = None) -> tuple[str, dict[str, Any]]:
+    """(key, identity). rtn keeps the identity it always had (existing entries stay hits); an
+    llm-compressor method adds the tool version and, when calibrated, the calibration set."""
+    s = _canon(scheme)
+    identity: dict[str, Any] = {"quantizer": QUANTIZER_VERSION, "method": method, "scheme": s,
+                                "group_size": int(group_size) if s == "w4a16" else None,
+                                "source": source_identity(src_dir, cache_root)}
+    if method != "rtn" or s == "fp8":
+        from peftdeploy.quantize.llmc import TOOL_VERSION
+
+        identity["tool"] = TOOL_VERSION
+        if method in CALIBRATED:
+            if calibration is None:
+                calibration = load_calibration()
+            identity["calibration"] = calibration.identity
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return key, identity
 
@@ -107,10 +125,12 @@ class QuantizedCheckpoint:
             return {}
 
 
-def lookup_quantized(src_dir: str | os.PathLike[str], scheme: str, *, group_size: int = 128,
-                     cache_root: str | os.PathLike[str] | None = None) -> Path | None:
+def lookup_quantized(src_dir: str | os.PathLike[str], scheme: str, *, group_size: int = 128, method: str = "rtn",
+                     cache_root: str | os.PathLike[str] | None = None,
+                     calibration: CalibrationSet | None = None) -> Path | None:
     root = Path(cache_root) if cache_root else default_quant_cache_root()
-    key, _ = quant_key(src_dir, scheme, group_size=group_size, cache_root=root if root.is_dir() else None)
+    key, _ = quant_key(src_dir, scheme, group_size=group_size, method=method, calibration=calibration,
+                       cache_root=root if root.is_dir() else None)
     d = root / key
     return d if _verified(d, key) else None
 
@@ -124,13 +144,21 @@ def quantize_cached_result(
     cache_root: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     lock_timeout: float = -1,
+    calibration: CalibrationSet | None = None,
+    timeout: float | None = None,
 ) -> QuantizedCheckpoint:
+    """The checkpoint of `src_dir` quantized with (`scheme`, `method`), from the cache or made now:
+    rtn with peftdeploy's streaming quantizer, gptq / awq (and fp8) with llm-compressor in its tool
+    venv (`calibration`: the set calibrated methods see; None = the shipped default)."""
+    if method in CALIBRATED and calibration is None:
+        calibration = load_calibration()
     t0 = time.perf_counter()
     root = (Path(cache_root) if cache_root else default_quant_cache_root()).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    key, identity = quant_key(src_dir, scheme, group_size=group_size, method=method, cache_root=root)
+    key, identity = quant_key(src_dir, scheme, group_size=group_size, method=method, cache_root=root,
+                              calibration=calibration)
     final = root / key
-    s = canonical_scheme(scheme)
+    s = _canon(scheme)
     if _verified(final, key):
         return QuantizedCheckpoint(final, True, key, s, time.perf_counter() - t0)
     try:
@@ -151,8 +179,15 @@ def quantize_cached_result(
         from peftdeploy.merge import manifest
 
         try:
-            res = quantize_model(src_dir, tmp, s, group_size=group_size, method=method, progress=progress,
-                                 provenance={"cache_key": key, "identity": identity})
+            res: QuantizeResult | None = None
+            if method == "rtn" and s != "fp8":
+                res = quantize_model(src_dir, tmp, s, group_size=group_size, method=method, progress=progress,
+                                     provenance={"cache_key": key, "identity": identity})
+            else:
+                from peftdeploy.quantize.llmc import quantize_llmc
+
+                quantize_llmc(src_dir, tmp, s, method, calibration=calibration, group_size=group_size,
+                              progress=progress, timeout=timeout, provenance={"cache_key": key, "identity": identity})
             (tmp / COMPLETE_MARKER).write_text(json.dumps(
                 {"key": key, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "quantizer_version": QUANTIZER_VERSION,
@@ -168,8 +203,9 @@ def quantize_cached_result(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        res.path = final
-        res.key = key
+        if res is not None:
+            res.path = final
+            res.key = key
         return QuantizedCheckpoint(final, False, key, s, time.perf_counter() - t0, res)
     finally:
         lock.release()
@@ -177,9 +213,9 @@ def quantize_cached_result(
 
 def quantize_cached(merged_dir: str | os.PathLike[str], scheme: str, *, group_size: int = 128,
                     method: str = "rtn", cache_root: str | os.PathLike[str] | None = None,
-                    progress: Callable[[str], None] | None = None) -> Path:
+                    progress: Callable[[str], None] | None = None, calibration: CalibrationSet | None = None) -> Path:
     """The compressed-tensors checkpoint of `merged_dir` quantized with `scheme` (int8 | w8a16 |
     w4a16), from the cache or produced now. Serve it with ``vllm serve <path>`` (no --quantization:
     vLLM reads config.json's quantization_config)."""
     return quantize_cached_result(merged_dir, scheme, group_size=group_size, method=method,
-                                  cache_root=cache_root, progress=progress).path
+                                  cache_root=cache_root, progress=progress, calibration=calibration).path

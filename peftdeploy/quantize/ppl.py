@@ -168,10 +168,11 @@ class PplError(RuntimeError):
 def measure(models: Sequence[str | os.PathLike[str]], *, quantizations: Sequence[str | None] | None = None,
             dtype: str = "bfloat16", window: int = DEFAULT_WINDOW,
             stride: int = DEFAULT_STRIDE, timeout: float | None = 1800, log_path: str | os.PathLike[str] | None = None,
-            env: dict[str, str] | None = None) -> list[PplResult]:
+            env: dict[str, str] | None = None, text_file: str | os.PathLike[str] | None = None) -> list[PplResult]:
     """Perplexity of each model dir (one vLLM child process, models one after another).
 
     `quantizations`: per model, a vLLM ``--quantization`` (runtime schemes such as fp8) or None.
+    `text_file`: score this UTF-8 text instead of the shipped eval text.
     `dtype`: the activation dtype every model runs in — the same for all so that the delta is the
     quantization's alone (bfloat16: what vLLM picks for quantized checkpoints on CPU).
     """
@@ -180,6 +181,8 @@ def measure(models: Sequence[str | os.PathLike[str]], *, quantizations: Sequence
         log = Path(log_path) if log_path else Path(td) / "ppl.log"
         cmd = [sys.executable, "-m", "peftdeploy.quantize.ppl", *map(str, models), "--dtype", dtype,
                "--window", str(window), "--stride", str(stride), "--json-out", str(out)]
+        if text_file:
+            cmd += ["--text-file", str(Path(text_file).absolute())]
         for q in (quantizations or []):
             cmd += ["--quantization", q or ""]
         e = dict(os.environ)

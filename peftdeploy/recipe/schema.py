@@ -69,9 +69,39 @@ class Backbone(_Strict):
     merge_base_revision: str | None = None
 
 
+QuantMethod = Literal["auto", "rtn", "gptq", "awq", "runtime"]
+# which methods each scheme takes ("auto" always); kept equal to peftdeploy.quantize.methods.METHODS
+# (a test checks; the recipe stage does not import quantize/)
+SCHEME_METHODS: dict[str, tuple[str, ...]] = {
+    "none": (), "fp8": ("runtime", "rtn"), "int8": ("rtn", "gptq"), "w8a16": ("rtn", "gptq"),
+    "w4a16": ("rtn", "gptq", "awq"), "bitsandbytes": ("runtime",), "awq": ("rtn", "gptq", "awq"),
+    "gptq": ("rtn", "gptq", "awq"),
+}
+
+
+class Calibration(_Strict):
+    """The text that calibrated methods (gptq, awq) see: peftdeploy's shipped set, or a team's own."""
+
+    dataset: Annotated[str, StringConstraints(min_length=1)] = "builtin://mixed-prose"  # builtin://<name> | path to .txt / .jsonl
+    sha256: Sha256 | None = None  # optional pin of the dataset file; mismatch = refuse
+    samples: Annotated[int, Field(ge=1, le=4096)] = 64  # at most this many windows of seq_len tokens
+    seq_len: Annotated[int, Field(ge=16, le=32768)] = 512
+
+
 class Quantization(_Strict):
     scheme: QuantScheme = "none"
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    # how the merged weights are quantized: auto = the best installed (gptq with the quantize tool venv,
+    # else rtn; fp8: runtime); rtn = round-to-nearest, no data; gptq / awq = calibrated (llm-compressor);
+    # runtime = vLLM quantizes while loading (fp8, bitsandbytes)
+    method: QuantMethod = "auto"
+    # w4a16: input channels per scale (auto = 128, or the largest of 64/32 dividing every layer);
+    # smaller groups keep more accuracy for a few more scale bytes
+    group_size: Union[Auto, Literal[32, 64, 128]] = "auto"
+    calibration: Calibration = Calibration()
+    # `up` refuses to serve a quantized merge whose perplexity on the eval text rose more than this
+    # fraction over the full-precision merge (0.05 = 5%); None = not measured
+    max_ppl_increase: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
 
     @property
     def prequantized(self) -> bool:
@@ -217,6 +247,16 @@ class Recipe(_Strict):
                     f"backbone.merge_base to the full-precision twin of the backbone (peftdeploy merges there, "
                     f"then quantizes), or use policy.mode: serve to keep the adapters unmerged",
                 )
+        q = self.quantization
+        ok = SCHEME_METHODS[q.scheme]
+        if q.method != "auto" and q.method not in ok:
+            raise _FieldError(("quantization", "method"),
+                              f"method {q.method!r} does not apply to scheme {q.scheme!r}; "
+                              f"use {' | '.join(('auto',) + ok) if ok else 'auto (scheme none quantizes nothing)'}")
+        if q.max_ppl_increase is not None and q.scheme == "none":
+            raise _FieldError(("quantization", "max_ppl_increase"),
+                              "max_ppl_increase gates a quantized model, and quantization.scheme is none: "
+                              "set a scheme, or drop max_ppl_increase")
         s = self.serving
         if isinstance(s.max_loras, int) and isinstance(s.max_cpu_loras, int) and s.max_cpu_loras < s.max_loras:
             raise _FieldError(("serving", "max_cpu_loras"),
@@ -280,6 +320,7 @@ PATH_FIELDS: tuple[tuple[Any, ...], ...] = (
     ("adapters", "*", "source"),
     ("policy", "merge", "output"),
     ("policy", "catalog", "*"),
+    ("quantization", "calibration", "dataset"),
 )
 # Fields that hold secrets: they must be ${VAR} references, never literal values.
 SECRET_FIELDS: tuple[tuple[Any, ...], ...] = (("serving", "api_key"),)

@@ -1,24 +1,25 @@
-"""`peftdeploy eval RECIPE`: perplexity of the merged model in full precision and quantized, side by side.
+"""Perplexity of the merged model in full precision and quantized, side by side (``peftdeploy eval``),
+and the gate ``quantization.max_ppl_increase`` that ``up`` applies.
 
-    peftdeploy eval recipes/demo-int8.yaml                    # the recipe's scheme (+ full precision)
-    peftdeploy eval recipes/demo-merged.yaml --schemes int8,w4a16 --json
+    run_eval("recipes/demo-w4a16.yaml")                                  # the recipe's scheme + method
+    run_eval("recipes/demo-merged.yaml", ["int8", "w4a16"], methods=["rtn", "gptq"], text_file="mine.txt")
 
 Steps: resolve the recipe, merge its merge adapters into the full-precision backbone (``merge_base``
-when the backbone is pre-quantized) through the merge cache, produce each offline scheme's
-checkpoint through the quantize cache, then measure every model with vLLM on the fixed eval text
-(``peftdeploy/data/eval/lighthouse.txt``) in one child process, all in the same activation dtype.
-Runtime schemes (fp8) are measured by passing ``--quantization`` to vLLM for the merged model.
-Schemes vLLM cannot run on this device are listed with the reason instead of a number.
+when the backbone is pre-quantized) through the merge cache, produce each (scheme, method)
+checkpoint through the quantize cache (rtn: peftdeploy's quantizer; gptq / awq / fp8: llm-compressor
+in its tool venv, on the recipe's calibration set), then measure every model with vLLM on the eval
+text (``peftdeploy/data/eval/lighthouse.txt``, or a team's own held-out text) in one child process,
+all in the same activation dtype. Runtime schemes (fp8) are measured by passing ``--quantization``
+to vLLM for the merged model. Schemes vLLM cannot run on this device are listed with the reason.
 """
 from __future__ import annotations
 
-import sys
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import click
 
-from peftdeploy.cli_common import emit_json, json_option, user_errors
 from peftdeploy.errors import PeftDeployError
 
 
@@ -67,13 +68,20 @@ def _merged_model(recipe_path: str, quiet: bool) -> tuple[Any, Path, dict[str, A
     return r, Path(res.path), {**info, "merged": True, "merge_key": res.key, "merge_cache_hit": res.cache_hit}
 
 
-def run_eval(recipe_path: str, schemes: list[str] | None = None, *, dtype: str = "bfloat16",
-             window: int = 512, stride: int = 256, quiet: bool = False) -> dict[str, Any]:
-    """The eval report as a dict (what --json prints)."""
+def run_eval(recipe_path: str, schemes: list[str] | None = None, *, methods: list[str] | None = None,
+             dtype: str = "bfloat16", window: int = 512, stride: int = 256, quiet: bool = False,
+             text_file: str | None = None) -> dict[str, Any]:
+    """The eval report as a dict (what --json prints): one row per (scheme, method) after the
+    full-precision row, each with ppl and delta_pct against it."""
     from peftdeploy.quantize.cache import quantize_cached_result
-    from peftdeploy.quantize.ppl import eval_text_sha256, measure
+    from peftdeploy.quantize.calibration import load_calibration
+    from peftdeploy.quantize.methods import METHODS, resolve_method
+    from peftdeploy.quantize.ppl import eval_text_path, measure
     from peftdeploy.quantize.support import scheme_info
 
+    text_path = Path(text_file) if text_file else eval_text_path()
+    if text_file and not text_path.is_file():
+        raise EvalError(f"--text {text_file}: no such file", fix="give a UTF-8 text file of held-out text")
     r, merged, info = _merged_model(recipe_path, quiet)
     if not schemes:
         s = r.quantization.scheme
@@ -81,40 +89,54 @@ def run_eval(recipe_path: str, schemes: list[str] | None = None, *, dtype: str =
             s = scheme_info(s).merge_offline_scheme or "w4a16"
         schemes = [s] if s != "none" else ["int8", "w4a16"]
     device = _device()
-    rows: list[dict[str, Any]] = [{"scheme": "none", "model": str(merged), "quantization": None}]
+    cal = None
+    rows: list[dict[str, Any]] = [{"scheme": "none", "method": None, "model": str(merged), "quantization": None}]
     for s in schemes:
         si = scheme_info(s)
-        row: dict[str, Any] = {"scheme": si.name, "model": None, "quantization": None}
-        ok, why = si.supported_on(device)
+        name = si.name
         if si.kind == "prequantized":
             si = scheme_info(si.merge_offline_scheme or "w4a16")
-            row["scheme"] = f"{s}->{si.name}"
-            ok, why = si.supported_on(device)
-        if ok and device == "cpu" and dtype not in si.cpu_dtypes:
-            ok, why = False, (f"vLLM's CPU kernel for {si.name} takes {'/'.join(si.cpu_dtypes)} activations, not "
-                              f"{dtype} (use --dtype bfloat16)")
-        if not ok:
-            row["status"] = f"not run: {why}"
-            rows.append(row)
+            name = f"{s}->{si.name}"
+        if si.kind == "none":
             continue
-        if si.kind == "runtime":
-            row.update(model=str(merged), quantization=si.vllm_quantization)
-        elif si.kind == "offline":
+        for mwant in (methods or [r.quantization.method]):
+            if mwant != "auto" and mwant not in METHODS.get(si.name, ()):
+                rows.append({"scheme": name, "method": mwant, "model": None, "quantization": None,
+                             "status": f"not run: method {mwant} does not apply to {si.name}"})
+                continue
+            m = resolve_method(si.name, mwant)
+            row: dict[str, Any] = {"scheme": name, "method": m.name, "model": None, "quantization": None}
+            rows.append(row)
+            ok, why = si.supported_on(device)
+            if ok and device == "cpu" and dtype not in si.cpu_dtypes:
+                ok, why = False, (f"vLLM's CPU kernel for {si.name} takes {'/'.join(si.cpu_dtypes)} activations, "
+                                  f"not {dtype} (use --dtype bfloat16)")
+            if not ok:
+                row["status"] = f"not run: {why}"
+                continue
+            if m.name == "runtime":
+                row.update(model=str(merged), quantization=si.vllm_quantization)
+                continue
+            if m.calibrated and cal is None:
+                cal = load_calibration(r.quantization.calibration)
             if not quiet:
-                click.echo(f"quantize: {si.name} ...", err=True)
-            q = quantize_cached_result(merged, si.name)
+                click.echo(f"quantize: {si.name} with {m.name} ({m.why}) ...", err=True)
+            gs = r.quantization.group_size
+            q = quantize_cached_result(merged, si.name, method=m.name, calibration=cal if m.calibrated else None,
+                                       group_size=128 if gs == "auto" else int(gs),
+                                       progress=None if quiet else (lambda msg: click.echo(f"quantize: {msg}",
+                                                                                           err=True)))
             row.update(model=str(q.path), quantize_cache_hit=q.cache_hit, quantize_key=q.key)
             prov = q.provenance
             row["rel_rmse_mean"] = prov.get("rel_rmse_mean")
             row["group_size"] = (prov.get("spec") or {}).get("group_size")
-        elif si.kind == "none":
-            continue
-        rows.append(row)
+            if m.calibrated:
+                row["calibration"] = prov.get("calibration")
     runnable = [x for x in rows if x.get("model")]
     if not quiet:
         click.echo(f"perplexity: {len(runnable)} model(s) with vLLM ({dtype}) ...", err=True)
     results = measure([x["model"] for x in runnable], quantizations=[x["quantization"] for x in runnable],
-                      dtype=dtype, window=window, stride=stride)
+                      dtype=dtype, window=window, stride=stride, text_file=text_file)
     for x, res in zip(runnable, results):
         x.update(ppl=res.ppl, nll_mean=res.nll_mean, tokens_scored=res.tokens_scored, ids_sha256=res.ids_sha256,
                  vllm_quantization=res.quantization, dtype=res.dtype, seconds=res.seconds, status="ok")
@@ -128,51 +150,19 @@ def run_eval(recipe_path: str, schemes: list[str] | None = None, *, dtype: str =
         if x.get("ids_sha256") and ids0 and x["ids_sha256"] != ids0:
             x["status"] = "warning: tokenization differs from the full-precision model"
     return {"ok": True, **info, "device": device, "dtype": dtype, "window": window, "stride": stride,
-            "text": "peftdeploy/data/eval/lighthouse.txt", "text_sha256": eval_text_sha256(),
+            "text": text_file or "peftdeploy/data/eval/lighthouse.txt",
+            "text_sha256": hashlib.sha256(text_path.read_bytes()).hexdigest(),
             "tokens_scored": rows[0].get("tokens_scored"), "rows": rows}
 
 
 def format_table(rep: dict[str, Any]) -> str:
     lines = [f"perplexity on {rep['text']} ({rep.get('tokens_scored')} tokens scored, vLLM {rep['device']}, "
              f"{rep['dtype']}, window {rep['window']}/stride {rep['stride']})",
-             f"{'scheme':<14}{'backbone bytes':>16}{'ppl':>10}{'delta':>10}  status"]
+             f"{'scheme':<14}{'method':<9}{'backbone bytes':>16}{'ppl':>10}{'delta':>10}  status"]
     for x in rep["rows"]:
         b = x.get("backbone_bytes")
         bs = f"{b / 1e6:,.1f} MB" if b else ("(runtime)" if x.get("quantization") else "-")
         p = f"{x['ppl']:.3f}" if x.get("ppl") is not None else "-"
         d = f"{x['delta_pct']:+.2f}%" if x.get("delta_pct") is not None and x["scheme"] != "none" else ""
-        lines.append(f"{x['scheme']:<14}{bs:>16}{p:>10}{d:>10}  {x.get('status', '')}")
+        lines.append(f"{x['scheme']:<14}{x.get('method') or '-':<9}{bs:>16}{p:>10}{d:>10}  {x.get('status', '')}")
     return "\n".join(lines)
-
-
-@click.command("eval")
-@click.argument("recipe", type=click.Path(dir_okay=False, exists=True))
-@click.option("--schemes", default=None,
-              help="Comma-separated schemes to compare with full precision (default: the recipe's; "
-                   "int8,w4a16 when it has none).")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              type=click.Choice(["bfloat16", "float16", "float32"]),
-              help="Activation dtype every model runs in (the same for all).")
-@click.option("--window", type=int, default=512, show_default=True)
-@click.option("--stride", type=int, default=256, show_default=True)
-@json_option
-@user_errors
-def eval_cmd(recipe: str, schemes: str | None, dtype: str, window: int, stride: int, as_json: bool) -> None:
-    """Perplexity of the merged model, full precision vs quantized, with the delta."""
-    from peftdeploy.quantize.ppl import PplError
-
-    sl = [s.strip() for s in schemes.split(",") if s.strip()] if schemes else None
-    try:
-        rep = run_eval(recipe, sl, dtype=dtype, window=window, stride=stride, quiet=as_json)
-    except PplError as e:
-        raise EvalError(f"{e}\n{e.log_tail[-1500:]}", fix="see the vLLM log above") from None
-    except KeyError as e:
-        raise EvalError(str(e).strip("'\""), fix="use schemes from: none, fp8, int8, w8a16, w4a16") from None
-    if as_json:
-        emit_json(rep)
-    else:
-        click.echo(format_table(rep))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(eval_cmd())
