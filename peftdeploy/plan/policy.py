@@ -15,7 +15,8 @@ Evidence (same run, same machine; ratios to the merged model's output tokens/s):
   the same server 0.99; vLLM's kernels 0.72 (merged 3285 out tok/s).
 * CPU, ``docs/bench/cpu/bench_lora_kernels_cpu.json`` (2026-12-02, the demo recipe, 8 streams, medians of 3):
   peftdeploy's kernels base traffic 0.99, 1 adapter 0.77, 3 adapters Zipf(1.0) 0.66; vLLM's in the same run
-  0.84 / 0.28 / 0.34.
+  0.84 / 0.28 / 0.34. Rerun after the kernels skip untargeted modules and padded ranks (one run, a loaded
+  machine): base traffic 0.93, 1 adapter 0.86, 3 adapters 0.73; vLLM's 0.70 / 0.21 / 0.23.
 * CPU, ``docs/bench/cpu/`` (the demo recipe on 2 cores, ``scripts/bench_compare_cpu.py``, medians of 3):
   LoRA enabled, base traffic 0.79; one adapter 0.33; 3 adapters Zipf(1.0) at max_loras 3 0.35, at
   max_loras 1 0.23.
@@ -71,8 +72,8 @@ RATIOS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "cpu": {
         "vllm": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},
-        # 3 adapters Zipf(1.0) 0.66, 1 adapter 0.77, base traffic 0.99 (the same run: vLLM's 0.34 / 0.28 / 0.84)
-        "peftdeploy": {"idle": 0.99, "active": 0.66, "source": "docs/bench/cpu/bench_lora_kernels_cpu.json"},
+        # 3 adapters Zipf(1.0) 0.73, 1 adapter 0.86, base traffic 0.93 (the same run: vLLM's 0.23 / 0.21 / 0.70)
+        "peftdeploy": {"idle": 0.93, "active": 0.73, "source": "docs/bench/cpu/bench_lora_kernels_cpu.json"},
     },
 }
 
