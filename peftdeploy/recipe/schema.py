@@ -304,6 +304,8 @@ class Recipe(_Strict):
         """The resolved recipe as plain data, secrets replaced by their ${VAR} reference."""
         d = self.model_dump(mode="json")
         d["serving"]["api_key"] = self.serving.api_key.reference()
+        if d.get("fleet") is None:  # no fleet: the resolved recipe reads as before the section existed
+            d.pop("fleet", None)
         return d
 
     def compute_hash(self) -> str:
