@@ -80,7 +80,8 @@ def visible_gpus() -> list[str]:
     return [x.strip() for x in out.splitlines() if x.strip()]
 
 
-def plan_engines(loaded: Any, plan: Any, *, device: str, port: int | None, host: str | None) -> tuple[list[Engine], str, int]:
+def plan_engines(loaded: Any, plan: Any, *, device: str, port: int | None, host: str | None,
+                 gpu_memory: Any = None) -> tuple[list[Engine], str, int]:
     """(engines, router host, router port): one planned LaunchSpec per engine of every group."""
     from ..plan import make_plan
     from ..plan.fleet import MERGED, assign_devices, group_recipe
@@ -93,7 +94,7 @@ def plan_engines(loaded: Any, plan: Any, *, device: str, port: int | None, host:
     k = 0
     for g in f.groups:
         gl = dataclasses.replace(loaded, recipe=group_recipe(r, f, g))
-        gp = make_plan(gl, device=device)
+        gp = make_plan(gl, device=device, gpu_memory=gpu_memory)
         if gp.errors:
             e = gp.errors[0]
             raise LaunchError(f"fleet group {g.name}: plan found {len(gp.errors)} error(s); first: {e.message}",

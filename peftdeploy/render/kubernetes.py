@@ -140,16 +140,7 @@ def hf_cache_volume(ctx: RenderContext) -> dict[str, Any]:
 
 
 def hf_cache_pvc(ctx: RenderContext) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": metadata(ctx, f"{ctx.name}-hf-cache", "hf-cache"),
-        "spec": {
-            # replicas of one group share what they download
-            "accessModes": ["ReadWriteOnce" if ctx.replicas == 1 else "ReadWriteMany"],
-            "resources": {"requests": {"storage": ctx.cache_size}},
-        },
-    }
+    return pvc(ctx, f"{ctx.name}-hf-cache", "hf-cache", ctx.cache_size)  # replicas of a group share downloads
 
 
 def pod_volumes(ctx: RenderContext, empty_dirs: list[str]) -> list[dict[str, Any]]:
@@ -219,15 +210,16 @@ def service(ctx: RenderContext) -> dict[str, Any]:
     }
 
 
-def pvc(ctx: RenderContext) -> dict[str, Any]:
+def pvc(ctx: RenderContext, name: str | None = None, component: str = "models",
+        size: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(ctx, f"{ctx.name}-models", "models"),
+        "metadata": metadata(ctx, name or f"{ctx.name}-models", component),
         "spec": {
-            # one replica: ReadWriteOnce; several share the merged model: ReadWriteMany
+            # one replica: ReadWriteOnce; several share the merged model (or the HF cache): ReadWriteMany
             "accessModes": ["ReadWriteOnce" if ctx.replicas == 1 else "ReadWriteMany"],
-            "resources": {"requests": {"storage": ctx.storage_size}},
+            "resources": {"requests": {"storage": size or ctx.storage_size}},
         },
     }
 
