@@ -145,7 +145,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
     plan.raise_for_errors()
-    if plan.fleet is not None:  # one engine per group behind a router (peftdeploy/commands/fleet_cmds.py)
+    if getattr(plan, "fleet", None) is not None:  # one engine per group behind a router (peftdeploy/commands/fleet_cmds.py)
         from ..commands.fleet_cmds import fleet_up
 
         return fleet_up(loaded, plan, dry_run=dry_run, detach=detach, as_json=as_json, log_file=log_file,
