@@ -113,3 +113,37 @@ def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
     print("ray-serve CPU smoke timings (s):", report["timings_s"], "total", report["total_s"])
     # nothing of this Ray cluster is left running
     assert not _pids_under(str(smoke_dir / "ray"))
+
+
+@pytest.mark.skipif(os.environ.get("PEFTDEPLOY_RAY_FLEET_E2E") != "1",
+                    reason="starts two vLLM engines under Ray (a fleet): opt in with PEFTDEPLOY_RAY_FLEET_E2E=1; "
+                           "the suite's one two-engine test is tests/test_fleet_e2e.py")
+def test_ray_serve_fleet_render_routes_by_model(smoke_dir: Path):
+    """The fleet render (pirate merged, json + shout multi-LoRA) started under Ray Serve: two LLMConfigs
+    behind build_openai_app, pirate answered by the merged deployment, `<model id>:json` by the LoRA one."""
+    report_path = smoke_dir / "report.json"
+    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), "--fleet",
+           "--max-num-seqs", "4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"ray-serve fleet smoke did not finish in {TIMEOUT_S}s:\n{log[-6000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    if proc.returncode == SKIP_RC:
+        pytest.skip(report.get("skip") or log[-2000:])
+    assert report.get("ok"), f"{json.dumps(report, indent=1, default=str)[:4000]}\n--- log tail ---\n{log[-6000:]}"
+    llms = report["config"]["args"]["llm_configs"]
+    assert [c["model_loading_config"]["model_id"] for c in llms] == ["pirate", "ray-smoke"]
+    assert "lora_config" not in llms[0] and llms[1]["lora_config"]["dynamic_lora_loading_path"].endswith("/store/adapters")
+    assert report["checks"] == {"base_paris": True, "pirate_style": True, "json_style": True}
+    print("ray-serve CPU fleet smoke timings (s):", report["timings_s"], "total", report["total_s"])
+    assert not _pids_under(str(smoke_dir / "ray"))

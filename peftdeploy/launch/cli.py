@@ -363,7 +363,11 @@ def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
         d["engines"] = [engine_status(e, headers=headers, timeout=timeout) for e in s.engines]
         d["health"] = ("ok" if all(e["health"] == "ok" for e in d["engines"]) else "degraded") if d["alive"] \
             else "router gone"
-        d["models"] = router_models(s.base_url, headers, timeout) if d["alive"] else None
+        models = router_models(s.base_url, headers, timeout) if d["alive"] else None
+        if models:  # the base model first (the table below labels the first one "base")
+            models = sorted(models, key=lambda m: (m != s.served_model_name, s.model_names.index(m)
+                                                   if m in s.model_names else len(s.model_names)))
+        d["models"] = models
         return d
     if not d["alive"]:
         d["health"] = "stale (process gone)"
