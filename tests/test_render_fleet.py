@@ -144,6 +144,7 @@ def test_fleet_renders_one_engine_per_group(fleet_recipe: Path, hub):
 
     # ray-serve: one app, one LLMConfig per group, autoscaling bounds per group
     cfg = yaml.safe_load(files["ray-serve/serve-config.yaml"])
+    assert cfg["applications"][0]["name"] == "bots-fleet"
     llms = cfg["applications"][0]["args"]["llm_configs"]
     assert [c["model_loading_config"]["model_id"] for c in llms] == ["billing", "bots-fleet"]
     assert [c["deployment_config"]["autoscaling_config"] for c in llms] == [

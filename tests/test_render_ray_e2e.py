@@ -123,7 +123,7 @@ def test_ray_serve_fleet_render_routes_by_model(smoke_dir: Path):
     behind build_openai_app, pirate answered by the merged deployment, `<model id>:json` by the LoRA one."""
     report_path = smoke_dir / "report.json"
     cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), "--fleet",
-           "--max-num-seqs", "4"]
+           "--max-num-seqs", "4", "--num-cpus", "8"]  # logical CPUs: two LLM servers + the ingress
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

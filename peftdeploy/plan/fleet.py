@@ -67,6 +67,7 @@ class FleetPlan:
     traffic: str  # "policy.traffic" | "observed traffic" | "uniform (no policy.traffic)"
     reason: str
     max_replicas: int | None = None
+    recipe: str = ""  # the fleet recipe's name (the groups' names start with it)
 
     @property
     def gain(self) -> float:
@@ -200,7 +201,8 @@ def plan_fleet(recipe: Any, *, device: str = "cuda", kernels: str = "vllm",
                       f"all adapters with multi-LoRA: predicted {pred:.2f}×")
     src = rat["source"] + (f"; {rat['note']}" if rat["note"] else "")
     return FleetPlan(replicas=n, groups=tuple(out), predicted=pred, baseline=baseline, device=device,
-                     kernels=kernels, source=src, traffic=traffic, reason=reason, max_replicas=f.max_replicas)
+                     kernels=kernels, source=src, traffic=traffic, reason=reason, max_replicas=f.max_replicas,
+                     recipe=recipe.name)
 
 
 def group_recipe(recipe: Any, fleet: FleetPlan, group: Group) -> Any:

@@ -202,7 +202,7 @@ def render_fleet(ctxs: list[RenderContext], fleet: Any) -> dict[str, str]:
             models += [f"{c.launch.served_model_name}:{a.name}" for a in c.launch.adapters]
     h = header(c0, TARGET, "serve run serve-config.yaml   (or: serve deploy serve-config.yaml)\n"
                            f"fleet: {fleet.reason}\nOpenAI `model` names: {', '.join(models)}")
-    cfg = {"applications": [{"name": c0.recipe_name, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
+    cfg = {"applications": [{"name": fleet.recipe or c0.recipe_name, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
                              "args": {"llm_configs": [llm_config(c) for c in ctxs]}}]}
     files = {"serve-config.yaml": h + dump_yaml(cfg)}
     scripts = []
