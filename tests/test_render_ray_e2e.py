@@ -78,9 +78,10 @@ def smoke_dir():
     shutil.rmtree(work, ignore_errors=True)
 
 
-def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
+def _run_smoke(smoke_dir: Path, *extra: str) -> tuple[dict, str, int]:
+    """(report, log, exit code) of scripts/ray_serve_cpu_smoke.py; skips when it cannot run here."""
     report_path = smoke_dir / "report.json"
-    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir)]
+    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -97,7 +98,12 @@ def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if proc.returncode == SKIP_RC:
         pytest.skip(report.get("skip") or log[-2000:])
-    assert report, f"no report (rc {proc.returncode}):\n{log[-6000:]}"
+    return report, log, proc.returncode
+
+
+def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
+    report, log, rc = _run_smoke(smoke_dir)
+    assert report, f"no report (rc {rc}):\n{log[-6000:]}"
     assert report.get("ok"), f"{json.dumps(report, indent=1, default=str)[:4000]}\n--- log tail ---\n{log[-6000:]}"
 
     # the config that ran is the render's, with only the CPU placement added
@@ -121,25 +127,8 @@ def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
 def test_ray_serve_fleet_render_routes_by_model(smoke_dir: Path):
     """The fleet render (pirate merged, json + shout multi-LoRA) started under Ray Serve: two LLMConfigs
     behind build_openai_app, pirate answered by the merged deployment, `<model id>:json` by the LoRA one."""
-    report_path = smoke_dir / "report.json"
-    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), "--fleet",
-           "--max-num-seqs", "4", "--num-cpus", "8"]  # logical CPUs: two LLM servers + the ingress
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"ray-serve fleet smoke did not finish in {TIMEOUT_S}s:\n{log[-6000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    if proc.returncode == SKIP_RC:
-        pytest.skip(report.get("skip") or log[-2000:])
+    report, log, _ = _run_smoke(smoke_dir, "--fleet", "--max-num-seqs", "4",
+                                "--num-cpus", "8")  # logical CPUs: two LLM servers + the ingress
     assert report.get("ok"), f"{json.dumps(report, indent=1, default=str)[:4000]}\n--- log tail ---\n{log[-6000:]}"
     llms = report["config"]["args"]["llm_configs"]
     assert [c["model_loading_config"]["model_id"] for c in llms] == ["pirate", "ray-smoke"]
