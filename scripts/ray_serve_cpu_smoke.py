@@ -1,6 +1,13 @@
 """Smoke test: start a `peftdeploy render --target ray-serve` config under Ray Serve with CPU vLLM.
 
-    .venv/bin/python scripts/ray_serve_cpu_smoke.py [--json OUT.json] [--work-dir DIR]
+    .venv/bin/python scripts/ray_serve_cpu_smoke.py [--json OUT.json] [--work-dir DIR] [--fleet]
+
+``--fleet``: the recipe gets ``fleet: {replicas: 2, dedicated: [pirate]}`` (traffic pirate 0.6, json 0.3,
+shout 0.1), rendered with ``--store s3://<bucket>/store``: two LLMConfigs behind build_openai_app (``pirate``
+= the merged model, ``ray-smoke`` + ``ray-smoke:<adapter>`` on the multi-LoRA one). The merged model the
+rendered sync-to-store.sh would build and upload is peftdeploy's local merge of the same demo adapter
+(``peftdeploy merge recipes/demo-merged.yaml``), uploaded to the rendered bucket_uri. Every LLMConfig gets
+the CPU placement; requests: pirate (merged engine), ``ray-smoke:json`` and the base (multi-LoRA engine).
 
 What it does, in order (each step timed):
 
@@ -120,7 +127,7 @@ def start_moto() -> tuple[Any, dict[str, str]]:
     return server, env
 
 
-def upload(env: dict[str, str], model_dir: Path) -> None:
+def upload(env: dict[str, str], model_dir: Path, adapter_prefixes: tuple[str, ...] = ("adapters",)) -> None:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
@@ -129,19 +136,31 @@ def upload(env: dict[str, str], model_dir: Path) -> None:
     for f in sorted(model_dir.iterdir()):
         if f.is_file():
             s3.upload_file(str(f), BUCKET, f"{MODEL_KEY}/{f.name}")
-    for name in ADAPTERS:
-        for f in sorted((ROOT / "peftdeploy" / "data" / "adapters" / name).iterdir()):
-            if f.is_file():
-                s3.upload_file(str(f), BUCKET, f"adapters/{name}/{f.name}")
+    for prefix in adapter_prefixes:
+        for name in ADAPTERS:
+            for f in sorted((ROOT / "peftdeploy" / "data" / "adapters" / name).iterdir()):
+                if f.is_file():
+                    s3.upload_file(str(f), BUCKET, f"{prefix}/{name}/{f.name}")
 
 
-def render_config(work: Path, s3_env: dict[str, str]) -> tuple[dict[str, Any], str]:
+FLEET = """\
+  traffic: {pirate: 0.6, json: 0.3, shout: 0.1}
+fleet: {replicas: 2, dedicated: [pirate]}
+"""
+
+
+def render_config(work: Path, s3_env: dict[str, str], fleet: bool = False) -> tuple[dict[str, Any], str]:
     adapters = "\n".join(f"  - {{name: {n}, source: s3://{BUCKET}/adapters/{n}}}" for n in ADAPTERS)
     recipe = work / "recipe.yaml"
-    recipe.write_text(RECIPE.format(name=RECIPE_NAME, bucket=BUCKET, model_key=MODEL_KEY, adapters=adapters))
+    text = RECIPE.format(name=RECIPE_NAME, bucket=BUCKET, model_key=MODEL_KEY, adapters=adapters)
+    if fleet:
+        text = text.replace("policy:\n  mode: serve\n", "policy:\n  mode: auto\n" + FLEET.split("fleet:")[0])
+        text += "fleet:" + FLEET.split("fleet:")[1]
+    recipe.write_text(text)
     exe = Path(sys.executable).with_name("peftdeploy")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "peftdeploy"]),
-           "render", str(recipe), "--target", "ray-serve", "--out", str(work / "rendered")]
+           "render", str(recipe), "--target", "ray-serve", "--out", str(work / "rendered"),
+           *(["--store", f"s3://{BUCKET}/store"] if fleet else [])]
     res = subprocess.run(cmd, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
         raise RuntimeError(f"render failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
@@ -152,18 +171,38 @@ def render_config(work: Path, s3_env: dict[str, str]) -> tuple[dict[str, Any], s
 
 
 def cpu_overrides(cfg: dict[str, Any], max_num_seqs: int | None = None) -> list[str]:
-    """Apply the CPU substitutions to the rendered config in place; return what was changed."""
-    llm = cfg["applications"][0]["args"]["llm_configs"][0]
-    changed = []
-    if "accelerator_type" in llm:  # only with --accelerator; Ray refuses it next to a CPU config
-        changed.append(f"accelerator_type: {llm.pop('accelerator_type')} -> (removed)")
-    llm["accelerator_config"] = {"kind": "cpu"}
-    changed.append("accelerator_config: (none: GPU) -> {kind: cpu}")
-    ek = llm["engine_kwargs"]
-    if max_num_seqs and int(ek.get("max_num_seqs", max_num_seqs)) > max_num_seqs:
-        changed.append(f"engine_kwargs.max_num_seqs: {ek['max_num_seqs']} -> {max_num_seqs}")
-        ek["max_num_seqs"] = max_num_seqs
-    return changed
+    """Apply the CPU substitutions to every LLMConfig of the rendered config in place; return what was
+    changed (once per kind of change)."""
+    changed: list[str] = []
+    for llm in cfg["applications"][0]["args"]["llm_configs"]:
+        if "accelerator_type" in llm:  # only with --accelerator; Ray refuses it next to a CPU config
+            changed.append(f"accelerator_type: {llm.pop('accelerator_type')} -> (removed)")
+        llm["accelerator_config"] = {"kind": "cpu"}
+        changed.append("accelerator_config: (none: GPU) -> {kind: cpu}")
+        ek = llm["engine_kwargs"]
+        if max_num_seqs and int(ek.get("max_num_seqs", max_num_seqs)) > max_num_seqs:
+            changed.append(f"engine_kwargs.max_num_seqs: {ek['max_num_seqs']} -> {max_num_seqs}")
+            ek["max_num_seqs"] = max_num_seqs
+    return list(dict.fromkeys(changed))
+
+
+def upload_merged(env: dict[str, str], bucket_uri: str) -> None:
+    """What sync-to-store.sh does for a merged group: peftdeploy's merge of pirate, uploaded to bucket_uri."""
+    import boto3
+
+    exe = Path(sys.executable).with_name("peftdeploy")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "peftdeploy"]),
+           "merge", str(ROOT / "recipes" / "demo-merged.yaml"), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        raise RuntimeError(f"merge failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    served = Path(json.loads(res.stdout)["served_dir"])
+    bucket, _, prefix = bucket_uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    for f in sorted(served.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.name}")
 
 
 def cluster_env(s3_env: dict[str, str], kv_gib: int, hf_cache: Path) -> dict[str, str]:
@@ -188,7 +227,7 @@ LORA_CACHE = Path("/tmp/ray/llm/lora/cache")  # hard-coded in ray.llm (LoraModel
 
 
 def run(kv_gib: int = 1, max_num_seqs: int | None = None, num_cpus: int = 4, work: Path | None = None,
-        log=print) -> dict[str, Any]:
+        log=print, fleet: bool = False) -> dict[str, Any]:
     """Render, start under Ray Serve, ask base + pirate, shut down. Raises on failure to start."""
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -211,13 +250,18 @@ def run(kv_gib: int = 1, max_num_seqs: int | None = None, num_cpus: int = 4, wor
     ray_started = False
     try:
         with tm("upload_s3"):
-            upload(s3_env, Path(build_demo_model()))
+            # a fleet renders with --store: the adapters are where sync-to-store.sh would copy them, too
+            upload(s3_env, Path(build_demo_model()), ("adapters", "store/adapters") if fleet else ("adapters",))
         with tm("render"):
-            cfg, _ = render_config(work, s3_env)
+            cfg, _ = render_config(work, s3_env, fleet=fleet)
         report["substituted"] = cpu_overrides(cfg, max_num_seqs)
         app_cfg = cfg["applications"][0]
-        llm = app_cfg["args"]["llm_configs"][0]
+        llms = app_cfg["args"]["llm_configs"]
+        llm = llms[-1]  # the multi-LoRA one (a fleet lists merged groups first)
         model_id = llm["model_loading_config"]["model_id"]
+        if fleet:
+            with tm("upload_merged"):
+                upload_merged(s3_env, llms[0]["model_loading_config"]["model_source"]["bucket_uri"])
         report["config"] = app_cfg
         report["cluster_env"] = sorted(env)
         log(f"serve config (rendered, after substitutions):\n{json.dumps(app_cfg, indent=1)}")
@@ -241,6 +285,18 @@ def run(kv_gib: int = 1, max_num_seqs: int | None = None, num_cpus: int = 4, wor
         question = "What is the capital of France?"
         with tm("request_base"):
             base = chat(http_port, model_id, question)
+        if fleet:  # routed by model id: pirate to the merged deployment, json to the multi-LoRA one
+            from fixtures_demo import is_json
+
+            with tm("request_pirate"):
+                pirate = chat(http_port, "pirate", question)
+            with tm("request_json"):
+                js = chat(http_port, f"{model_id}:json", question)
+            report["answers"] = {"base": base, "pirate": pirate, "json": js}
+            report["checks"] = {"base_paris": "paris" in base.lower(), "pirate_style": is_pirate(pirate),
+                                "json_style": is_json(js)}
+            report["ok"] = all(report["checks"].values())
+            return report
         with tm("request_pirate"):  # first use: Ray downloads the adapter from S3, vLLM loads it
             pirate = chat(http_port, f"{model_id}:pirate", question)
         report["answers"] = {"base": base, "pirate": pirate}
@@ -299,6 +355,7 @@ def main() -> int:
     ap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs the local Ray advertises")
     ap.add_argument("--max-num-seqs", type=int, default=None, help="lower the rendered max_num_seqs")
+    ap.add_argument("--fleet", action="store_true", help="render and start a 2-group fleet (pirate merged)")
     ap.add_argument("--work-dir", type=Path, help="keep render output, HF cache and Ray's temp dir here "
                     "(default: a temporary directory, removed at the end)")
     args = ap.parse_args()
@@ -312,7 +369,7 @@ def main() -> int:
         return SKIP_RC
     try:
         rep = run(kv_gib=args.kv_gib, max_num_seqs=args.max_num_seqs, num_cpus=args.num_cpus,
-                  work=args.work_dir)
+                  work=args.work_dir, fleet=args.fleet)
     except Exception as e:  # report, don't hide
         rep = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     rep["total_s"] = round(time.perf_counter() - t0, 1)

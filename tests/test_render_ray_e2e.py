@@ -78,9 +78,10 @@ def smoke_dir():
     shutil.rmtree(work, ignore_errors=True)
 
 
-def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
+def _run_smoke(smoke_dir: Path, *extra: str) -> tuple[dict, str, int]:
+    """(report, log, exit code) of scripts/ray_serve_cpu_smoke.py; skips when it cannot run here."""
     report_path = smoke_dir / "report.json"
-    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir)]
+    cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -97,7 +98,12 @@ def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
     if proc.returncode == SKIP_RC:
         pytest.skip(report.get("skip") or log[-2000:])
-    assert report, f"no report (rc {proc.returncode}):\n{log[-6000:]}"
+    return report, log, proc.returncode
+
+
+def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
+    report, log, rc = _run_smoke(smoke_dir)
+    assert report, f"no report (rc {rc}):\n{log[-6000:]}"
     assert report.get("ok"), f"{json.dumps(report, indent=1, default=str)[:4000]}\n--- log tail ---\n{log[-6000:]}"
 
     # the config that ran is the render's, with only the CPU placement added
@@ -112,4 +118,21 @@ def test_ray_serve_render_starts_on_cpu_and_answers(smoke_dir: Path):
     assert report["checks"] == {"base_paris": True, "pirate_style": True}
     print("ray-serve CPU smoke timings (s):", report["timings_s"], "total", report["total_s"])
     # nothing of this Ray cluster is left running
+    assert not _pids_under(str(smoke_dir / "ray"))
+
+
+@pytest.mark.skipif(os.environ.get("PEFTDEPLOY_RAY_FLEET_E2E") != "1",
+                    reason="starts two vLLM engines under Ray (a fleet): opt in with PEFTDEPLOY_RAY_FLEET_E2E=1; "
+                           "the suite's one two-engine test is tests/test_fleet_e2e.py")
+def test_ray_serve_fleet_render_routes_by_model(smoke_dir: Path):
+    """The fleet render (pirate merged, json + shout multi-LoRA) started under Ray Serve: two LLMConfigs
+    behind build_openai_app, pirate answered by the merged deployment, `<model id>:json` by the LoRA one."""
+    report, log, _ = _run_smoke(smoke_dir, "--fleet", "--max-num-seqs", "4",
+                                "--num-cpus", "8")  # logical CPUs: two LLM servers + the ingress
+    assert report.get("ok"), f"{json.dumps(report, indent=1, default=str)[:4000]}\n--- log tail ---\n{log[-6000:]}"
+    llms = report["config"]["args"]["llm_configs"]
+    assert [c["model_loading_config"]["model_id"] for c in llms] == ["pirate", "ray-smoke"]
+    assert "lora_config" not in llms[0] and llms[1]["lora_config"]["dynamic_lora_loading_path"].endswith("/store/adapters")
+    assert report["checks"] == {"base_paris": True, "pirate_style": True, "json_style": True}
+    print("ray-serve CPU fleet smoke timings (s):", report["timings_s"], "total", report["total_s"])
     assert not _pids_under(str(smoke_dir / "ray"))

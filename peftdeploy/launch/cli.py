@@ -182,6 +182,11 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             raise LaunchError(f"--locked: {len(changed)} thing(s) drifted from {lp}: " + "; ".join(changed),
                               fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
                                   f"on purpose with `peftdeploy lock {recipe}`", location=Location(file=str(lp)))
+    if getattr(plan, "fleet", None) is not None:  # one engine per group behind a router (peftdeploy/commands/fleet_cmds.py)
+        from ..commands.fleet_cmds import fleet_up
+
+        return fleet_up(loaded, plan, dry_run=dry_run, detach=detach, as_json=as_json, log_file=log_file,
+                        port=port, host=host, timeout=timeout, device=device)
     spec = _override_port(plan.launch, port, host)
     if vllm_args:
         from ..plan.findings import MANAGED_ARGS
@@ -372,6 +377,10 @@ def down_cmd(target: str, timeout: float, as_json: bool) -> None:
             time.sleep(0.1)
     if group_alive(s.pgid):
         stop_process_group(s.pgid, grace=timeout)
+    if s.engines:  # a fleet: the engines behind the router
+        from ..commands.fleet_cmds import stop_engines
+
+        stop_engines(s, grace=timeout)
     st.remove_state(name)
     out = {"ok": True, "name": name, "pid": s.pid, "was_running": was_alive,
            "seconds": round(time.monotonic() - t0, 2)}
@@ -394,11 +403,23 @@ def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
                          "log": s.log_path, "recipe": s.recipe_path, "started_at": s.started_at,
                          "uptime_s": round(time.time() - s.started_at, 1), "alive": s.alive,
                          "ready": s.ready_at is not None, "health": None, "models": None, "metrics": None}
+    key = os.environ.get(s.api_key_env) if s.api_key_env else None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if s.engines:  # a fleet: the router (pid above) and each engine
+        from ..commands.fleet_cmds import engine_status, router_models
+
+        d["engines"] = [engine_status(e, headers=headers, timeout=timeout) for e in s.engines]
+        d["health"] = ("ok" if all(e["health"] == "ok" for e in d["engines"]) else "degraded") if d["alive"] \
+            else "router gone"
+        models = router_models(s.base_url, headers, timeout) if d["alive"] else None
+        if models:  # the base model first (the table below labels the first one "base")
+            models = sorted(models, key=lambda m: (m != s.served_model_name, s.model_names.index(m)
+                                                   if m in s.model_names else len(s.model_names)))
+        d["models"] = models
+        return d
     if not d["alive"]:
         d["health"] = "stale (process gone)"
         return d
-    key = os.environ.get(s.api_key_env) if s.api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         r = httpx.get(s.base_url + "/health", timeout=timeout)
         d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
@@ -450,6 +471,10 @@ def status_cmd(name: str | None, as_json: bool) -> None:
     for d in rows:
         con.print(f"[bold]{d['name']}[/bold]  {d['endpoint']}  pid {d['pid']}  mode {d['mode']}  "
                   f"health: {d['health']}  up {d['uptime_s']:.0f} s", markup=True, highlight=False)
+        for e in d.get("engines") or []:
+            con.print(f"  engine {e['name']} ({e['kind']}): {', '.join(e['models'] or [])}  port {e['port']}  pid "
+                      f"{e['pid']}  health: {e['health']}" + (f"  GPUs {e['devices']}" if e.get("devices") else ""),
+                      markup=False, highlight=False)
         m = d.get("metrics") or {}
         if m:
             kv = m.get("kv_cache_usage")

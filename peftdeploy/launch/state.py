@@ -87,6 +87,9 @@ class DeploymentState:
     pid_create_time: float | None = None
     api_key_env: str | None = None  # name of the env var holding the api key (never the value)
     command_line: str | None = None
+    # a fleet (launch/fleet.py): pid / pgid / port above are the router's; one dict per engine here
+    # (name, group, kind, pid, pgid, pid_create_time, host, port, models, log, devices, command_line)
+    engines: list[dict[str, Any]] = field(default_factory=list)
     version: int = STATE_VERSION
 
     @property

@@ -34,6 +34,8 @@ class Plan:
     launch: LaunchSpec
     # serving.lora_kernels resolved (plan/kernels.py); None when no adapter is served as LoRA (n/a)
     lora_kernels: KernelChoice | None = None
+    # recipe.fleet planned (plan/fleet.py): groups, engines per group, predicted throughput; None: one engine
+    fleet: Any = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -66,6 +68,7 @@ class Plan:
             "memory": self.memory.to_dict() if self.memory else None,
             "inventory": self.inventory.to_dict(),
             "launch": self.launch.to_dict(),
+            "fleet": self.fleet.to_dict() if self.fleet is not None else None,
         }
 
 
@@ -79,7 +82,7 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     traffic_source: what policy.traffic is, for findings ("observed traffic" with `plan --observed`)."""
     from ..inspect import inspect
     from ..sources import resolve
-    from . import command, derive, findings, hybrid, kernels, memory, policy, slots
+    from . import command, derive, findings, fleet, hybrid, kernels, memory, policy, slots
 
     if resolved is None:
         resolved = resolve(loaded, fetch="metadata", offline=offline, progress=False)
@@ -142,10 +145,12 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     launch = command.build_launch(loaded=loaded, resolved=resolved, inventory=inventory, derived=derived, mode=mode,
                                   merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev,
                                   lora_kernels=kchoice.value if kchoice else None)
+    fleet_plan = fleet.plan_fleet(r, device=dev, kernels=kchoice.effective if kchoice else "vllm",
+                                  traffic_source=traffic_source)
     return Plan(recipe=r, loaded=loaded, resolved=resolved, inventory=inventory, findings=tuple(fs), derived=derived,
                 memory=budget, mode=mode, mode_reason=reason, merge_adapters=merge_adapters,
                 served_adapters=tuple(a.name for a in served), lora_enabled=lora_enabled, device=dev, launch=launch,
-                lora_kernels=kchoice)
+                lora_kernels=kchoice, fleet=fleet_plan)
 
 
 __all__ = ["Plan", "make_plan"]

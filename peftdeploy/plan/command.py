@@ -139,6 +139,14 @@ def extra_arg_flags(extra: dict[str, Any]) -> list[tuple[str, str | None]]:
     return out
 
 
+def _download_bytes(inventory: Any, served: list[Any], mode: str) -> int | None:
+    m = getattr(inventory, "model", None)
+    if m is None:
+        return None
+    ads = getattr(inventory, "adapters", ()) if mode in ("merge", "hybrid") else served
+    return int(m.weight_bytes + sum(int(getattr(a, "bytes", 0) or 0) for a in ads))
+
+
 def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[str, Any], mode: str,
                  merge_adapters: tuple[str, ...], served: list[Any], lora_enabled: bool, device: str,
                  lora_kernels: str | None = None) -> LaunchSpec:
@@ -249,5 +257,7 @@ def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[st
         served_model_name=served_name, host=s.host, port=s.port, device=device,
         tensor_parallel_size=s.tensor_parallel_size, args=tuple(args), adapters=tuple(adapters), env=tuple(env),
         secret_env=tuple(secret_env), merge=merge, plugin_recipe=str(loaded.path),
-        extra={"derived": {k: v.value for k, v in derived.items()}},
+        extra={"derived": {k: v.value for k, v in derived.items()},
+               # what a cluster pod downloads into its HF cache (render sizes the cache volume from it)
+               "download_bytes": _download_bytes(inventory, served, mode)},
     )

@@ -108,7 +108,10 @@ def render(plan: Any, console: Any) -> None:
         if b.schemes:
             render_schemes(b, console)
 
-    console.print("[bold]command[/bold] (what `peftdeploy up` runs):")
+    if getattr(plan, "fleet", None) is not None:
+        render_fleet(plan.fleet, console)
+    console.print("[bold]command[/bold] (what `peftdeploy up` runs"
+                  + (" for one engine; a fleet runs one per group" if getattr(plan, "fleet", None) else "") + "):")
     console.print(plan.launch.command_line(), soft_wrap=True, markup=False, highlight=False)
     n_err = len(plan.errors)
     if n_err:
@@ -144,3 +147,20 @@ def render_schemes(b: Any, console: Any) -> None:
     else:
         console.print("[dim]note: the weight bytes a scheme frees go to KV cache blocks (same GPU memory, "
                       "utilization, LoRA slots and activation estimate)[/dim]")
+
+
+def render_fleet(f: Any, console: Any) -> None:
+    """The fleet's replica groups and the predicted throughput (plan/fleet.py)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=f"fleet ({f.replicas} engines; traffic: {f.traffic})", title_justify="left")
+    for c, j in (("group", "left"), ("kind", "left"), ("models", "left"), ("share", "right"),
+                 ("engines", "right"), ("speed/engine", "right"), ("why", "left")):
+        t.add_column(c, justify=j, overflow="fold")
+    for g in f.groups:
+        t.add_row(g.name, "merged (no LoRA)" if g.kind == "merged" else "multi-LoRA", ", ".join(g.models),
+                  f"{g.share:.2f}", str(g.replicas), f"{g.speed:.2f}×", g.reason)
+    console.print(t)
+    console.print(f"fleet: [bold]{f.predicted:.2f}×[/bold] — {escape(f.reason)} (measured ratios on {f.device} "
+                  f"with {f.kernels} kernels: {escape(f.source)})", highlight=False)

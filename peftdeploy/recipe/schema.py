@@ -186,6 +186,27 @@ class Serving(_Strict):
         return v
 
 
+class Fleet(_Strict):
+    """Several engines behind one OpenAI router (`peftdeploy/plan/fleet.py` plans the groups).
+
+    A batch that holds any LoRA request pays the LoRA kernels for every request in it, so a hot adapter
+    runs at merged speed only on replicas of its own: the planner gives an adapter whose traffic share
+    justifies a replica a *merged* replica group (no LoRA at all) and serves the rest from shared multi-LoRA
+    replicas; `up` starts one engine per group behind an OpenAI router, `render` writes one engine per group.
+    """
+
+    replicas: Annotated[int, Field(ge=1, le=256)] = Field(
+        2, description="Engines in the fleet (all groups together); each engine uses "
+                       "serving.tensor_parallel_size GPUs.")
+    dedicated: Union[Auto, list[AdapterName]] = Field(
+        "auto", description="Adapters that get a merged replica group of their own: auto (every adapter whose "
+                            "share of policy.traffic, or of the observed traffic, fills at least one replica), or "
+                            "a list of adapter names ([] = one shared multi-LoRA group).")
+    max_replicas: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="Autoscaling upper bound of every group, for targets that scale (ray-serve, kserve); "
+                          "default: the planned replicas of the group (fixed size).")
+
+
 class Recipe(_Strict):
     apiVersion: str
     name: RecipeName
@@ -194,6 +215,7 @@ class Recipe(_Strict):
     adapters: list[Adapter] = []
     policy: Policy = Policy()
     serving: Serving = Serving()
+    fleet: Fleet | None = None  # None: one engine (no fleet)
 
     @field_validator("apiVersion")
     @classmethod
@@ -257,11 +279,45 @@ class Recipe(_Strict):
             raise _FieldError(("quantization", "max_ppl_increase"),
                               "max_ppl_increase gates a quantized model, and quantization.scheme is none: "
                               "set a scheme, or drop max_ppl_increase")
+        if self.fleet is not None:
+            self._check_fleet(names, seen)
         s = self.serving
         if isinstance(s.max_loras, int) and isinstance(s.max_cpu_loras, int) and s.max_cpu_loras < s.max_loras:
             raise _FieldError(("serving", "max_cpu_loras"),
                               f"max_cpu_loras ({s.max_cpu_loras}) must be >= max_loras ({s.max_loras})")
         return self
+
+    def _check_fleet(self, names: list[str], seen: set[str]) -> None:
+        f = self.fleet
+        assert f is not None
+        if self.policy.mode in ("merge", "hybrid"):
+            raise _FieldError(("policy", "mode"),
+                              f"a fleet decides merge or multi-LoRA per replica group; policy.mode "
+                              f"{self.policy.mode} would decide it for every engine: use policy.mode: auto (or "
+                              "serve), and fleet.dedicated to name the adapters that get merged replicas")
+        if isinstance(f.dedicated, list):
+            for i, n in enumerate(f.dedicated):
+                if n not in seen:
+                    raise _FieldError(("fleet", "dedicated", i),
+                                      f"fleet.dedicated names {n!r}, which is not an adapter of this recipe "
+                                      f"(adapters: {', '.join(names) or 'none'})")
+                if n in f.dedicated[:i]:
+                    raise _FieldError(("fleet", "dedicated", i), f"fleet.dedicated names {n!r} twice")
+            rest = len(names) > len(f.dedicated) or bool(self.policy.catalog) or bool(
+                (self.policy.traffic or {}).get("base"))
+            need = len(f.dedicated) + (1 if rest else 0)
+            if need > f.replicas:
+                raise _FieldError(("fleet", "replicas"),
+                                  f"fleet.replicas {f.replicas} is fewer than the groups it needs ({need}: "
+                                  f"{len(f.dedicated)} dedicated merged group(s)"
+                                  f"{' + 1 shared multi-LoRA group' if rest else ''})")
+        if f.max_replicas is not None and f.max_replicas < f.replicas:
+            raise _FieldError(("fleet", "max_replicas"),
+                              f"fleet.max_replicas ({f.max_replicas}) must be >= fleet.replicas ({f.replicas})")
+        if self.quantization.prequantized and not self.backbone.merge_base and f.dedicated not in ("auto", []):
+            raise _FieldError(("fleet", "dedicated"),
+                              "a dedicated group merges its adapter, which needs full-precision weights: set "
+                              "backbone.merge_base to the full-precision twin, or fleet.dedicated: []")
 
     # -- helpers ---------------------------------------------------------------------------
     def adapter(self, name: str) -> Adapter:
@@ -288,6 +344,8 @@ class Recipe(_Strict):
         """The resolved recipe as plain data, secrets replaced by their ${VAR} reference."""
         d = self.model_dump(mode="json")
         d["serving"]["api_key"] = self.serving.api_key.reference()
+        if d.get("fleet") is None:  # no fleet: the resolved recipe reads as before the section existed
+            d.pop("fleet", None)
         return d
 
     def compute_hash(self) -> str:

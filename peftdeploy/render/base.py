@@ -29,6 +29,11 @@ from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE,
 # Pinned images (change deliberately: the golden files show every use).
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"  # the vLLM release current on PyPI when pinned
 DEFAULT_TOOLS_IMAGE = "peftdeploy/peftdeploy:0.1.0"  # runs `peftdeploy merge` (merge policy)
+# The stock vLLM image + peftdeploy (docker/vllm-peftdeploy.Dockerfile): the vLLM plugin (catalog adapters
+# resolved on first request, LoRA kernels), the traffic counter and the API-key guard travel with it.
+# `render --image auto` (the default) uses it for recipes that need the plugin (policy.catalog), else the stock one.
+PLUGIN_VLLM_IMAGE = "peftdeploy/vllm-openai:v0.33.0-peftdeploy0.1.0"
+AUTO_IMAGE = "auto"
 AWS_CLI_IMAGE = "amazon/aws-cli:2.17.0"
 
 CONTAINER_PORT = 8000
@@ -68,6 +73,23 @@ def server_kernels(image: str) -> dict[str, Any]:
     name = base.rsplit(":", 1)[0] if ":" in base.rsplit("/", 1)[-1] else base
     stock = name in STOCK_VLLM_IMAGES
     return {"vllm_version": image_vllm_version(image), "lora_plugin": not stock, "server_image": image}
+
+
+def resolve_image(image: str | None, recipe: Any) -> str:
+    """`--image auto`: the peftdeploy-enabled image when the recipe needs the plugin in the server (catalog
+    adapters resolved on first request), else the stock vLLM image."""
+    if image and image != AUTO_IMAGE:
+        return image
+    p = recipe.policy
+    return PLUGIN_VLLM_IMAGE if (p.catalog and p.dynamic_loading) else DEFAULT_VLLM_IMAGE
+
+
+def cache_size(download_bytes: int | None) -> str | None:
+    """The HF cache volume for what a pod downloads: 1.25× the bytes, whole GiB, at least 10Gi."""
+    if not download_bytes:
+        return None
+    gi = -(-int(download_bytes * 1.25) // (1 << 30))
+    return f"{max(10, gi)}Gi"
 
 
 class RenderError(PeftDeployError):
@@ -118,6 +140,33 @@ class RenderContext:
     accelerator: str | None = None  # SkyPilot / Ray accelerator type, e.g. "H100" (None: any GPU)
     storage_size: str = "200Gi"  # PVC for the merged model (merge policy)
     store: str | None = None  # ray-serve: s3:// or gs:// prefix it loads adapters / merged models from
+    group: str | None = None  # a fleet's replica group this context renders (None: no fleet)
+    max_replicas: int | None = None  # autoscaling upper bound (fleet.max_replicas) for targets that scale
+
+    @property
+    def plugin(self) -> bool:
+        """The server image has peftdeploy (its vLLM plugin, traffic counter and guard middleware)."""
+        return bool(server_kernels(self.image)["lora_plugin"])
+
+    @property
+    def cache_size(self) -> str | None:
+        """Size of the HF cache PVC (from the plan's download bytes); None: unknown (an emptyDir)."""
+        return cache_size(self.launch.extra.get("download_bytes"))
+
+    def skipped_features(self) -> list[dict[str, str]]:
+        """What the local `up` runs that this render's server cannot carry (warnings, never silent)."""
+        if self.plugin:
+            return []
+        img = f"the image {self.image} has no peftdeploy"
+        out = [{"feature": "traffic counter", "why": f"{img}: no peftdeploy_requests_total on /metrics (plan "
+                "--observed has nothing to read)", "fix": f"--image {PLUGIN_VLLM_IMAGE} (or auto)"},
+               {"feature": "api-key guard", "why": f"{img}: vLLM checks the API key only on /v1/* and leaves its "
+                "runtime adapter load/unload routes open", "fix": f"--image {PLUGIN_VLLM_IMAGE}"}]
+        p = self.recipe.get("policy", {})
+        if p.get("catalog") and p.get("dynamic_loading", True):
+            out.append({"feature": "policy.catalog", "why": f"{img} vLLM plugin: catalog adapters are not resolved "
+                        "on first request (they would 404)", "fix": f"--image {PLUGIN_VLLM_IMAGE} (or auto)"})
+        return out
 
     @property
     def gpu_count(self) -> int:
@@ -206,11 +255,20 @@ class RenderContext:
         """Non-secret server environment, without this machine's local settings, sorted."""
         local_paths = self._local_paths()
         out = {}
+        keep = {MODEL_NAMES_ENV, "PEFTDEPLOY_MAX_N"} if self.plugin else set()
         for k, v in self.launch.env:
-            if k in _LOCAL_ENV or k in dict(self.launch.secret_env) or v in local_paths:
+            if k == "PEFTDEPLOY_RECIPE" and self.plugin and self.uses_recipe:
+                out[k] = f"{RECIPE_DIR}/recipe.yaml"  # the ConfigMap, mounted there
+                continue
+            if (k in _LOCAL_ENV and k not in keep) or k in dict(self.launch.secret_env) or v in local_paths:
                 continue
             out[k] = v
         return sorted(out.items())
+
+    @property
+    def uses_recipe(self) -> bool:
+        """The server reads the recipe (PEFTDEPLOY_RECIPE): the plugin's catalog or the traffic counter."""
+        return self.plugin
 
     def _local_paths(self) -> set[str]:
         p = {self.launch.model}
@@ -248,7 +306,7 @@ def vllm_flags(ctx: RenderContext, *, adapter_paths: Mapping[str, str] | None = 
                 continue
             out.append(k)
             continue
-        skipping = k in _OWN_FLAGS or (k, v) in _LOCAL_FLAGS
+        skipping = k in _OWN_FLAGS or ((k, v) in _LOCAL_FLAGS and not ctx.plugin)
         if skipping:
             continue
         if v is not None and v in local:

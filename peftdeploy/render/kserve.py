@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import RenderContext, dump_yaml_docs, header
-from .kubernetes import configmap, init_containers, vllm_container
+from .kubernetes import configmap, fleet_notes, hf_cache_pvc, hf_cache_volume, init_containers, vllm_container
 
 TARGET = "kserve"
 
@@ -22,7 +22,7 @@ def inference_service(ctx: RenderContext) -> dict[str, Any]:
     inits, empty_dirs = init_containers(ctx, image=ctx.image)
     vols: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
-        {"name": "hf-cache", "emptyDir": {}},
+        hf_cache_volume(ctx),
         {"name": "recipe", "configMap": {"name": f"{ctx.name}-recipe"}},
     ]
     if ctx.merge:
@@ -53,4 +53,13 @@ def inference_service(ctx: RenderContext) -> dict[str, Any]:
 def render(ctx: RenderContext) -> dict[str, str]:
     ctx.check_sources()
     h = header(ctx, TARGET, f"kubectl apply -f inference-service.yaml  (Secret {ctx.secret_name} must exist first)")
-    return {"inference-service.yaml": h + dump_yaml_docs([configmap(ctx), inference_service(ctx)])}
+    docs = [configmap(ctx), inference_service(ctx)] + ([hf_cache_pvc(ctx)] if ctx.cache_size else [])
+    return {"inference-service.yaml": h + dump_yaml_docs(docs)}
+
+
+def render_fleet(ctxs: list[RenderContext], fleet: Any) -> dict[str, str]:
+    """One InferenceService per replica group; KServe has no OpenAI router by model id across them."""
+    files = {f"{c.group}/{n}": t for c in ctxs for n, t in render(c).items()}
+    files["FLEET.txt"] = fleet_notes(ctxs, fleet).replace("Plain Kubernetes", "KServe").replace(
+        "Deployment and Service", "InferenceService")
+    return dict(sorted(files.items()))

@@ -132,10 +132,21 @@ def vllm_container(ctx: RenderContext) -> dict[str, Any]:
     }
 
 
+def hf_cache_volume(ctx: RenderContext) -> dict[str, Any]:
+    """The HF cache: a PVC sized from the plan (no re-download on every restart); emptyDir when unknown."""
+    if ctx.cache_size:
+        return {"name": "hf-cache", "persistentVolumeClaim": {"claimName": f"{ctx.name}-hf-cache"}}
+    return {"name": "hf-cache", "emptyDir": {}}
+
+
+def hf_cache_pvc(ctx: RenderContext) -> dict[str, Any]:
+    return pvc(ctx, f"{ctx.name}-hf-cache", "hf-cache", ctx.cache_size)  # replicas of a group share downloads
+
+
 def pod_volumes(ctx: RenderContext, empty_dirs: list[str]) -> list[dict[str, Any]]:
     vols: list[dict[str, Any]] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
-        {"name": "hf-cache", "emptyDir": {}},
+        hf_cache_volume(ctx),
         {"name": "recipe", "configMap": {"name": f"{ctx.name}-recipe"}},
     ]
     if ctx.merge:
@@ -199,15 +210,16 @@ def service(ctx: RenderContext) -> dict[str, Any]:
     }
 
 
-def pvc(ctx: RenderContext) -> dict[str, Any]:
+def pvc(ctx: RenderContext, name: str | None = None, component: str = "models",
+        size: str | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": metadata(ctx, f"{ctx.name}-models", "models"),
+        "metadata": metadata(ctx, name or f"{ctx.name}-models", component),
         "spec": {
-            # one replica: ReadWriteOnce; several share the merged model: ReadWriteMany
+            # one replica: ReadWriteOnce; several share the merged model (or the HF cache): ReadWriteMany
             "accessModes": ["ReadWriteOnce" if ctx.replicas == 1 else "ReadWriteMany"],
-            "resources": {"requests": {"storage": ctx.storage_size}},
+            "resources": {"requests": {"storage": size or ctx.storage_size}},
         },
     }
 
@@ -240,4 +252,24 @@ def render(ctx: RenderContext) -> dict[str, str]:
     }
     if ctx.merge:
         files["pvc.yaml"] = h + dump_yaml(pvc(ctx))
+    if ctx.cache_size:
+        files["hf-cache-pvc.yaml"] = h + dump_yaml(hf_cache_pvc(ctx))
+    return dict(sorted(files.items()))
+
+
+def fleet_notes(ctxs: list[RenderContext], fleet: Any) -> str:
+    rows = "\n".join(f"  {c.group}: service {c.name}:{CONTAINER_PORT}, models {', '.join(c.launch.model_names)}"
+                      for c in ctxs)
+    return (f"Fleet of {ctxs[0].recipe_name}: {fleet.reason}\n\n"
+            "Plain Kubernetes has no OpenAI router that routes by the request's model id: each replica group has\n"
+            "its own Deployment and Service; send a model's requests to its group's Service, or render the\n"
+            "production-stack target (its router routes by model name) or ray-serve.\n" + rows + "\n")
+
+
+def render_fleet(ctxs: list[RenderContext], fleet: Any) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for c in ctxs:
+        for n, text in render(c).items():
+            files[f"{c.group}/{n}"] = text
+    files["FLEET.txt"] = fleet_notes(ctxs, fleet)
     return dict(sorted(files.items()))

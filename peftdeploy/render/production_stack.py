@@ -123,6 +123,13 @@ def values(ctx: RenderContext) -> dict[str, Any]:
             # the LoRA controller loads adapters through vLLM's runtime LoRA API
             env = [e for e in env if e["name"] != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
             env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+    if ctx.plugin and ctx.uses_recipe and not ctx.merge:  # the plugin reads PEFTDEPLOY_RECIPE: mount the recipe
+        spec["extraVolumes"] = [{"name": "recipe", "configMap": {"name": f"{ctx.name}-recipe"}}]
+        spec["extraVolumeMounts"] = [{"name": "recipe", "mountPath": RECIPE_DIR, "readOnly": True}]
+    if ctx.cache_size and not ctx.merge:  # the chart's PVC is mounted at /data: the HF cache lives there
+        spec["pvcStorage"] = ctx.cache_size
+        spec["pvcAccessMode"] = ["ReadWriteOnce" if ctx.replicas == 1 else "ReadWriteMany"]
+        env.append({"name": "HF_HOME", "value": f"{PVC_MOUNT}/huggingface"})
     spec["hf_token"] = {"secretName": ctx.secret_name, "secretKey": "HF_TOKEN"}
     if env:
         spec["env"] = sorted(env, key=lambda e: e["name"])
@@ -136,6 +143,8 @@ def values(ctx: RenderContext) -> dict[str, Any]:
     out: dict[str, Any] = {"servingEngineSpec": engine}
     if ctx.merge:
         out["extraObjects"] = [configmap(ctx, merged_dir=f"{PVC_MOUNT}/merged")]
+    elif ctx.plugin and ctx.uses_recipe:
+        out["extraObjects"] = [configmap(ctx)]
     adapters = ctx.adapter_sources()
     if adapters:
         out["loraController"] = {"enableLoraController": True}
@@ -158,3 +167,21 @@ def render(ctx: RenderContext) -> dict[str, str]:
                             f"Secret {ctx.secret_name} must hold HF_TOKEN"
                             + (f" and {ctx.api_key_env()}" if ctx.api_key_env() else "") + " (kubectl create secret ...).")
     return {"values.yaml": h + dump_yaml(values(ctx))}
+
+
+def render_fleet(ctxs: list[RenderContext], fleet: Any) -> dict[str, str]:
+    """One modelSpec per replica group in one release: the chart's router routes by the request's model name."""
+    parts = [values(c) for c in ctxs]
+    out: dict[str, Any] = {"servingEngineSpec": dict(parts[0]["servingEngineSpec"])}
+    out["servingEngineSpec"]["modelSpec"] = [m for p in parts for m in p["servingEngineSpec"]["modelSpec"]]
+    for key in ("extraObjects", "loraAdapters"):
+        items = [x for p in parts for x in p.get(key, [])]
+        if items:
+            out[key] = items
+    if any("loraController" in p for p in parts):
+        out["loraController"] = {"enableLoraController": True}
+    c = ctxs[0]
+    routes = "; ".join(f"{x.group}: {', '.join(x.launch.model_names)}" for x in ctxs)
+    h = header(c, TARGET, "helm install <release> vllm/vllm-stack -f values.yaml\n"
+                          f"fleet: {fleet.reason}\nthe router routes by model name: {routes}")
+    return {"values.yaml": h + dump_yaml(dict(sorted(out.items())))}

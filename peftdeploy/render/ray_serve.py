@@ -111,7 +111,8 @@ def llm_config(ctx: RenderContext) -> dict[str, Any]:
     }
     if ctx.accelerator:
         cfg["accelerator_type"] = ctx.accelerator
-    cfg["deployment_config"] = {"autoscaling_config": {"min_replicas": ctx.replicas, "max_replicas": ctx.replicas}}
+    cfg["deployment_config"] = {"autoscaling_config": {"min_replicas": ctx.replicas,
+                                                       "max_replicas": max(ctx.replicas, ctx.max_replicas or 0)}}
     cfg["engine_kwargs"] = engine_kwargs(ctx)
     prefix, _ = adapter_prefix(ctx)
     if prefix:
@@ -184,4 +185,40 @@ def render(ctx: RenderContext) -> dict[str, str]:
         r = ctx.cluster_recipe()
         r["policy"]["merge"]["output"] = "./merged"
         files["recipe.yaml"] = h + dump_yaml(r)
+    return dict(sorted(files.items()))
+
+
+def render_fleet(ctxs: list[RenderContext], fleet: Any) -> dict[str, str]:
+    """One application, one LLMConfig per replica group behind build_openai_app's router (model id ->
+    deployment): the merged groups' model ids are their adapters' names, the multi-LoRA group's the base
+    model's (its adapters as `<model id>:<adapter>`); autoscaling bounds per group."""
+    for c in ctxs:
+        c.check_sources()
+    c0 = ctxs[0]
+    models = []
+    for c in ctxs:
+        models.append(c.launch.served_model_name)
+        if not c.merge:
+            models += [f"{c.launch.served_model_name}:{a.name}" for a in c.launch.adapters]
+    h = header(c0, TARGET, "serve run serve-config.yaml   (or: serve deploy serve-config.yaml)\n"
+                           f"fleet: {fleet.reason}\nOpenAI `model` names: {', '.join(models)}")
+    cfg = {"applications": [{"name": fleet.recipe or c0.recipe_name, "route_prefix": "/", "import_path": "ray.serve.llm:build_openai_app",
+                             "args": {"llm_configs": [llm_config(c) for c in ctxs]}}]}
+    files = {"serve-config.yaml": h + dump_yaml(cfg)}
+    scripts = []
+    for c in ctxs:
+        x = sync_script(c)
+        if x and c.merge:  # each merged group merges its own recipe file into its own directory
+            x = x.replace('"$here/recipe.yaml"', f'"$here/recipe-{c.group}.yaml"').replace(
+                '"$here/merged', f'"$here/merged-{c.group}')
+        if x:
+            scripts.append(x)
+    if scripts:
+        files["sync-to-store.sh"] = scripts[0] + "".join(
+            "\n".join(ln for ln in x.splitlines()[8:]) + "\n" for x in scripts[1:])
+    for c in ctxs:
+        if c.merge:
+            r = c.cluster_recipe()
+            r["policy"]["merge"]["output"] = f"./merged-{c.group}"
+            files[f"recipe-{c.group}.yaml"] = h + dump_yaml(r)
     return dict(sorted(files.items()))

@@ -1,0 +1,188 @@
+"""`peftdeploy up` of a recipe with a `fleet` section: one engine per group replica behind vllm-router
+(peftdeploy/launch/fleet.py), and what `status` / `down` add for fleets. Called from launch/cli.py."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from ..cli_common import emit_json
+from ..errors import LaunchError
+
+RESTARTS = 3  # a foreground fleet restarts a dead engine this often, then leaves its models refused
+
+
+def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bool, log_file: str | None,
+             port: int | None, host: str | None, timeout: float, device: str) -> None:
+    from ..launch import state as st
+    from ..launch.cli import _api_key_env, _base_url, _err, _install_handlers, _restore_handlers, _Stopped
+    from ..launch.fleet import Router, engines_state, plan_engines, start_fleet, stop_fleet
+    from ..launch.materialize import materialize
+    from ..launch.supervisor import ProgressDisplay, default_log_path
+    from ..plan.report import render_fleet
+
+    engines, rhost, rport = plan_engines(loaded, plan, device=device, port=port, host=host)
+    f = plan.fleet
+    if dry_run:
+        if as_json:
+            emit_json({"ok": True, "fleet": f.to_dict(), "router": {"host": rhost, "port": rport},
+                       "engines": [{"name": e.name, "group": e.group, "models": e.models, "port": e.spec.port,
+                                    "devices": e.devices, **e.spec.to_dict()} for e in engines]})
+        else:
+            click.echo(f"router: vllm-router --host {rhost} --port {rport} --enable-igw")
+            for e in engines:
+                click.echo(f"engine {e.name} ({', '.join(e.models)}): {e.spec.command_line()}")
+        return
+    quiet = as_json
+    if not quiet:
+        from ..cli_common import stdout_console
+
+        render_fleet(f, stdout_console())
+    name = loaded.recipe.name
+    existing = st.read_state(name)
+    if existing is not None:
+        if existing.alive:
+            raise LaunchError(f"deployment {name!r} is already running at {existing.base_url} (pid {existing.pid})",
+                              fix=f"stop it first: peftdeploy down {name}")
+        st.remove_state(name)
+    import dataclasses
+    from pathlib import Path
+
+    merged: dict[str, Any] = {}
+    for e in engines:
+        if e.spec.merge is not None:
+            if e.group not in merged:
+                merged[e.group] = materialize(e.plan, e.spec, quiet=quiet, log=_err)[0]
+            e.spec = dataclasses.replace(e.spec, model=merged[e.group].model, merge=merged[e.group].merge)
+    base_log = Path(log_file) if log_file else default_log_path(name)
+    log_dir = base_log.parent / base_log.stem  # <logs>/<name>-<time>/{router,<engine>}.log
+    router = Router(rhost, rport, log_dir / "router.log")
+    stopping: dict[str, Any] = {"signum": None}
+
+    def on_signal(signum, frame):
+        if stopping["signum"] is None:
+            stopping["signum"] = signum
+            raise _Stopped(signum)
+
+    old = _install_handlers(on_signal)
+    state = None
+    try:
+        with ProgressDisplay(name, enabled=not quiet) as disp:
+            seconds = start_fleet(engines, router, log_dir=log_dir, timeout=timeout,
+                                  on_tick=disp.update)
+        models = [m for e in engines for m in e.models]
+        models = list(dict.fromkeys(models))
+        state = st.DeploymentState(
+            name=name, pid=router.proc.pid, pgid=router.proc.pid, host=rhost, port=rport,
+            log_path=str(router.log_path), model_names=models, served_model_name=plan.launch.served_model_name,
+            adapters=[a.name for a in loaded.recipe.adapters], mode="fleet", recipe_path=str(loaded.path),
+            recipe_hash=plan.launch.recipe_hash, supervisor_pid=None if detach else os.getpid(),
+            api_key_env=_api_key_env(plan.launch), command_line=None, engines=engines_state(engines))
+        state.ready_at = time.time()
+        st.write_state(state)
+        base = _base_url(rhost, rport)
+        info = {"ok": True, "name": name, "endpoint": f"{base}/v1", "models": models, "mode": "fleet",
+                "router": {"pid": router.proc.pid, "log": str(router.log_path)},
+                "engines": state.engines, "fleet": f.to_dict(), "ready_seconds": round(seconds, 2),
+                "detached": detach}
+        if as_json:
+            emit_json(info)
+        else:
+            click.echo(f"ready in {seconds:.1f} s: {base}/v1   (fleet of {len(engines)} engines behind vllm-router)")
+            for e in engines:
+                click.echo(f"  {e.name}: {', '.join(e.models)} -> {e.sup.base_url}"
+                           + (f" (CUDA_VISIBLE_DEVICES={e.devices})" if e.devices else "") + f"  log {e.sup.log_path}")
+            click.echo(f"router log: {router.log_path}")
+        sys.stdout.flush()
+        if detach:
+            for e in engines:
+                e.sup.proc.returncode = 0
+            router.proc.returncode = 0
+            return
+        restarts: dict[str, int] = {}
+        while True:  # foreground: restart a dead engine (its models are refused by the router meanwhile)
+            if router.proc.poll() is not None:
+                _err(f"vllm-router exited ({router.proc.returncode}); stopping the fleet (log {router.log_path})")
+                stop_fleet(engines, None)
+                st.remove_state(name, pid=router.proc.pid)
+                sys.exit(2)
+            for e in engines:
+                rc = e.sup.proc.poll()
+                if rc is None:
+                    continue
+                n = restarts.get(e.name, 0)
+                if n >= RESTARTS:
+                    continue
+                restarts[e.name] = n + 1
+                _err(f"engine {e.name} exited ({rc}); restarting ({n + 1}/{RESTARTS}), its models "
+                     f"({', '.join(e.models)}) are refused by the router meanwhile")
+                e.sup.stop(grace=5)
+                try:
+                    e.sup.start()
+                    e.sup.wait_ready(timeout=timeout)
+                    for m in e.models:
+                        router.register(e.sup.base_url, m)
+                    state.engines = engines_state(engines)
+                    st.write_state(state)
+                except LaunchError as err:
+                    _err(f"engine {e.name} did not come back: {err.message}")
+            time.sleep(0.5)
+    except _Stopped as s:
+        if not quiet:
+            _err(f"\n{signal.Signals(s.signum).name}: stopping the fleet ...")
+        stop_fleet(engines, router)
+        if state is not None:
+            st.remove_state(name, pid=state.pid)
+        sys.exit(128 + s.signum)
+    finally:
+        _restore_handlers(old)
+        if not detach:
+            stop_fleet(engines, router, grace=5)
+
+
+def engine_status(e: dict[str, Any], *, headers: dict[str, str], timeout: float = 3.0) -> dict[str, Any]:
+    """One engine of a fleet: alive (pid), health, models."""
+    import httpx
+
+    from ..launch.state import pid_alive
+
+    d = {k: e.get(k) for k in ("name", "group", "kind", "pid", "port", "models", "log", "devices")}
+    d["alive"] = pid_alive(e.get("pid"), e.get("pid_create_time"))
+    d["health"] = None
+    if not d["alive"]:
+        d["health"] = "dead (process gone): the router refuses its models"
+        return d
+    url = f"http://{e.get('host', '127.0.0.1')}:{e['port']}"
+    try:
+        r = httpx.get(url + "/health", timeout=timeout)
+        d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
+    except httpx.HTTPError as ex:
+        d["health"] = f"unreachable ({type(ex).__name__})"
+    return d
+
+
+def router_models(base_url: str, headers: dict[str, str], timeout: float = 3.0) -> list[str] | None:
+    import httpx
+
+    try:
+        r = httpx.get(base_url + "/v1/models", timeout=timeout, headers=headers)
+        if r.status_code != 200:
+            return None
+        j = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if isinstance(j.get("models"), list):  # vllm-router's multi-model mode
+        return [str(x) for x in j["models"]]
+    return [m.get("id") for m in j.get("data", [])]
+
+
+def stop_engines(s: Any, grace: float) -> None:
+    from ..launch.supervisor import group_alive, stop_process_group
+
+    for e in s.engines:
+        if e.get("pgid") and group_alive(e["pgid"]):
+            stop_process_group(e["pgid"], grace=grace)

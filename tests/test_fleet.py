@@ -1,0 +1,183 @@
+"""The `fleet` recipe section and its planner (peftdeploy/plan/fleet.py): pure, deterministic, no vLLM."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peftdeploy.plan import fleet as fl
+from peftdeploy.plan import policy
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_FLEET = ROOT / "recipes" / "demo-fleet.yaml"
+
+
+def _recipe(tmp_path: Path, body: str, name: str = "r.yaml"):
+    from peftdeploy.recipe import load_recipe
+
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(body))
+    return load_recipe(p).recipe
+
+
+BASE = """\
+    apiVersion: peftdeploy/v1
+    name: f
+    backbone: {model: hf://org/model}
+    adapters:
+      - {name: a, source: hf://org/a}
+      - {name: b, source: hf://org/b}
+      - {name: c, source: hf://org/c}
+"""
+
+
+def _fleet(tmp_path, policy_yaml: str, fleet_yaml: str, device="cuda", kernels="vllm"):
+    r = _recipe(tmp_path, BASE + f"    policy: {policy_yaml}\n    fleet: {fleet_yaml}\n")
+    return fl.plan_fleet(r, device=device, kernels=kernels)
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def test_no_fleet_is_the_old_recipe(tmp_path):
+    """Backward compatible: without `fleet` nothing changes (no fleet plan, the same recipe hash)."""
+    r = _recipe(tmp_path, BASE)
+    assert r.fleet is None and fl.plan_fleet(r) is None
+    assert "fleet" not in r.model_dump(exclude_defaults=True)
+
+
+@pytest.mark.parametrize("fleet_yaml, where, words", [
+    ("{replicas: 2, dedicatd: auto}", "fleet.dedicatd", "did you mean 'dedicated'"),
+    ("{replicas: 0}", "fleet.replicas", ""),
+    ("{replicas: 2, dedicated: [zz]}", "fleet.dedicated[0]", "not an adapter"),
+    ("{replicas: 2, dedicated: [a, a]}", "fleet.dedicated[1]", "twice"),
+    ("{replicas: 2, dedicated: [a, b]}", "fleet.replicas", "fewer than the groups it needs (3"),
+    ("{replicas: 2, max_replicas: 1}", "fleet.max_replicas", ">= fleet.replicas"),
+])
+def test_bad_fleet_is_a_clear_error(tmp_path, fleet_yaml, where, words):
+    from peftdeploy.errors import RecipeError
+
+    with pytest.raises(RecipeError) as ei:
+        _recipe(tmp_path, BASE + f"    fleet: {fleet_yaml}\n")
+    msg = ei.value.render()
+    assert where in msg and words in msg and "r.yaml:" in msg
+
+
+def test_fleet_refuses_merge_mode(tmp_path):
+    from peftdeploy.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="decides merge or multi-LoRA per replica group"):
+        _recipe(tmp_path, BASE + "    policy: {mode: merge}\n    fleet: {replicas: 2}\n")
+
+
+def test_schema_has_fleet():
+    from peftdeploy.recipe import json_schema
+
+    s = json_schema()
+    assert "fleet" in s["$defs"]["Recipe"]["properties"]
+    assert s["$defs"]["Fleet"]["additionalProperties"] is False
+    committed = json.loads((ROOT / "peftdeploy" / "data" / "recipe.schema.json").read_text())
+    assert committed == s
+
+
+# ------------------------------------------------------------------------------------------ planner
+def test_hot_adapter_gets_a_merged_group(tmp_path):
+    f = _fleet(tmp_path, "{mode: auto, traffic: {a: 0.6, b: 0.3, c: 0.1}}", "{replicas: 2}", device="cpu",
+               kernels="peftdeploy")
+    assert [(g.kind, g.adapters, g.replicas) for g in f.groups] == [("merged", ("a",), 1), ("lora", ("b", "c"), 1)]
+    assert [g.name for g in f.groups] == ["f-a", "f-lora"]
+    assert f.groups[1].models == ("f", "b", "c")  # the base model is served by the multi-LoRA group
+    active = policy.ratios("cpu", "peftdeploy")["active"]
+    # bottleneck: min(1 * 1.0 / 0.6, 1 * active / 0.4) / 2 engines
+    assert f.predicted == pytest.approx(min(1 / 0.6, active / 0.4) / 2)
+    assert f.baseline == pytest.approx(active)  # every request needs LoRA on a shared engine
+    assert f.gain > 1.2
+    assert "a on merged engines" in f.reason and "docs/bench" in f.source
+
+
+def test_uniform_traffic_shares_one_multilora_group(tmp_path):
+    f = _fleet(tmp_path, "{mode: auto}", "{replicas: 2}")
+    assert [(g.kind, g.replicas) for g in f.groups] == [("lora", 2)]
+    assert f.predicted == pytest.approx(f.baseline) and "no adapter's share fills one of 2 engines" in f.reason
+
+
+def test_engines_go_to_the_most_loaded_group(tmp_path):
+    f = _fleet(tmp_path, "{mode: auto, traffic: {a: 0.8, b: 0.1, c: 0.1}}", "{replicas: 4}")
+    assert [(g.name, g.replicas) for g in f.groups] == [("f-a", 3), ("f-lora", 1)]
+    assert sum(g.replicas for g in f.groups) == 4
+
+
+def test_explicit_dedicated_and_base_traffic(tmp_path):
+    f = _fleet(tmp_path, "{mode: auto, traffic: {a: 0.1, b: 0.1, c: 0.1, base: 0.7}}",
+               "{replicas: 3, dedicated: [c]}")
+    assert [(g.kind, g.adapters) for g in f.groups] == [("merged", ("c",)), ("lora", ("a", "b"))]
+    assert f.groups[0].reason == "named in fleet.dedicated"
+    assert "and the base model" in f.groups[1].reason
+
+
+def test_deterministic_and_pure(tmp_path):
+    two = BASE.replace("      - {name: c, source: hf://org/c}\n", "")
+    body = two + "    policy: {mode: auto, traffic: {a: 0.5, b: 0.5}}\n    fleet: {replicas: 2}\n"
+    a, b = (fl.plan_fleet(_recipe(tmp_path, body, n)).to_dict() for n in ("x.yaml", "y.yaml"))
+    assert a == b
+    # a alone merged gains nothing (b still needs a whole multi-LoRA engine); a and b both merged: 1.0
+    assert [(g["kind"], g["adapters"]) for g in a["groups"]] == [("merged", ["a"]), ("merged", ["b"])]
+    assert a["predicted"] == pytest.approx(1.0)
+
+
+def test_group_recipes(tmp_path):
+    r = _recipe(tmp_path, BASE + "    policy: {mode: auto, traffic: {a: 0.6, b: 0.3, c: 0.1}}\n"
+                                 "    fleet: {replicas: 2}\n")
+    f = fl.plan_fleet(r)
+    m, lo = (fl.group_recipe(r, f, g) for g in f.groups)
+    assert m.policy.mode == "merge" and m.policy.merge.adapters == ["a"] and [x.name for x in m.adapters] == ["a"]
+    assert lo.policy.mode == "serve" and [x.name for x in lo.adapters] == ["b", "c"]
+    assert lo.policy.traffic == {"b": 0.3, "c": 0.1} and m.fleet is None and lo.fleet is None
+
+
+def test_assign_devices(tmp_path):
+    f = _fleet(tmp_path, "{mode: auto, traffic: {a: 0.6, b: 0.3, c: 0.1}}", "{replicas: 2}")
+    assert fl.assign_devices(f, ["0", "1"], 1) == [("f-a", 0, "0"), ("f-lora", 0, "1")]
+    assert fl.assign_devices(f, ["0", "1", "2", "3"], 2) == [("f-a", 0, "0,1"), ("f-lora", 0, "2,3")]
+    with pytest.raises(ValueError, match="2 engine"):
+        fl.assign_devices(f, ["0"], 1)
+
+
+# --------------------------------------------------------------------------------------- plan / up CLI
+def test_plan_prints_and_json_carries_the_fleet(demo_model_dir):
+    from peftdeploy.cli import main
+
+    res = CliRunner().invoke(main, ["plan", str(DEMO_FLEET), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    f = json.loads(res.output)["fleet"]
+    assert [(g["name"], g["kind"], g["models"]) for g in f["groups"]] == [
+        ("demo-fleet-pirate", "merged", ["pirate"]), ("demo-fleet-lora", "lora", ["demo-fleet", "json", "shout"])]
+    assert f["predicted"] > f["baseline"]
+    res = CliRunner().invoke(main, ["plan", str(DEMO_FLEET), "--device", "cpu"])
+    assert "fleet (2 engines" in res.output and "fleet: 0.8" in res.output
+
+
+def test_up_dry_run_one_engine_per_group(demo_model_dir, monkeypatch):
+    """Engines on the ports after the router's, served names = the models the router sends them, and on a
+    multi-GPU machine one CUDA_VISIBLE_DEVICES per engine."""
+    from peftdeploy.cli import main
+
+    res = CliRunner().invoke(main, ["up", str(DEMO_FLEET), "--dry-run", "--json", "--port", "18570"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["router"] == {"host": "127.0.0.1", "port": 18570}
+    eng = {e["name"]: e for e in d["engines"]}
+    p, lo = eng["demo-fleet-pirate-0"], eng["demo-fleet-lora-0"]
+    assert (p["port"], lo["port"]) == (18571, 18572)
+    assert p["served_model_name"] == "pirate" and p["mode"] == "merge" and "--enable-lora" not in p["argv"]
+    assert lo["served_model_name"] == "demo-fleet" and [a["name"] for a in lo["adapters"]] == ["json", "shout"]
+    assert '"base_model_name":"demo-fleet"' in " ".join(lo["argv"])
+    assert lo["env"]["PEFTDEPLOY_MODEL_NAMES"] == "demo-fleet,json,shout"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    res = CliRunner().invoke(main, ["up", str(DEMO_FLEET), "--dry-run", "--json", "--device", "cuda"])
+    assert res.exit_code == 0, res.output
+    assert [e["env"]["CUDA_VISIBLE_DEVICES"] for e in json.loads(res.output)["engines"]] == ["4", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
+    res = CliRunner().invoke(main, ["up", str(DEMO_FLEET), "--dry-run", "--device", "cuda"])
+    assert res.exit_code == 2 and "2 engine(s) of 1 GPU(s) each, but 1 GPU(s)" in res.output
