@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 def cache_root() -> Path:
@@ -146,3 +147,21 @@ def gib(n: int | float | None) -> str:
     if abs(n) >= 1 << 20 or n == 0:
         return f"{n / (1 << 20):.1f} MiB"
     return f"{n / 1024:.1f} KiB"
+
+
+COMPLETE_MARKER = ".peftdeploy-complete"  # written last into a finished cache entry: its key and manifest
+
+
+def read_marker(d: Path) -> dict[str, Any]:
+    """The completion marker of cache entry `d` ({} when absent or unreadable: an incomplete entry)."""
+    try:
+        m = json.loads((Path(d) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def marker_key(d: Path) -> str | None:
+    """The cache key a finished entry `d` was written for, else None."""
+    k = read_marker(d).get("key")
+    return k if isinstance(k, str) else None

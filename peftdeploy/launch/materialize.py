@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LaunchError
-from ..util import dir_build
+from ..util import COMPLETE_MARKER, dir_build, marker_key
 
-COMPLETE_MARKER = ".peftdeploy-complete"
 
 
 def _same(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -30,11 +29,6 @@ def _same(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------ quantized checkpoint
-def _marker_key(d: Path) -> str | None:
-    try:
-        return json.loads((d / COMPLETE_MARKER).read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _link_or_copy(src: Path, dst: Path) -> str:
@@ -56,7 +50,7 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     replaced. Returns False when it was (re)built.
     """
     src, final = Path(src), Path(dst).expanduser().absolute()
-    if _marker_key(final) == key:
+    if marker_key(final) == key:
         return True
 
     def timed_out(lock_path: Path) -> Exception:
@@ -64,7 +58,7 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                            fix=f"wait for it, or remove a stale {lock_path} if none is running")
 
     with dir_build(final, lock_timeout=lock_timeout, on_timeout=timed_out) as tmp:
-        if _marker_key(final) == key:
+        if marker_key(final) == key:
             return True
         tmp.mkdir()
         for root, dirs, files in os.walk(src):

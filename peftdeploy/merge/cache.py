@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 
 from peftdeploy.errors import MergeError
-from peftdeploy.util import cache_root, pid_alive
+from peftdeploy.util import cache_root, marker_key, pid_alive, read_marker
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      AdapterInput, MergeResult, backbone_fingerprint, dtype_name, sha256_json)
 from peftdeploy.merge import manifest
@@ -109,20 +109,10 @@ def merge_key(backbone_dir: str | os.PathLike[str], adapters: Sequence[AdapterIn
     return sha256_json(identity), identity
 
 
-def _marker(d: Path) -> dict[str, Any]:
-    try:
-        m = json.loads((d / COMPLETE_MARKER).read_text())
-        return m if isinstance(m, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _marker_key(d: Path) -> str | None:
-    return _marker(d).get("key")
 
 
 def _hit(final: Path, key: str, t0: float, verify: bool | None = None) -> MergeResult | None:
-    m = _marker(final)
+    m = read_marker(final)
     if m.get("key") != key:
         return None
     problem = manifest.verify(final, m.get("files"), full=verify)
@@ -250,7 +240,7 @@ def merge_cached(
             return True
         if output is None:  # an incomplete/foreign <root>/<key> inside our own cache: replace it
             return True
-        prev = _marker_key(final)
+        prev = marker_key(final)
         if prev is None:
             raise MergeError(f"merge output {final} exists and is not a peftdeploy merge output",
                              fix="choose another output directory, or remove it")

@@ -13,12 +13,12 @@ from typing import Any, Iterator
 from peftdeploy.errors import MergeError
 from peftdeploy.merge import stio
 from peftdeploy.merge.hashing import HashCache
+from peftdeploy.util import COMPLETE_MARKER  # noqa: F401 (re-exported)
 
 # Part of every cache key: bump it whenever a merge of the same inputs would write other bytes
 # (arithmetic, chunking, layout, copied files).
 MERGE_ENGINE_VERSION = "3"
 PROVENANCE_FILE = "peftdeploy-provenance.json"
-COMPLETE_MARKER = ".peftdeploy-complete"
 DEFAULT_SHARD_SIZE = 5_000_000_000  # what the Hugging Face hub recommends (transformers "5GB")
 
 SAFE_INDEX = "model.safetensors.index.json"

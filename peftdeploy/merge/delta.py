@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 
 from ..errors import MergeError
-from ..util import dir_build
+from ..util import dir_build, read_marker
 from .cache import adapter_files
 from .common import COMPLETE_MARKER, sha256_json
 from .hashing import HashCache
@@ -212,16 +212,8 @@ def delta_key(hot: AdapterSpec, others: list[AdapterSpec], *, base_name: str,
     return sha256_json(identity), identity
 
 
-def _read_marker(d: Path) -> dict[str, Any] | None:
-    try:
-        m = json.loads((d / COMPLETE_MARKER).read_text())
-        return m if isinstance(m, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _hit(final: Path, key: str, t0: float) -> DeltaResult | None:
-    m = _read_marker(final)
+    m = read_marker(final)
     if not m or m.get("key") != key:
         return None
     ranks = {str(k): int(v) for k, v in (m.get("ranks") or {}).items()}

@@ -29,12 +29,11 @@ from typing import Any, Callable
 from filelock import FileLock, Timeout
 
 from peftdeploy.errors import MergeError
-from peftdeploy.util import cache_root
+from peftdeploy.util import COMPLETE_MARKER, cache_root, marker_key
 from peftdeploy.quantize.calibration import CalibrationSet, load_calibration
 from peftdeploy.quantize.methods import CALIBRATED
 from peftdeploy.quantize.rtn import QUANTIZER_VERSION, QuantizeResult, canonical_scheme, quantize_model
 
-COMPLETE_MARKER = ".peftdeploy-complete"
 HASH_MEMO = ".file-hashes.json"
 
 
@@ -43,18 +42,13 @@ def default_quant_cache_root() -> Path:
     return cache_root() / "quantized"
 
 
-def _marker_key(d: Path) -> str | None:
-    try:
-        return json.loads((d / COMPLETE_MARKER).read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _verified(d: Path, key: str) -> bool:
     """`d` is a complete entry of `key` whose files match its manifest (peftdeploy.merge.manifest)."""
     from peftdeploy.merge import manifest
 
-    if _marker_key(d) != key:
+    if marker_key(d) != key:
         return False
     problem = manifest.verify(d, json.loads((d / COMPLETE_MARKER).read_text()).get("files"))
     if problem:
@@ -64,13 +58,10 @@ def _verified(d: Path, key: str) -> bool:
 
 def source_identity(src_dir: str | os.PathLike[str], cache_root: Path | None = None) -> dict[str, Any]:
     src = Path(src_dir)
-    mk = _marker_key(src)
+    mk = marker_key(src)
     if mk:
         return {"merged_key": mk}
-    try:
-        from peftdeploy.merge.common import backbone_fingerprint
-    except ImportError:  # older layout
-        from peftdeploy.merge.engine import backbone_fingerprint  # type: ignore[no-redef]
+    from peftdeploy.merge.common import backbone_fingerprint
     from peftdeploy.merge.hashing import HashCache
 
     hc = HashCache((cache_root / HASH_MEMO) if cache_root else None)
