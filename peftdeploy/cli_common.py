@@ -67,3 +67,15 @@ def stdout_console():
 
     wide = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
     return Console(highlight=False, width=PIPE_WIDTH if wide else None)
+
+
+def check_byte_options(**opts: str | None) -> None:
+    """Refuse a malformed size option (``gpu_memory="80GB?"``) before planning: one message naming it."""
+    from .errors import PeftDeployError
+    from .plan.memory import parse_bytes
+
+    for name, val in opts.items():
+        try:
+            parse_bytes(val)
+        except ValueError as e:
+            raise PeftDeployError(f"--{name.replace('_', '-')}: {e}", fix="write e.g. 80GiB")

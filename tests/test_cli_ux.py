@@ -164,3 +164,18 @@ def test_bench_png_says_what_it_shows() -> None:
             assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]), "tick labels overlap"
     finally:
         plt.close(fig)
+
+
+def test_bad_size_option_is_one_message_for_plan_and_render(tmp_path):
+    """plan and render check --gpu-memory / --host-memory with the same helper: exit 2, the option named."""
+    from click.testing import CliRunner
+
+    from peftdeploy.cli import main
+
+    recipe = str(ROOT / "recipes" / "demo.yaml")
+    for argv in (["plan", recipe, "--host-memory", "lots"],
+                 ["render", recipe, "--target", "kubernetes", "--gpu-memory", "80 gigs", "--out", str(tmp_path)]):
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 2, r.output
+        assert "--host-memory" in r.output or "--gpu-memory" in r.output
+        assert "80GiB" in r.output and "Traceback" not in r.output

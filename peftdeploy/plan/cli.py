@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..cli_common import emit_json, json_option, stdout_console, user_errors
+from ..cli_common import check_byte_options, emit_json, json_option, stdout_console, user_errors
 
 
 @click.command("plan")
@@ -28,16 +28,10 @@ from ..cli_common import emit_json, json_option, stdout_console, user_errors
 def plan_cmd(recipe: str, as_json: bool, device: str, gpu_memory: str | None, host_memory: str | None,
              offline: bool | None, observed: bool) -> None:
     """Inspect adapters, derive vLLM settings, print the plan."""
-    from ..errors import PeftDeployError
     from ..recipe import load_recipe
     from . import make_plan
-    from .memory import parse_bytes
 
-    for opt, val in (("--gpu-memory", gpu_memory), ("--host-memory", host_memory)):
-        try:
-            parse_bytes(val)
-        except ValueError as e:
-            raise PeftDeployError(f"{opt}: {e}", fix="write e.g. 80GiB")
+    check_byte_options(gpu_memory=gpu_memory, host_memory=host_memory)
     loaded = load_recipe(recipe)
     traffic = None
     if observed:

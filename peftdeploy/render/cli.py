@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from ..cli_common import emit_json, json_option, user_errors
+from ..cli_common import check_byte_options, emit_json, json_option, user_errors
 from . import TARGETS, RenderContext, RenderError, make_context, render_many
 from .base import AUTO_IMAGE, DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, PLUGIN_VLLM_IMAGE, parse_source, resolve_image, server_kernels
 
@@ -27,19 +27,11 @@ def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY
     """(recipe, LaunchSpec) for a cluster: render always plans for device "cuda", for a GPU of
     `gpu_memory` (deterministic: not this machine's GPU), and for the LoRA kernels the server `image`
     can run (`server_kernels`). Plan errors refuse the render (exit 2)."""
-    from ..errors import PeftDeployError
     from ..recipe import load_recipe
 
-    try:
-        from ..plan import make_plan
-        from ..plan.memory import parse_bytes
-    except ImportError as e:  # the plan stage not installed / built
-        raise RenderError(f"`peftdeploy render` needs the plan stage, which is not available here ({e})")
-    for opt, val in (("--gpu-memory", gpu_memory), ("--host-memory", host_memory)):
-        try:
-            parse_bytes(val)
-        except ValueError as e:
-            raise PeftDeployError(f"{opt}: {e}", fix="write e.g. 80GiB")
+    from ..plan import make_plan
+
+    check_byte_options(gpu_memory=gpu_memory, host_memory=host_memory)
     loaded = load_recipe(recipe_path)
     # a backbone a cluster cannot reach is refused before planning (demo:// would be built here first)
     bb = loaded.recipe.backbone
