@@ -26,7 +26,9 @@ SUPPORTED_API_VERSIONS = (API_VERSION,)
 RecipeName = Annotated[
     str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$", max_length=63)
 ]
-AdapterName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=128)]
+ADAPTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"  # recipe-v1's adapter-name rule (the OpenAI `model` name)
+ADAPTER_NAME_MAX = 128
+AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN, max_length=ADAPTER_NAME_MAX)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Auto = Literal["auto"]
 AutoOrPositiveInt = Union[Auto, Annotated[int, Field(ge=1)]]

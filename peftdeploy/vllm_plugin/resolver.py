@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Finding, SourceError
+from ..recipe.schema import ADAPTER_NAME_MAX, ADAPTER_NAME_PATTERN
 from .cache import AdapterCache, materialize
 
 logger = logging.getLogger("vllm.peftdeploy")
 
-# The recipe's adapter-name rule (recipe-v1: [a-z0-9][a-z0-9._-]*), at most 128 characters.
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+# The recipe's adapter-name rule (recipe/schema.py), so a name a recipe may not hold is never resolved.
+NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's LoRAConfig default
 
 
@@ -127,7 +128,7 @@ def stable_int_id(name: str) -> int:
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+    if not isinstance(name, str) or len(name) > ADAPTER_NAME_MAX or not NAME_RE.fullmatch(name) or ".." in name:
         shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:80]}..."
         raise InvalidAdapterName(
             f"The model `{shown}` does not exist: it is not a served model and not a valid adapter name "
