@@ -403,13 +403,7 @@ def resolve_adapter_source(source: str, *, revision: str | None = None, sha256: 
 
 
 def _loc(loaded: "LoadedRecipe", *path: Any) -> Location | None:
-    loc = loaded.location(*path)
-    if loc is None:
-        return None
-    fmt = ""
-    for p in path:
-        fmt += f"[{p}]" if isinstance(p, int) else (("." if fmt else "") + str(p))
-    return Location(loc.file, loc.line, loc.column, fmt)
+    return loaded.field_location(*path)
 
 
 def resolve(loaded: "LoadedRecipe", *, fetch: Fetch = "metadata", offline: bool | None = None,

@@ -45,13 +45,7 @@ class CheckContext:
         return self.inventory.model
 
     def loc(self, *path: Any) -> Location | None:
-        loc = self.loaded.location(*path)
-        if loc is None:
-            return None
-        fmt = ""
-        for p in path:
-            fmt += f"[{p}]" if isinstance(p, int) else (("." if fmt else "") + str(p))
-        return Location(loc.file, loc.line, loc.column, fmt)
+        return self.loaded.field_location(*path)
 
     def adapter_index(self, name: str) -> int:
         return [a.name for a in self.recipe.adapters].index(name)

@@ -571,6 +571,16 @@ class LoadedRecipe:
     def location(self, *path: Any) -> Location | None:
         return self.locations.get(tuple(path))
 
+    def field_location(self, *path: Any) -> Location | None:
+        """Where `path` stands in the recipe, with the field written out (``adapters[1].source``)."""
+        loc = self.location(*path)
+        if loc is None:
+            return None
+        fmt = ""
+        for p in path:
+            fmt += f"[{p}]" if isinstance(p, int) else (("." if fmt else "") + str(p))
+        return Location(loc.file, loc.line, loc.column, fmt)
+
 
 class RecipeErrors(RecipeError):
     """Several problems in one recipe; `errors` holds each (all are reported at once)."""
