@@ -403,7 +403,9 @@ def resolve_adapter_source(source: str, *, revision: str | None = None, sha256: 
 
 
 def _loc(loaded: "LoadedRecipe", *path: Any) -> Location | None:
-    return loaded.field_location(*path)
+    from .recipe.loader import field_location
+
+    return field_location(loaded, *path)
 
 
 def resolve(loaded: "LoadedRecipe", *, fetch: Fetch = "metadata", offline: bool | None = None,

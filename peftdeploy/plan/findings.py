@@ -45,7 +45,9 @@ class CheckContext:
         return self.inventory.model
 
     def loc(self, *path: Any) -> Location | None:
-        return self.loaded.field_location(*path)
+        from ..recipe.loader import field_location
+
+        return field_location(self.loaded, *path)
 
     def adapter_index(self, name: str) -> int:
         return [a.name for a in self.recipe.adapters].index(name)

@@ -36,6 +36,18 @@ class _Val:
     base_dir: Path | None = None  # directory of the file that wrote it
 
 
+def field_location(loaded: Any, *path: Any) -> Location | None:
+    """Where `path` stands in a loaded recipe (anything with ``location(*path)``), with the field written
+    out (``adapters[1].source``)."""
+    loc = loaded.location(*path)
+    if loc is None:
+        return None
+    fmt = ""
+    for p in path:
+        fmt += f"[{p}]" if isinstance(p, int) else (("." if fmt else "") + str(p))
+    return Location(loc.file, loc.line, loc.column, fmt)
+
+
 def _loc(file: str, mark: Any) -> Location:
     return Location(file=file, line=mark.line + 1, column=mark.column + 1)
 
@@ -572,14 +584,7 @@ class LoadedRecipe:
         return self.locations.get(tuple(path))
 
     def field_location(self, *path: Any) -> Location | None:
-        """Where `path` stands in the recipe, with the field written out (``adapters[1].source``)."""
-        loc = self.location(*path)
-        if loc is None:
-            return None
-        fmt = ""
-        for p in path:
-            fmt += f"[{p}]" if isinstance(p, int) else (("." if fmt else "") + str(p))
-        return Location(loc.file, loc.line, loc.column, fmt)
+        return field_location(self, *path)
 
 
 class RecipeErrors(RecipeError):
