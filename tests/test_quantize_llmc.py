@@ -208,7 +208,8 @@ def test_llmcompressor_failure_and_timeout_are_one_error(tiny, tmp_path):
 def test_up_gate_refuses_rtn_w4a16_on_demo(demo_model_dir, tmp_path):
     """The gate: demo-w4a16 with round-to-nearest (+17% perplexity) and max_ppl_increase 0.05 is refused
     by `up` with exit 2, the measured numbers and the fix; nothing is started. A second `up` reads the
-    cached measurement (no vLLM start)."""
+    cached measurement (no vLLM start). The eval cache is the suite's: an earlier test may have measured the
+    same pair already, and then the first `up` is a cache hit too (CI ordering: both ~2 s)."""
     import time
 
     from tests.conftest import free_e2e_port
@@ -230,6 +231,7 @@ def test_up_gate_refuses_rtn_w4a16_on_demo(demo_model_dir, tmp_path):
         assert m, err[-3000:]
         assert float(m.group(3)) > 10 and "quantization.method: gptq" in err and "Traceback" not in err
     assert msgs[1][1].count("perplexity of the full-precision") == 0  # cached: vLLM not started again
-    assert msgs[1][2] < msgs[0][2]
+    if "perplexity of the full-precision" in msgs[0][1]:  # the first `up` measured (not cached by an earlier test)
+        assert msgs[1][2] < msgs[0][2]
     st = subprocess.run(peftdeploy_cmd("status", "--json"), env=cli_env(), capture_output=True, text=True, timeout=120)
     assert "demo-bad" not in st.stdout
