@@ -108,14 +108,14 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from peftdeploy.launch.cli import _override_port
+    from peftdeploy.launch.local import override_port
     from peftdeploy.plan import make_plan
     from peftdeploy.recipe import load_recipe
 
     recipe = Path(args.recipe).resolve()
     plan = make_plan(load_recipe(recipe))
     plan.raise_for_errors()
-    spec = _override_port(plan.launch, args.port)
+    spec = override_port(plan.launch, args.port)
     if spec.merge is not None and not Path(spec.model).is_dir():
         raise SystemExit("merge recipe: run `peftdeploy up` once first so the merged model exists")
     host = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host

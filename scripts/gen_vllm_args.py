@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parents[1] / "peftdeploy" / "data" / "vllm_engine
 
 def generate() -> dict:
     try:
-        from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+        from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
         ensure_vllm_cpu_compat()
     except ImportError:  # pragma: no cover

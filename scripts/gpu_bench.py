@@ -52,7 +52,7 @@ from peftdeploy.bench import report  # noqa: E402
 from peftdeploy.bench.client import run_workload_sync  # noqa: E402
 from peftdeploy.bench.deploy import Server, variant  # noqa: E402
 from peftdeploy.bench.workload import WorkloadConfig, build_workload, model_shares, synthetic_prompt  # noqa: E402
-from peftdeploy.launch.spec import LaunchSpec, ServedAdapter  # noqa: E402
+from peftdeploy.plan.spec import LaunchSpec, ServedAdapter  # noqa: E402
 
 GiB = 1 << 30
 V = 128256
@@ -146,7 +146,7 @@ def predict_kv(model_dir: Path, *, gpu_bytes: int | None, util: float, max_loras
                max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int) -> dict:
     """The planner's KV-cache prediction for these engine arguments (peftdeploy.plan.memory)."""
     try:
-        from peftdeploy.inspect import model_info_from_config
+        from peftdeploy.inventory import model_info_from_config
         from peftdeploy.plan import memory as mem
     except Exception as e:  # noqa: BLE001
         return {"error": f"peftdeploy.plan.memory not importable here: {type(e).__name__}: {e}"}

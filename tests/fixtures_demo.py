@@ -111,7 +111,7 @@ def chat(model, tok, prompt: str, max_new_tokens: int = 40) -> str:
 VLLM_SCRIPT = textwrap.dedent(
     '''
     import json, sys
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
     ensure_vllm_cpu_compat()
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

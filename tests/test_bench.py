@@ -168,7 +168,7 @@ def test_plots(tmp_path):
 def test_compare_setups_and_variants():
     from peftdeploy.bench.compare import default_setups
     from peftdeploy.bench.deploy import variant
-    from peftdeploy.launch.spec import LaunchSpec, ServedAdapter
+    from peftdeploy.plan.spec import LaunchSpec, ServedAdapter
 
     setups = default_setups(["p", "j"], zipf=1.0)
     names = [s.name for s in setups]

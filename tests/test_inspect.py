@@ -8,7 +8,7 @@ import pytest
 
 from hubcache import LLAMA3_8B, QWEN25_7B, TINY_LLAMA, prefill_repo, write_adapter, write_model
 from peftdeploy.errors import SourceError
-from peftdeploy.inspect import inspect, inspect_adapter, model_info_from_config, read_safetensors_header
+from peftdeploy.inventory import inspect, inspect_adapter, model_info_from_config, read_safetensors_header
 from peftdeploy.recipe import load_recipe
 from peftdeploy.sources import ResolvedSource, resolve, resolve_adapter_source
 from peftdeploy.util import sha256_file
@@ -24,7 +24,7 @@ def test_safetensors_header_and_model_info(tmp_path: Path) -> None:
     d = write_model(tmp_path / "m", TINY_LLAMA, weights=True)
     hdr = read_safetensors_header(d / "model.safetensors")
     assert hdr["model.layers.0.self_attn.q_proj.weight"]["shape"] == [64, 64]
-    from peftdeploy.inspect import inspect_model
+    from peftdeploy.inventory import inspect_model
 
     info = inspect_model(ResolvedSource(str(d), "local", d))
     assert not info.weights_estimated and info.weights_from == "safetensors"
@@ -134,7 +134,7 @@ def test_no_torch_imported_by_inspect_modules() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, peftdeploy.sources, peftdeploy.inspect, peftdeploy.plan, peftdeploy.plan.cli; "
+    code = ("import sys, peftdeploy.sources, peftdeploy.inventory, peftdeploy.plan, peftdeploy.commands.plan_cmd; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','vllm','transformers')]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -20,7 +20,7 @@ from peftdeploy.launch import diagnose as dg
 from peftdeploy.launch import metrics as mx
 from peftdeploy.launch import state as st
 from peftdeploy.launch import supervisor as sv
-from peftdeploy.launch.spec import LaunchSpec, ServedAdapter
+from peftdeploy.plan.spec import LaunchSpec, ServedAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,7 +248,7 @@ def test_up_port_in_use_cli(tmp_path):
     s.listen(1)
     port = s.getsockname()[1]
     try:
-        from peftdeploy.launch.cli import up_cmd
+        from peftdeploy.commands.serve_cmds import up_cmd
 
         res = CliRunner().invoke(up_cmd, [str(recipe), "--port", str(port)])
     finally:
@@ -275,7 +275,7 @@ def _write_demo_recipe(tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ dry-run
 def test_dry_run_prints_the_plans_command(tmp_path):
-    from peftdeploy.launch.cli import up_cmd
+    from peftdeploy.commands.serve_cmds import up_cmd
     from peftdeploy.plan import make_plan
     from peftdeploy.recipe import load_recipe
 
@@ -377,9 +377,9 @@ def test_supervisor_timeout_stops_server(tmp_path):
 UP_SCRIPT = textwrap.dedent(r'''
     # `peftdeploy up` with make_plan / the server swapped for the fake process tree
     import sys
-    import peftdeploy.launch.cli as cli
+    import peftdeploy.commands.serve_cmds as cli
     import peftdeploy.launch.supervisor as sv
-    from peftdeploy.launch.spec import LaunchSpec
+    from peftdeploy.plan.spec import LaunchSpec
     import peftdeploy.plan as plan_mod
     import peftdeploy.recipe as recipe_mod
 
@@ -447,7 +447,7 @@ def _pgid(pid: int) -> int | None:
 
 
 def test_status_and_down_without_deployments():
-    from peftdeploy.launch.cli import down_cmd, status_cmd
+    from peftdeploy.commands.serve_cmds import down_cmd, status_cmd
 
     r = CliRunner().invoke(status_cmd, [])
     assert r.exit_code == 0 and "no deployments" in r.output
@@ -459,7 +459,7 @@ def test_status_and_down_without_deployments():
 
 def test_down_stale_state_and_detached_fake(tmp_path):
     """`down` of a detached deployment (process group only, no supervisor) and of a stale state."""
-    from peftdeploy.launch.cli import down_cmd, status_cmd
+    from peftdeploy.commands.serve_cmds import down_cmd, status_cmd
 
     script = tmp_path / "fake.py"
     script.write_text(FAKE)
@@ -486,7 +486,7 @@ def test_down_stale_state_and_detached_fake(tmp_path):
 
 
 def test_usage_examples_reference_the_key():
-    from peftdeploy.launch.cli import usage_examples
+    from peftdeploy.launch.local import usage_examples
 
     t = usage_examples("http://127.0.0.1:18001", ["demo", "pirate"], "PEFTDEPLOY_API_KEY")
     assert "$PEFTDEPLOY_API_KEY" in t and 'os.environ["PEFTDEPLOY_API_KEY"]' in t and '"pirate"' in t

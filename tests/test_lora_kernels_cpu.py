@@ -414,7 +414,7 @@ def test_install_unverified_version_keeps_vllms(monkeypatch):
 E2E_SCRIPT = textwrap.dedent(
     '''
     import json, os, sys
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
     ensure_vllm_cpu_compat()
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest

@@ -38,7 +38,7 @@ def test_frozen_fallback_names_its_version() -> None:
 
 
 def test_up_dry_run_appends_them_after_the_planned_flags(demo_recipe_tiny: Path, monkeypatch) -> None:
-    from peftdeploy.launch.cli import up_cmd
+    from peftdeploy.commands.serve_cmds import up_cmd
 
     monkeypatch.setattr(pt, "option_table", pt.frozen_table)
     r = CliRunner().invoke(up_cmd, [str(demo_recipe_tiny), "--dry-run", "--device", "cpu", "--",

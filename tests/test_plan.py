@@ -15,7 +15,7 @@ import pytest
 from hubcache import (LLAMA3_8B, MISTRAL_7B, QWEN25_7B, SMOLLM2_135M, TINY_LLAMA, prefill_shipped, write_adapter,
                       write_model)
 from peftdeploy.errors import Severity
-from peftdeploy.inspect import model_info_from_config
+from peftdeploy.inventory import model_info_from_config
 from peftdeploy.plan import make_plan
 from peftdeploy.plan.memory import accepted_ranks, kv_bytes_per_token, lora_slot_bytes, parse_bytes, round_rank
 from peftdeploy.recipe import load_recipe
@@ -474,7 +474,7 @@ def test_plan_lora_kernels_env_report_and_json(tmp_path: Path) -> None:
     assert plan.lora_kernels is not None and plan.lora_kernels.value == "peftdeploy"
     assert dict(plan.launch.env)[K.ENV] == "peftdeploy" == plan.launch.lora_kernels
     assert f"{K.ENV}=peftdeploy" in plan.launch.command_line()
-    from peftdeploy.launch.spec import LORA_KERNELS_ENV
+    from peftdeploy.plan.spec import LORA_KERNELS_ENV
 
     assert LORA_KERNELS_ENV == K.ENV
     d = json.loads(json.dumps(plan.to_dict()))
@@ -746,7 +746,7 @@ def test_empty_api_key_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize("offline", [True, False])
 def test_backbone_unavailable_fix_mentions_offline_only_when_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  offline: bool) -> None:
-    from peftdeploy.inspect import Inventory
+    from peftdeploy.inventory import Inventory
     from peftdeploy.plan.findings import CheckContext, check
 
     if offline:

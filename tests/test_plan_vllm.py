@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(r'''
     import json, os, re, sys
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     def main():
         ensure_vllm_cpu_compat()
@@ -56,7 +56,7 @@ def _demo_model() -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("max_loras,rank,dtype", [(1, 8, "bfloat16"), (2, 16, "float32")])
 def test_lora_slots_and_kv_match_vllm(tmp_path: Path, max_loras: int, rank: int, dtype: str) -> None:
-    from peftdeploy.inspect import inspect_model
+    from peftdeploy.inventory import inspect_model
     from peftdeploy.plan.memory import kv_bytes_per_token, lora_slot_bytes
     from peftdeploy.recipe import load_recipe
     from peftdeploy.plan import make_plan

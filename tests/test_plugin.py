@@ -364,7 +364,7 @@ def test_s3_source_and_catalog(world, moto_s3):
 # -- vLLM side ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_mod():
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     if ensure_vllm_cpu_compat() == "absent":
         pytest.skip("vLLM is not installed")
@@ -461,7 +461,7 @@ def test_cpu_fix_base_tokens_get_no_adapter() -> None:
 
     code = textwrap.dedent("""
         import torch
-        from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+        from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
         ensure_vllm_cpu_compat()
         import vllm.lora.ops.torch_ops.lora_ops as ops
         x = torch.randn(4, 8); A = torch.randn(2, 1, 3, 8); y = torch.zeros(4, 3)

@@ -31,7 +31,7 @@ import yaml
 from click.testing import CliRunner
 
 from hubcache import LLAMA3_8B, prefill_shipped, write_adapter
-from peftdeploy.launch.spec import LaunchSpec, MergeStep, ServedAdapter
+from peftdeploy.plan.spec import LaunchSpec, MergeStep, ServedAdapter
 from peftdeploy.plan import make_plan
 from peftdeploy.recipe import load_recipe
 from peftdeploy.render import TARGETS, RenderError, make_context, render, render_many
@@ -526,7 +526,7 @@ def test_local_and_demo_sources_are_refused(tmp_path: Path, source: str, word: s
         assert "adapter 'mine'" in ei.value.message and word in ei.value.message
         assert "hf://" in ei.value.fix and "s3://" in ei.value.fix
     r = load_recipe(p, env={}).recipe
-    monkeypatch.setattr("peftdeploy.render.cli.plan_launch", lambda path, **kw: (r, launch_for(r)))
+    monkeypatch.setattr("peftdeploy.commands.render_cmd.plan_launch", lambda path, **kw: (r, launch_for(r)))
     res = CliRunner().invoke(_cli(), ["render", str(p), "--target", "all"])
     assert res.exit_code == 2
     assert "adapter 'mine'" in res.output and "Traceback" not in res.output

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from peftdeploy.launch import metrics as mx
-from peftdeploy.launch.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE
+from peftdeploy.plan.spec import MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE
 from peftdeploy.vllm_plugin import traffic as tr
 
 NAMES = ["demo", "pirate", "json"]
@@ -393,7 +393,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_status_shows_requests_and_shares(fake_server):
-    from peftdeploy.launch.cli import status_cmd
+    from peftdeploy.commands.serve_cmds import status_cmd
 
     fake_server(TRAFFIC_METRICS)
     r = CliRunner().invoke(status_cmd, ["demo", "--json"])
@@ -410,7 +410,7 @@ def test_status_shows_requests_and_shares(fake_server):
 
 
 def _plan(args):
-    from peftdeploy.plan.cli import plan_cmd
+    from peftdeploy.commands.plan_cmd import plan_cmd
 
     return CliRunner().invoke(plan_cmd, args, env={"COLUMNS": "200"})
 

@@ -332,3 +332,24 @@ def list_models(base_url: str, api_key_env: str | None = None) -> list[str]:
     with urllib.request.urlopen(req, timeout=10) as r:
         data = json.loads(r.read())
     return [m["id"] for m in data.get("data", [])]
+
+
+def served_models(url: str, api_key_env: str | None) -> tuple[str, list[str]]:
+    """(base model name, adapter names) as the running server lists them in /v1/models."""
+    import json
+    import urllib.request
+
+    root = url.rstrip("/")
+    for suffix in ("/v1/completions", "/v1"):
+        if root.endswith(suffix):
+            root = root[: -len(suffix)]
+    req = urllib.request.Request(root + "/v1/models", headers=_headers(api_key_env))
+    with urllib.request.urlopen(req, timeout=10) as r:
+        data = json.loads(r.read()).get("data", [])
+    bases = [m["id"] for m in data if not m.get("parent")]
+    loras = [m["id"] for m in data if m.get("parent")]
+    if not bases:
+        from ..errors import PeftDeployError
+
+        raise PeftDeployError(f"{root}/v1/models lists no base model")
+    return bases[0], loras

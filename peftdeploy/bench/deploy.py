@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..launch.spec import MODEL_NAMES_ENV, LaunchSpec, ServedAdapter
+from ..plan.spec import MODEL_NAMES_ENV, LaunchSpec, ServedAdapter
 from ..launch.supervisor import stop_process_group
 from .client import wait_ready
 

@@ -1,5 +1,5 @@
 """`peftdeploy up` of a recipe with a `fleet` section: one engine per group replica behind vllm-router
-(peftdeploy/launch/fleet.py), and what `status` / `down` add for fleets. Called from launch/cli.py."""
+(peftdeploy/launch/fleet.py). Called from serve_cmds.py; what `status` / `down` add for fleets is in launch/."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,8 @@ RESTARTS = 3  # a foreground fleet restarts a dead engine this often, then leave
 def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bool, log_file: str | None,
              port: int | None, host: str | None, timeout: float, device: str) -> None:
     from ..launch import state as st
-    from ..launch.cli import _api_key_env, _base_url, _err, _install_handlers, _restore_handlers, _Stopped
+    from ..launch.local import Stopped, api_key_env, base_url, install_handlers, restore_handlers
+    from .serve_cmds import _err
     from ..launch.fleet import Router, engines_state, plan_engines, start_fleet, stop_fleet
     from ..launch.materialize import materialize
     from ..launch.supervisor import ProgressDisplay, default_log_path
@@ -66,9 +67,9 @@ def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bo
     def on_signal(signum, frame):
         if stopping["signum"] is None:
             stopping["signum"] = signum
-            raise _Stopped(signum)
+            raise Stopped(signum)
 
-    old = _install_handlers(on_signal)
+    old = install_handlers(on_signal)
     state = None
     try:
         with ProgressDisplay(name, enabled=not quiet) as disp:
@@ -81,10 +82,10 @@ def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bo
             log_path=str(router.log_path), model_names=models, served_model_name=plan.launch.served_model_name,
             adapters=[a.name for a in loaded.recipe.adapters], mode="fleet", recipe_path=str(loaded.path),
             recipe_hash=plan.launch.recipe_hash, supervisor_pid=None if detach else os.getpid(),
-            api_key_env=_api_key_env(plan.launch), command_line=None, engines=engines_state(engines))
+            api_key_env=api_key_env(plan.launch), command_line=None, engines=engines_state(engines))
         state.ready_at = time.time()
         st.write_state(state)
-        base = _base_url(rhost, rport)
+        base = base_url(rhost, rport)
         info = {"ok": True, "name": name, "endpoint": f"{base}/v1", "models": models, "mode": "fleet",
                 "router": {"pid": router.proc.pid, "log": str(router.log_path)},
                 "engines": state.engines, "fleet": f.to_dict(), "ready_seconds": round(seconds, 2),
@@ -131,7 +132,7 @@ def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bo
                 except LaunchError as err:
                     _err(f"engine {e.name} did not come back: {err.message}")
             time.sleep(0.5)
-    except _Stopped as s:
+    except Stopped as s:
         if not quiet:
             _err(f"\n{signal.Signals(s.signum).name}: stopping the fleet ...")
         stop_fleet(engines, router)
@@ -139,50 +140,6 @@ def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bo
             st.remove_state(name, pid=state.pid)
         sys.exit(128 + s.signum)
     finally:
-        _restore_handlers(old)
+        restore_handlers(old)
         if not detach:
             stop_fleet(engines, router, grace=5)
-
-
-def engine_status(e: dict[str, Any], *, headers: dict[str, str], timeout: float = 3.0) -> dict[str, Any]:
-    """One engine of a fleet: alive (pid), health, models."""
-    import httpx
-
-    from ..launch.state import pid_alive
-
-    d = {k: e.get(k) for k in ("name", "group", "kind", "pid", "port", "models", "log", "devices")}
-    d["alive"] = pid_alive(e.get("pid"), e.get("pid_create_time"))
-    d["health"] = None
-    if not d["alive"]:
-        d["health"] = "dead (process gone): the router refuses its models"
-        return d
-    url = f"http://{e.get('host', '127.0.0.1')}:{e['port']}"
-    try:
-        r = httpx.get(url + "/health", timeout=timeout)
-        d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
-    except httpx.HTTPError as ex:
-        d["health"] = f"unreachable ({type(ex).__name__})"
-    return d
-
-
-def router_models(base_url: str, headers: dict[str, str], timeout: float = 3.0) -> list[str] | None:
-    import httpx
-
-    try:
-        r = httpx.get(base_url + "/v1/models", timeout=timeout, headers=headers)
-        if r.status_code != 200:
-            return None
-        j = r.json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    if isinstance(j.get("models"), list):  # vllm-router's multi-model mode
-        return [str(x) for x in j["models"]]
-    return [m.get("id") for m in j.get("data", [])]
-
-
-def stop_engines(s: Any, grace: float) -> None:
-    from ..launch.supervisor import group_alive, stop_process_group
-
-    for e in s.engines:
-        if e.get("pgid") and group_alive(e["pgid"]):
-            stop_process_group(e["pgid"], grace=grace)

@@ -1,1 +1,1 @@
-"""Launch: LaunchSpec (what runs), the vLLM entry point, process supervision."""
+"""Launch: run what the plan's LaunchSpec says (the vLLM entry point, process supervision, state)."""

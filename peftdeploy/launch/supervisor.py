@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 from ..errors import LaunchError, ServerFailure
 from ..util import cache_root
 from .diagnose import _NOISE_RE, diagnose_file, strip_prefix
-from .spec import LaunchSpec
+from ..plan.spec import LaunchSpec
 
 __all__ = ["Supervisor", "Progress", "PHASES", "phase_of", "default_log_path", "server_executable",
            "check_port_free", "stop_process_group", "group_alive", "server_env"]

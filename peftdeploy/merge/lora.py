@@ -308,7 +308,7 @@ def open_adapter(path: str | os.PathLike[str], *, name: str | None = None, allow
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise _err(name, f"{cfg_path} is not valid JSON ({e})", "re-save the adapter with peft") from None
-    from ..inspect import AdapterConfigError, check_adapter_config  # the checks plan runs too
+    from ..adapter_format import AdapterConfigError, check_adapter_config  # the checks plan runs too
 
     try:
         check_adapter_config(cfg, str(cfg_path))
@@ -326,7 +326,7 @@ def open_adapter(path: str | os.PathLike[str], *, name: str | None = None, allow
         except stio.SafetensorsFormatError as e:
             raise _err(name, f"{st} is not a valid safetensors file ({e})", "re-save the adapter") from None
         weights_path = st
-        from ..inspect import LORA_FLOAT_DTYPES, parse_lora_name
+        from ..adapter_format import LORA_FLOAT_DTYPES, parse_lora_name
 
         bad = sorted({i.dtype for k, i in infos.items() if parse_lora_name(k) and i.dtype not in LORA_FLOAT_DTYPES})
         if bad:

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Finding, PlanError, Severity
-from ..inspect import Inventory
-from ..launch.spec import LaunchSpec
+from ..inventory import Inventory
 from .derive import Derived
 from .kernels import KernelChoice
 from .memory import MemoryBudget
+from .spec import LaunchSpec
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str |
     when the plan is for this machine's device, else unknown; None: unknown). lora_plugin / server_image:
     False / the image when the server has no peftdeploy plugin (`render` with a stock vLLM image).
     traffic_source: what policy.traffic is, for findings ("observed traffic" with `plan --observed`)."""
-    from ..inspect import inspect
+    from ..inventory import inspect
     from ..sources import resolve
     from . import command, derive, findings, fleet, hybrid, kernels, memory, policy, slots
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
+from .spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .findings import vllm_engine_args

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import Finding, Severity
-from ..inspect import AdapterInfo, Inventory
+from ..inventory import AdapterInfo, Inventory
 from . import memory as M
 from . import slots as S
 

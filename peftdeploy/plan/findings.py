@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any, Callable, Iterable
 
 from ..errors import Finding, Location, Severity
-from ..inspect import AdapterInfo, Inventory, ModelInfo, parse_lora_name
+from ..inventory import AdapterInfo, Inventory, ModelInfo, parse_lora_name
 from ..quantize.support import OFFLINE_SCHEMES, RUNTIME_SCHEMES, scheme_info
 from .memory import ARCH_LORA, EMBED_TARGETS, accepted_ranks, arch_lora, round_rank, supported_targets
 

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..inspect import ModelInfo
+from ..inventory import ModelInfo
 from ..util import gib
 
 GiB = 1 << 30
@@ -195,7 +195,7 @@ def linear_dims(model: ModelInfo) -> list[tuple[int, int, int]]:
     From the safetensors headers when the checkpoint is local and full precision; from config.json
     otherwise (Llama-like layout: q, k, v, o, gate, up, down per layer).
     """
-    from ..inspect import _classify
+    from ..inventory import _classify
 
     if model.tensors and not model.weights_estimated and not _prequantized(model):
         out: dict[tuple[int, int], int] = {}
@@ -220,7 +220,7 @@ def param_split(model: ModelInfo) -> tuple[int, int, str]:
     (packed int32 tensors) and remote ones: the parameter count config.json implies.
     """
     if _prequantized(model) and not model.weights_estimated:
-        from ..inspect import model_info_from_config
+        from ..inventory import model_info_from_config
 
         est = model_info_from_config(model.config, path=None, source=model.source)
         return est.linear_params, est.embed_params + est.lm_head_params + est.other_params, "config.json"

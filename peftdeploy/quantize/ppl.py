@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="vLLM --quantization per model, in order ('' = from the checkpoint)")
     ap.add_argument("--json-out", default=None, help="write a JSON list of results here (default: stdout)")
     a = ap.parse_args(argv)
-    from peftdeploy.launch.entry import ensure_vllm_cpu_compat
+    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
 
     ensure_vllm_cpu_compat()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .base import DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, RenderContext, RenderError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..launch.spec import LaunchSpec
+    from ..plan.spec import LaunchSpec
     from ..recipe import Recipe
 
 # target name -> module (imported on first use)

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import PeftDeployError
-from ..launch.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec
+from ..plan.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec
 
 # Pinned images (change deliberately: the golden files show every use).
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"  # the vLLM release current on PyPI when pinned

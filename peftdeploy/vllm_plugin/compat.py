@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Finding, Location, Severity
-from ..inspect import AdapterInfo, Inventory, ModelInfo, inspect_adapter, inspect_model
+from ..inventory import AdapterInfo, Inventory, ModelInfo, inspect_adapter, inspect_model
 from ..plan.findings import ADAPTER_CHECKS, CheckContext
 from ..recipe.schema import Adapter, Recipe
 from ..sources import ResolvedSource

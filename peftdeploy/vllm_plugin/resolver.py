@@ -237,7 +237,7 @@ class CatalogResolver:
                         tried.append(f"{snap[0]}: {e}")
             if info is None:
                 try:
-                    from ..inspect import inspect_model
+                    from ..inventory import inspect_model
                     from ..sources import BACKBONE_METADATA_PATTERNS, _resolve_one, hub_offline
 
                     src = _resolve_one(self.recipe.backbone.model, revision=self.recipe.backbone.revision,

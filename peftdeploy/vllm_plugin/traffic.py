@@ -28,7 +28,7 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Iterable
 
-from ..launch.spec import MODEL_NAMES_ENV  # pure data
+from ..plan.spec import MODEL_NAMES_ENV  # pure data
 
 __all__ = ["TrafficMiddleware", "ROUTES", "OTHER", "METRIC", "ENV_MODEL_NAMES", "MAX_BODY_BYTES",
            "model_names_from_env", "requests_counter"]

@@ -21,27 +21,6 @@ def _ints(s: str | None) -> list[float] | None:
         raise click.BadParameter(f"expected comma-separated numbers, got {s!r}") from None
 
 
-def _base_model_from_server(url: str, api_key_env: str | None) -> tuple[str, list[str]]:
-    """(base model name, adapter names) as the running server lists them in /v1/models."""
-    import json
-    import urllib.request
-
-    from .client import _headers
-
-    root = url.rstrip("/")
-    for suffix in ("/v1/completions", "/v1"):
-        if root.endswith(suffix):
-            root = root[: -len(suffix)]
-    req = urllib.request.Request(root + "/v1/models", headers=_headers(api_key_env))
-    with urllib.request.urlopen(req, timeout=10) as r:
-        data = json.loads(r.read()).get("data", [])
-    bases = [m["id"] for m in data if not m.get("parent")]
-    loras = [m["id"] for m in data if m.get("parent")]
-    if not bases:
-        raise PeftDeployError(f"{root}/v1/models lists no base model")
-    return bases[0], loras
-
-
 @click.command("bench")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--url", help="A running deployment (e.g. from `peftdeploy up`); default: start the recipe's own.")
@@ -77,11 +56,11 @@ def bench_cmd(recipe: str, url: str | None, port: int | None, adapters: str | No
     Streams every request so TTFT and inter-token latency are real; reports throughput and
     TTFT / TPOT / end-to-end p50/p90/p99, overall and per adapter; writes JSON and PNG plots.
     """
-    from . import report
-    from .compare import compare_table, hottest_first, run_compare, save_compare
-    from .deploy import Server, merge_adapters, recipe_spec
-    from .workload import WorkloadConfig, build_workload
-    from .client import run_workload_sync
+    from ..bench import report
+    from ..bench.compare import compare_table, hottest_first, run_compare, save_compare
+    from ..bench.deploy import Server, merge_adapters, recipe_spec
+    from ..bench.workload import WorkloadConfig, build_workload
+    from ..bench.client import run_workload_sync
     from ..recipe import load_recipe
 
     err = stderr_console()
@@ -128,7 +107,9 @@ def bench_cmd(recipe: str, url: str | None, port: int | None, adapters: str | No
             server.start()
             log(f"ready in {server.ready_s:.0f} s")
             url = server.url
-        base, served_loras = _base_model_from_server(url, api_key_env)
+        from ..bench.client import served_models
+
+        base, served_loras = served_models(url, api_key_env)
         if served_loras:
             missing = [n for n in names if n not in served_loras]
             if missing and not any(n in served_loras for n in names):

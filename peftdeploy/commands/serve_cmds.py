@@ -18,9 +18,7 @@ own exit code when it dies after it was ready.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shlex
 import signal
 import sys
 import time
@@ -31,113 +29,21 @@ import click
 
 from ..cli_common import emit_json, json_option, user_errors
 from ..errors import LaunchError, Location
-from .metrics import OTHER_MODEL
-
-STOP_GRACE = 20.0
-
-
-class _Stopped(BaseException):
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
+from ..launch.local import (STOP_GRACE, Stopped, api_key_env, base_url, deployment_status, install_handlers,
+                            override_port, ppl_gate, restore_handlers, stream_log, usage_examples)
+from ..launch.metrics import OTHER_MODEL
 
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _override_port(spec: Any, port: int | None, host: str | None = None) -> Any:
-    if port is None and host is None:
-        return spec
-    args = []
-    for k, v in spec.args:
-        if k == "--port" and port is not None:
-            v = str(port)
-        elif k == "--host" and host is not None:
-            v = host
-        args.append((k, v))
-    return dataclasses.replace(spec, args=tuple(args), port=port if port is not None else spec.port,
-                               host=host if host is not None else spec.host)
-
-
-def _base_url(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    return f"http://{host}:{port}"
-
-
-def _api_key_env(spec: Any) -> str | None:
-    for target, source in spec.secret_env:
-        if target == "VLLM_API_KEY":
-            return source
-    return None
-
-
-def usage_examples(base_url: str, models: list[str], api_key_env: str | None) -> str:
-    """Ready-to-paste curl and openai examples (the api key is referenced, never printed)."""
-    model = models[1] if len(models) > 1 else models[0]
-    auth = f' \\\n    -H "Authorization: Bearer ${api_key_env}"' if api_key_env else ""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64})
-    key_expr = f'os.environ["{api_key_env}"]' if api_key_env else '"EMPTY"'
-    return "\n".join([
-        "curl:",
-        f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\",
-        f"    -d {shlex.quote(body)}",
-        "python (openai):",
-        "  import os" if api_key_env else "",
-        "  from openai import OpenAI",
-        f'  client = OpenAI(base_url="{base_url}/v1", api_key={key_expr})',
-        f'  r = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}])',
-        "  print(r.choices[0].message.content)",
-    ]).replace("\n\n", "\n")
-
-
 def _run_merge(plan: Any, spec: Any, *, quiet: bool) -> tuple[Any, dict[str, Any]]:
     """Materialize the plan's MergeStep (merge, then quantize for offline schemes; hybrid: delta
     adapters), all cached, into exactly the directories the planned command names."""
-    from .materialize import materialize
+    from ..launch.materialize import materialize
 
     return materialize(plan, spec, quiet=quiet, log=_err)
-
-
-def _ppl_gate(plan: Any, spec: Any, merge_info: dict[str, Any], loaded: Any, *, quiet: bool) -> None:
-    """quantization.max_ppl_increase: measure the quantized merge against the full-precision one (cached)
-    and refuse to start the server when it lost more (exit 2, with the numbers)."""
-    q = plan.recipe.quantization
-    step = spec.merge
-    if q.max_ppl_increase is None or step is None or not step.quantize_scheme or "quantize" not in merge_info:
-        return
-    from ..quantize.gate import check_ppl_gate
-
-    dt = plan.recipe.backbone.dtype
-    rep = check_ppl_gate(step.output_dir, step.quantized_dir, max_increase=q.max_ppl_increase,
-                         scheme=step.quantize_scheme, method=step.quantize_method or "rtn",
-                         merged_key=merge_info["key"], quantized_key=merge_info["quantize"]["key"],
-                         dtype=dt if dt in ("bfloat16", "float16") else "bfloat16", recipe_file=str(loaded.path),
-                         progress=None if quiet else (lambda m: _err(f"gate: {m}")))
-    merge_info["gate"] = rep
-    if not quiet:
-        _err(f"gate: perplexity {rep['ppl_quantized']:.3f} vs {rep['ppl_full']:.3f} full precision "
-             f"({rep['increase']:+.2%}, allowed +{q.max_ppl_increase:.2%}){' (cached)' if rep['cache_hit'] else ''}")
-
-
-def _install_handlers(handler) -> dict[int, Any]:
-    old = {}
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        try:
-            old[s] = signal.signal(s, handler)
-        except (ValueError, OSError):  # not the main thread
-            pass
-    return old
-
-
-def _restore_handlers(old: dict[int, Any]) -> None:
-    for s, h in old.items():
-        try:
-            signal.signal(s, h)
-        except (ValueError, OSError):
-            pass
 
 
 # ------------------------------------------------------------------------------------------------ up
@@ -167,8 +73,8 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     checked first against the installed vLLM's own argument parser."""
     from ..plan import make_plan
     from ..recipe import load_recipe
-    from . import state as st
-    from .supervisor import ProgressDisplay, Supervisor, check_port_free, default_log_path
+    from ..launch import state as st
+    from ..launch.supervisor import ProgressDisplay, Supervisor, check_port_free, default_log_path
 
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
@@ -183,14 +89,14 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
                               fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
                                   f"on purpose with `peftdeploy lock {recipe}`", location=Location(file=str(lp)))
     if getattr(plan, "fleet", None) is not None:  # one engine per group behind a router (peftdeploy/commands/fleet_cmds.py)
-        from ..commands.fleet_cmds import fleet_up
+        from .fleet_cmds import fleet_up
 
         return fleet_up(loaded, plan, dry_run=dry_run, detach=detach, as_json=as_json, log_file=log_file,
                         port=port, host=host, timeout=timeout, device=device)
-    spec = _override_port(plan.launch, port, host)
+    spec = override_port(plan.launch, port, host)
     if vllm_args:
         from ..plan.findings import MANAGED_ARGS
-        from .passthrough import check
+        from ..launch.passthrough import check
 
         passed = check(vllm_args, managed=MANAGED_ARGS)
         spec = dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
@@ -220,7 +126,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     merge_info = None
     if spec.merge is not None:
         spec, merge_info = _run_merge(plan, spec, quiet=quiet)
-        _ppl_gate(plan, spec, merge_info, loaded, quiet=quiet)
+        ppl_gate(plan, spec, merge_info, loaded, quiet=quiet, log=_err)
 
     sup = Supervisor(spec, log_path=log_file or default_log_path(spec.recipe_name))
     stopping: dict[str, Any] = {"signum": None}
@@ -228,14 +134,14 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     def on_signal(signum, frame):
         if stopping["signum"] is None:
             stopping["signum"] = signum
-            raise _Stopped(signum)
+            raise Stopped(signum)
         if sup.pgid:  # second signal while stopping: no more grace
             try:
                 os.killpg(sup.pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
-    old = _install_handlers(on_signal)
+    old = install_handlers(on_signal)
     state = None
     try:
         try:
@@ -247,7 +153,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
                 merge_adapters=list(spec.merge.adapters) if spec.merge is not None else [],
                 recipe_path=str(loaded.path),
                 recipe_hash=spec.recipe_hash, supervisor_pid=None if detach else os.getpid(),
-                api_key_env=_api_key_env(spec), command_line=spec.command_line())
+                api_key_env=api_key_env(spec), command_line=spec.command_line())
             st.write_state(state)
             if not quiet:
                 _err(f"vLLM: starting (pid {sup.proc.pid}, log {sup.log_path})")
@@ -259,7 +165,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             raise
         state.ready_at = time.time()
         st.write_state(state)
-        base = _base_url(spec.host, spec.port)
+        base = base_url(spec.host, spec.port)
         info = {"ok": True, "name": spec.recipe_name, "endpoint": f"{base}/v1", "models": spec.model_names,
                 "base_model": spec.served_model_name, "adapters": [a.name for a in spec.adapters],
                 "mode": spec.mode, "pid": sup.proc.pid, "pgid": sup.pgid, "log": str(sup.log_path),
@@ -277,7 +183,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
                          *(a.name for a in spec.adapters)]
             click.echo(f"models: {', '.join(names)}")
             click.echo(f"log: {sup.log_path}")
-            click.echo(usage_examples(base, spec.model_names, _api_key_env(spec)))
+            click.echo(usage_examples(base, spec.model_names, api_key_env(spec)))
             if detach:
                 click.echo(f"detached: `peftdeploy status {spec.recipe_name}`, "
                            f"`peftdeploy down {spec.recipe_name}`")
@@ -293,7 +199,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
         while True:
             rc = sup.proc.poll()
             if follow:
-                tail_pos = _stream(sup.log_path, tail_pos)
+                tail_pos = stream_log(sup.log_path, tail_pos)
             if rc is not None:
                 break
             time.sleep(0.25)
@@ -303,7 +209,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             d = sup.failure(rc, prefix="the vLLM server exited")
             _err(d.render())
         sys.exit(rc if rc >= 0 else 128 - rc)
-    except _Stopped as s:
+    except Stopped as s:
         if not quiet:
             _err(f"\n{signal.Signals(s.signum).name}: stopping the vLLM server (process group {sup.pgid}) ...")
         rc = sup.stop(grace=STOP_GRACE)
@@ -313,23 +219,9 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             _err(f"stopped (server exit code {rc})")
         sys.exit(128 + s.signum)
     finally:
-        _restore_handlers(old)
+        restore_handlers(old)
         if sup.proc is not None and sup.proc.poll() is None and not detach:
             sup.stop(grace=5)
-
-
-def _stream(path: Path, pos: int) -> int:
-    try:
-        with open(path, "rb") as f:
-            f.seek(pos)
-            data = f.read()
-            pos = f.tell()
-    except OSError:
-        return pos
-    if data:
-        sys.stderr.write(data.decode("utf-8", "replace"))
-        sys.stderr.flush()
-    return pos
 
 
 # ---------------------------------------------------------------------------------------------- down
@@ -352,8 +244,8 @@ def _name_of(target: str) -> str:
 @user_errors
 def down_cmd(target: str, timeout: float, as_json: bool) -> None:
     """Stop a deployment started with `up` (RECIPE path or deployment NAME)."""
-    from . import state as st
-    from .supervisor import group_alive, stop_process_group
+    from ..launch import state as st
+    from ..launch.supervisor import group_alive, stop_process_group
 
     name = _name_of(target)
     s = st.read_state(name)
@@ -378,7 +270,7 @@ def down_cmd(target: str, timeout: float, as_json: bool) -> None:
     if group_alive(s.pgid):
         stop_process_group(s.pgid, grace=timeout)
     if s.engines:  # a fleet: the engines behind the router
-        from ..commands.fleet_cmds import stop_engines
+        from ..launch.fleet import stop_engines
 
         stop_engines(s, grace=timeout)
     st.remove_state(name)
@@ -393,61 +285,13 @@ def down_cmd(target: str, timeout: float, as_json: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------------- status
-def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
-    """Health, models and /metrics figures of one deployment (from its state)."""
-    import httpx
-
-    from .metrics import snapshot
-
-    d: dict[str, Any] = {"name": s.name, "endpoint": f"{s.base_url}/v1", "pid": s.pid, "mode": s.mode,
-                         "log": s.log_path, "recipe": s.recipe_path, "started_at": s.started_at,
-                         "uptime_s": round(time.time() - s.started_at, 1), "alive": s.alive,
-                         "ready": s.ready_at is not None, "health": None, "models": None, "metrics": None}
-    key = os.environ.get(s.api_key_env) if s.api_key_env else None
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if s.engines:  # a fleet: the router (pid above) and each engine
-        from ..commands.fleet_cmds import engine_status, router_models
-
-        d["engines"] = [engine_status(e, headers=headers, timeout=timeout) for e in s.engines]
-        d["health"] = ("ok" if all(e["health"] == "ok" for e in d["engines"]) else "degraded") if d["alive"] \
-            else "router gone"
-        models = router_models(s.base_url, headers, timeout) if d["alive"] else None
-        if models:  # the base model first (the table below labels the first one "base")
-            models = sorted(models, key=lambda m: (m != s.served_model_name, s.model_names.index(m)
-                                                   if m in s.model_names else len(s.model_names)))
-        d["models"] = models
-        return d
-    if not d["alive"]:
-        d["health"] = "stale (process gone)"
-        return d
-    try:
-        r = httpx.get(s.base_url + "/health", timeout=timeout)
-        d["health"] = "ok" if r.status_code == 200 else f"http {r.status_code}"
-    except httpx.HTTPError as e:
-        d["health"] = f"unreachable ({type(e).__name__})" if s.ready_at else "starting"
-        return d
-    try:
-        r = httpx.get(s.base_url + "/v1/models", timeout=timeout, headers=headers)
-        if r.status_code == 200:
-            d["models"] = [m.get("id") for m in r.json().get("data", [])]
-    except (httpx.HTTPError, ValueError):
-        pass
-    try:
-        r = httpx.get(s.base_url + "/metrics", timeout=timeout, headers=headers)
-        if r.status_code == 200:
-            d["metrics"] = snapshot(r.text, s.adapters).to_dict()
-    except httpx.HTTPError:
-        pass
-    return d
-
-
 @click.command("status")
 @click.argument("name", required=False)
 @json_option
 @user_errors
 def status_cmd(name: str | None, as_json: bool) -> None:
     """Health and per-adapter metrics of running deployments."""
-    from . import state as st
+    from ..launch import state as st
 
     if name:
         s = st.read_state(_name_of(name))

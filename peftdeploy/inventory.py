@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .adapter_format import (LORA_FLOAT_DTYPES, AdapterConfigError,  # noqa: F401 (re-exported)
+                             _strip_prefix, check_adapter_config, parse_lora_name)
 from .errors import SourceError
-from .safetensors_format import (DTYPE_BYTES, HeaderError, _int, read_raw_header,  # noqa: F401 (re-exported)
+from .safetensors_format import (DTYPE_BYTES, HeaderError, read_raw_header,  # noqa: F401 (re-exported)
                                  validate_safetensors_header)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,8 +34,6 @@ ST_TO_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "fl
 
 TensorMap = Mapping[str, tuple[str, tuple[int, ...]]]
 
-_LORA_RE = re.compile(r"^(?P<mod>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-                      r"lora_magnitude_vector)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -346,21 +346,6 @@ def inspect_model(src: "ResolvedSource") -> ModelInfo:
 # --------------------------------------------------------------------------------------------
 # adapters
 # --------------------------------------------------------------------------------------------
-def _strip_prefix(name: str) -> str:
-    for pre in ("base_model.model.", "base_model."):
-        if name.startswith(pre):
-            return name[len(pre):]
-    return name
-
-
-def parse_lora_name(name: str) -> tuple[str, str] | None:
-    """('model.layers.0.self_attn.q_proj', 'lora_A') for a PEFT LoRA tensor name, else None."""
-    m = _LORA_RE.match(_strip_prefix(name))
-    if not m:
-        return None
-    return m.group("mod"), m.group("kind")
-
-
 def _bin_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Best effort for pickle adapters: names only, by scanning the zip's data.pkl (never unpickled)."""
     import zipfile
@@ -376,52 +361,6 @@ def _bin_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     except (zipfile.BadZipFile, OSError):
         pass
     return out
-
-
-class AdapterConfigError(ValueError):
-    def __init__(self, message: str, fix: str):
-        super().__init__(message)
-        self.fix = fix
-
-
-MAX_SCALE = 1e4  # lora_alpha / r beyond this is no trained adapter (and overflows bf16 weights)
-LORA_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-
-
-def check_adapter_config(cfg: Any, where: str) -> dict[str, Any]:
-    """Validate the fields of adapter_config.json that the scale and shapes depend on; the one check `plan`
-    (inspect_adapter) and `merge` (merge.lora.open_adapter) share. Returns cfg; raises AdapterConfigError."""
-    fix = "fix adapter_config.json (peft's LoraConfig writes it), or re-save the adapter with peft"
-    if not isinstance(cfg, dict):
-        raise AdapterConfigError(f"{where}: a JSON {type(cfg).__name__}, not an object", fix)
-
-    def rank(v: Any, what: str) -> int:
-        if not _int(v) or not 1 <= v <= 65536:
-            raise AdapterConfigError(f"{where}: {what} is {json.dumps(v)[:40]}; a LoRA rank is an integer "
-                                     "from 1 to 65536", fix)
-        return v
-
-    def alpha(v: Any, what: str, r: int) -> float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        scale = (v / (math.sqrt(r) if cfg.get("use_rslora") else r)) if ok else None
-        if not ok or scale > MAX_SCALE:  # type: ignore[operator]
-            raise AdapterConfigError(f"{where}: {what} is {json.dumps(v)[:40]}; it must be a finite number > 0 "
-                                     f"with alpha/r <= {MAX_SCALE:g} (0 merges nothing, NaN/inf poison the "
-                                     "weights)", fix)
-        return float(v)
-
-    r = rank(cfg.get("r", 8), "r")
-    alpha(cfg.get("lora_alpha", 8), "lora_alpha", r)
-    for key, check in (("rank_pattern", None), ("alpha_pattern", None)):
-        pat = cfg.get(key) or {}
-        if not isinstance(pat, dict):
-            raise AdapterConfigError(f"{where}: {key} must be an object (module pattern -> value)", fix)
-        for k, v in pat.items():
-            if key == "rank_pattern":
-                rank(v, f"rank_pattern[{k!r}]")
-            else:
-                alpha(v, f"alpha_pattern[{k!r}]", r)
-    return cfg
 
 
 def inspect_adapter(name: str, path: Path, *, source: str, weights_file: str | None = None,
@@ -474,7 +413,7 @@ def inspect_adapter(name: str, path: Path, *, source: str, weights_file: str | N
     mts = tuple(str(m) for m in (cfg.get("modules_to_save") or []))
     modules_to_save = tuple(dict.fromkeys([*mts, *sorted(full_modules)]))
     targets = sorted(module_ranks) if module_ranks else sorted(
-        {p.group("mod").rsplit(".", 1)[-1] for t in tensors if (p := _LORA_RE.match(_strip_prefix(t)))})
+        {p[0].rsplit(".", 1)[-1] for t in tensors if (p := parse_lora_name(t))})
     max_rank = max([r, *rank_pattern.values(), *module_ranks.values()])
     return AdapterInfo(
         name=name, source=source, path=str(path), r=r, lora_alpha=float(cfg.get("lora_alpha", 8)),

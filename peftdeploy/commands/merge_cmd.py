@@ -43,7 +43,7 @@ def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
-    from .kernels import load as load_kernel
+    from ..merge.kernels import load as load_kernel
 
     if load_kernel() is None:
         from ..util import merge_kernel_note
@@ -53,7 +53,7 @@ def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     if verify:  # read by the merge and quantize caches (peftdeploy.merge.manifest)
         import os
 
-        from .manifest import VERIFY_ENV
+        from ..merge.manifest import VERIFY_ENV
 
         os.environ[VERIFY_ENV] = "1"
     spec, info = materialize(plan, spec, quiet=as_json, log=say)

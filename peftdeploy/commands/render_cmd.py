@@ -7,110 +7,14 @@ no reader ever sees half a render.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
 from ..cli_common import check_byte_options, emit_json, json_option, user_errors
-from . import TARGETS, RenderContext, RenderError, make_context, render_many
-from .base import AUTO_IMAGE, DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, PLUGIN_VLLM_IMAGE, parse_source, resolve_image, server_kernels
-
-
-DEFAULT_GPU_MEMORY = "80GiB"  # what render plans a cluster GPU as (this machine's GPU is not the cluster's)
-
-
-def plan_launch(recipe_path: str, *, gpu_memory: str | None = DEFAULT_GPU_MEMORY, host_memory: str | None = None,
-                image: str = DEFAULT_VLLM_IMAGE, with_plan: bool = False):
-    """(recipe, LaunchSpec) for a cluster: render always plans for device "cuda", for a GPU of
-    `gpu_memory` (deterministic: not this machine's GPU), and for the LoRA kernels the server `image`
-    can run (`server_kernels`). Plan errors refuse the render (exit 2)."""
-    from ..recipe import load_recipe
-
-    from ..plan import make_plan
-
-    check_byte_options(gpu_memory=gpu_memory, host_memory=host_memory)
-    loaded = load_recipe(recipe_path)
-    # a backbone a cluster cannot reach is refused before planning (demo:// would be built here first)
-    bb = loaded.recipe.backbone
-    if bb.model:
-        parse_source(bb.model, "backbone", bb.revision)
-    plan = make_plan(loaded, device="cuda", gpu_memory=gpu_memory, host_memory=host_memory,
-                     **server_kernels(image))
-    if plan.errors:
-        # a source a cluster cannot reach (local path, demo://) is the clearer reason: say that first
-        make_context(loaded.recipe, plan.launch).check_sources()
-        e = plan.errors[0]
-        see = f"`peftdeploy plan {recipe_path} --device cuda --gpu-memory {gpu_memory}` lists every finding"
-        raise RenderError(f"plan found {len(plan.errors)} error(s) for a {gpu_memory} GPU; "
-                          f"first: {e.message}", fix=f"{e.fix}; {see}" if e.fix else see, location=e.location)
-    if with_plan:
-        return loaded, plan
-    return loaded.recipe, plan.launch
-
-
-def fleet_contexts(loaded, plan, *, gpu_memory: str | None, host_memory: str | None, image: str,
-                   **options) -> list[RenderContext]:
-    """One RenderContext per replica group of the plan's fleet (group recipe, planned for the cluster GPU)."""
-    import dataclasses
-
-    from ..launch.fleet import rename_served
-    from ..plan import make_plan
-    from ..plan.fleet import MERGED, group_recipe
-
-    ctxs = []
-    for g in plan.fleet.groups:
-        gl = dataclasses.replace(loaded, recipe=group_recipe(loaded.recipe, plan.fleet, g))
-        gp = make_plan(gl, device="cuda", gpu_memory=gpu_memory, host_memory=host_memory, **server_kernels(image))
-        if gp.errors:
-            e = gp.errors[0]
-            raise RenderError(f"fleet group {g.name}: plan found {len(gp.errors)} error(s); first: {e.message}",
-                              fix=e.fix, location=e.location)
-        launch = rename_served(gp.launch, g.adapters[0] if g.kind == MERGED else plan.launch.served_model_name)
-        ctxs.append(make_context(gl.recipe, launch, group=g.name, image=image,
-                                 max_replicas=plan.fleet.max_replicas, **{**options, "replicas": g.replicas}))
-    return ctxs
-
-
-def write_out(out_dir: str, rendered: dict[str, dict[str, str]]) -> list[str]:
-    """Write DIR/<target>/<file> atomically per target (temp dir, then rename). Returns paths."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".render-", dir=root))
-    written: list[str] = []
-    try:
-        for target, files in rendered.items():
-            tdir = stage / target
-            for name, text in files.items():
-                p = tdir / name
-                p.parent.mkdir(parents=True, exist_ok=True)
-                p.write_text(text, encoding="utf-8")
-                if name.endswith(".sh"):
-                    p.chmod(0o755)
-                written.append(str(root / target / name))
-        for target in rendered:
-            dest = root / target
-            old = None
-            if dest.exists():
-                old = stage / f".old-{target}"
-                os.replace(dest, old)
-            os.replace(stage / target, dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return written
-
-
-def as_stream(rendered: dict[str, dict[str, str]]) -> str:
-    parts = []
-    for target, files in rendered.items():
-        for name, text in files.items():
-            body = text if text.endswith("\n") else text + "\n"
-            if not name.endswith((".yaml", ".yml")):  # notes, scripts: shown as comments
-                body = "".join(f"# {ln}".rstrip() + "\n" for ln in body.splitlines())
-            parts.append(f"# Source: {target}/{name}\n{body}")
-    return "---\n".join(parts)
+from ..render import TARGETS, RenderContext, make_context, render_many
+from ..render.base import AUTO_IMAGE, DEFAULT_TOOLS_IMAGE, DEFAULT_VLLM_IMAGE, PLUGIN_VLLM_IMAGE, resolve_image
+from ..render.pipeline import DEFAULT_GPU_MEMORY, as_stream, fleet_contexts, plan_launch, write_out
 
 
 @click.command("render")
@@ -147,9 +51,10 @@ def render_cmd(recipe: str, target: str, replicas: int, out_dir: str | None, nam
     """
     from ..recipe import load_recipe
 
-    from . import skipped_features
+    from ..render import skipped_features
 
     image = resolve_image(image, load_recipe(recipe).recipe)
+    check_byte_options(gpu_memory=gpu_memory, host_memory=host_memory)
     r, launch = plan_launch(recipe, gpu_memory=gpu_memory, host_memory=host_memory, image=image)
     fleet = None
     opts = dict(namespace=namespace, tools_image=tools_image, gpu_type=gpu_type, accelerator=accelerator,
