@@ -36,7 +36,7 @@ def _int(v: Any) -> bool:
 def validate_safetensors_header(header: Any, *, path: str | Path, size: int, data_start: int
                                 ) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
     """Check a parsed safetensors header against the format and the file's size; the one validator `plan`
-    (inspect) and `merge` (merge.stio) share. Returns ``{name: (dtype, shape, begin, end)}`` (offsets relative
+    (inspect) and `merge` (merge.shard_read) share. Returns ``{name: (dtype, shape, begin, end)}`` (offsets relative
     to the data start, in file order) and ``__metadata__``. Raises HeaderError naming the file and entry."""
     if not isinstance(header, dict):
         raise HeaderError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")

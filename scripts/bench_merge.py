@@ -132,7 +132,7 @@ def build_adapter(d: Path, model: Path, a: argparse.Namespace) -> Path:
     d.mkdir(parents=True)
     LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=a.targets).save_pretrained(str(d))
     idx = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
-    from peftdeploy.merge.stio import read_header
+    from peftdeploy.merge.shard_read import read_header
 
     shapes = {}
     for f in set(idx.values()):

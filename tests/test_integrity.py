@@ -112,7 +112,7 @@ def test_merge_refuses_non_finite_output(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 # ------------------------------------------------------------------------------------------------
-# safetensors headers: one validator for plan (inspect) and merge (stio)
+# safetensors headers: one validator for plan (inspect) and merge (shard_read)
 # ------------------------------------------------------------------------------------------------
 def _rewrite_header(st: Path, fn: Callable[[dict], Any], *, truncate: int = 0) -> None:
     raw = st.read_bytes()
@@ -312,15 +312,15 @@ def test_shards_are_hashed_while_written_and_match_the_files(tmp_path: Path) -> 
     """The merge hashes each shard from its staging buffers on the writer thread (O_DIRECT leaves no page
     cache to re-read): the digest equals the file's, the last block's padding excluded, whatever the
     block boundaries; the manifest keeps it and a full verify passes."""
-    from peftdeploy.merge import manifest, stio
+    from peftdeploy.merge import manifest, shard_write
 
     rng = np.random.default_rng(0)
     payload = [rng.integers(0, 255, n, dtype=np.uint8) for n in (5000, 70_001, 12_345)]
-    tensors = [stio.OutTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(payload)]
-    wq = stio.WriteQueue(8192, 3)
+    tensors = [shard_write.OutTensor(f"t{i}", "U8", (len(p),)) for i, p in enumerate(payload)]
+    wq = shard_write.WriteQueue(8192, 3)
     d = tmp_path / "direct"
     d.mkdir()
-    w = stio.ShardWriter(d / "s.safetensors", tensors, direct=True, queue=wq, hasher=manifest.stream_hasher())
+    w = shard_write.ShardWriter(d / "s.safetensors", tensors, direct=True, queue=wq, hasher=manifest.stream_hasher())
     for t, p in zip(tensors, payload):
         w.write_bytes(t.name, memoryview(p))
     w.close()

@@ -353,7 +353,7 @@ def test_numpy_casts_match_torch():
     """The numpy kernels (no torch at merge time) load and round exactly as torch's casts do."""
     import numpy as np
 
-    from peftdeploy.merge import compute, stio
+    from peftdeploy.merge import compute, shard_read
 
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4096, generator=g) * s for s in (1e-3, 1.0, 1e3)])
@@ -364,7 +364,7 @@ def test_numpy_casts_match_torch():
     x = torch.cat([x, ties.view(torch.float32), special]).reshape(4, -1).contiguous()
     for code, tdt in (("BF16", torch.bfloat16), ("F16", torch.float16), ("F32", torch.float32)):
         src = x.numpy().copy()
-        dst = np.empty(src.shape, np.dtype(stio.NP_STORAGE[code]))
+        dst = np.empty(src.shape, np.dtype(shard_read.NP_STORAGE[code]))
         compute._store_f32(code, src, dst, np.empty(src.shape, np.uint32))
         want = x.to(tdt)
         got = torch.from_numpy(dst.view(np.int16) if code != "F32" else dst).view(tdt)
@@ -383,7 +383,7 @@ def test_numpy_casts_match_torch():
 def test_untouched_tensors_are_copied_bit_for_bit_without_torch(models, tmp_path):
     """Untouched tensors are byte ranges copied from the backbone shard (copy_file_range), and the
     merge itself (numpy kernels) never imports torch."""
-    from peftdeploy.merge.stio import read_header
+    from peftdeploy.merge.shard_read import read_header
 
     src = models["llama_bf16"]
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj", "down_proj"))
@@ -440,7 +440,7 @@ def test_shard_writer_direct_and_buffered_write_the_same_file(tmp_path, direct):
     import numpy as np
     from safetensors.numpy import load_file
 
-    from peftdeploy.merge import stio
+    from peftdeploy.merge import shard_write
 
     rng = np.random.default_rng(0)
     arrays = {f"t{i}": rng.standard_normal(n).astype(np.float32) for i, n in
@@ -448,11 +448,11 @@ def test_shard_writer_direct_and_buffered_write_the_same_file(tmp_path, direct):
     src = tmp_path / "src.bin"
     blob = b"".join(a.tobytes() for a in arrays.values())
     src.write_bytes(b"xyz" + blob)  # odd offset: copy_from must not need alignment
-    outs = [stio.OutTensor(k, "F32", a.shape) for k, a in arrays.items()]
+    outs = [shard_write.OutTensor(k, "F32", a.shape) for k, a in arrays.items()]
     files = []
     for mode in (direct, False):
         p = tmp_path / f"{mode}-{len(files)}.safetensors"
-        w = stio.ShardWriter(p, outs, direct=mode, buffer_bytes=8192)
+        w = shard_write.ShardWriter(p, outs, direct=mode, buffer_bytes=8192)
         off = 3
         fd = os.open(src, os.O_RDONLY)
         try:
@@ -480,18 +480,18 @@ def test_shard_writer_spans_and_shared_queue(tmp_path, direct):
     import numpy as np
     from safetensors.numpy import load_file
 
-    from peftdeploy.merge import stio
+    from peftdeploy.merge import shard_write
 
     rng = np.random.default_rng(1)
     shards = [{"odd": rng.integers(0, 255, 4099, dtype=np.uint8), "w": rng.standard_normal((37, 129), np.float32),
                "h": rng.standard_normal(5001).astype(np.float16)},
               {"v": rng.standard_normal(20000).astype(np.float32)}]
     code = {np.dtype(np.uint8): "U8", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
-    q = stio.WriteQueue(buffer_bytes=8192, buffers=2)
+    q = shard_write.WriteQueue(buffer_bytes=8192, buffers=2)
     paths = []
     for i, arrays in enumerate(shards):
         p = tmp_path / f"s{i}.safetensors"
-        w = stio.ShardWriter(p, [stio.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()],
+        w = shard_write.ShardWriter(p, [shard_write.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()],
                              direct=direct, queue=q)
         for k, a in arrays.items():
             flat = a.reshape(-1).view(np.uint8)
@@ -507,7 +507,7 @@ def test_shard_writer_spans_and_shared_queue(tmp_path, direct):
     q.close()
     for p, arrays in zip(paths, shards):
         ref = tmp_path / f"ref-{p.name}"  # the same layout written from bytes at hand, unbuffered
-        w = stio.ShardWriter(ref, [stio.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()])
+        w = shard_write.ShardWriter(ref, [shard_write.OutTensor(k, code[a.dtype], a.shape) for k, a in arrays.items()])
         for k, a in arrays.items():
             w.write_bytes(k, a.tobytes())
         w.close()
@@ -520,7 +520,7 @@ def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, m
     """A failing write on the writer thread fails the merge; a full disk says so with a fix; nothing is left."""
     import errno
 
-    from peftdeploy.merge import stio
+    from peftdeploy.merge import shard_write
 
     src = models["llama3"]
     ad = build_tiny_lora(src, tmp_path / "ad", targets=("q_proj",))
@@ -532,8 +532,8 @@ def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return orig(self, fd, mv)
 
-    orig = stio.ShardWriter._write_block
-    monkeypatch.setattr(stio.ShardWriter, "_write_block", full)
+    orig = shard_write.ShardWriter._write_block
+    monkeypatch.setattr(shard_write.ShardWriter, "_write_block", full)
     monkeypatch.setattr("peftdeploy.merge.engine.WRITE_BUFFER_BYTES", 4096)
     out = tmp_path / "o"
     with pytest.raises(MergeError, match="filled up while writing") as ei:
@@ -541,7 +541,7 @@ def test_write_errors_reach_the_caller_and_remove_the_output(models, tmp_path, m
     assert "PEFTDEPLOY_CACHE" in ei.value.fix
     assert len(calls) > 2 and not out.exists()
     # other write errors stay what they are
-    monkeypatch.setattr(stio.ShardWriter, "_write_block",
+    monkeypatch.setattr(shard_write.ShardWriter, "_write_block",
                         lambda self, fd, mv: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OSError, match="Input/output"):
         merge_model(src, [AdapterInput("a", ad)], out, progress=False)

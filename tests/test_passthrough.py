@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from peftdeploy.errors import LaunchError
 from peftdeploy.launch import passthrough as pt
-from peftdeploy.plan.findings import MANAGED_ARGS
+from peftdeploy.plan.engine_args import MANAGED_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ if sys.argv[1] == "0.26":  # vLLM 0.26 finds no platform from its bare sources: 
     P._current_platform = CpuPlatform()
 from peftdeploy.errors import LaunchError
 from peftdeploy.launch import passthrough as pt
-from peftdeploy.plan.findings import MANAGED_ARGS
+from peftdeploy.plan.engine_args import MANAGED_ARGS
 t = pt.option_table()
 out = {"source": t.source, "version": t.vllm_version}
 for name, args in (("ok", ["--enable-prefix-caching", "--max-num-batched-tokens", "4096"]),

@@ -95,7 +95,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
                         port=port, host=host, timeout=timeout, device=device)
     spec = override_port(plan.launch, port, host)
     if vllm_args:
-        from ..plan.findings import MANAGED_ARGS
+        from ..plan.engine_args import MANAGED_ARGS
         from ..launch.passthrough import check
 
         passed = check(vllm_args, managed=MANAGED_ARGS)

@@ -86,7 +86,7 @@ def installed_table() -> OptionTable:
 
 
 def frozen_table() -> OptionTable:
-    from ..plan.findings import _engine_args_version, vllm_engine_args
+    from ..plan.engine_args import _engine_args_version, vllm_engine_args
 
     opts: dict[str, Option] = {}
     for dest, info in vllm_engine_args().items():

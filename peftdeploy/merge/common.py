@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import stio
+from peftdeploy.merge import shard_read
 from peftdeploy.merge.hashing import HashCache
 from peftdeploy.util import COMPLETE_MARKER  # noqa: F401 (re-exported)
 
@@ -87,7 +87,7 @@ def sha256_json(obj: Any) -> str:
 class Backbone:
     path: Path
     files: list[Path]  # weight shards, in order
-    tensors: dict[str, stio.TensorInfo]  # in (file, offset) order
+    tensors: dict[str, shard_read.TensorInfo]  # in (file, offset) order
     config: dict[str, Any]
 
     def stored_dtype(self) -> str:
@@ -126,11 +126,11 @@ def open_backbone(path: str | os.PathLike[str]) -> Backbone:
         raise MergeError(
             f"backbone {path} has no safetensors weights" + (f" (only {', '.join(pickles[:3])})" if pickles else ""),
             fix="convert the model to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True))")
-    tensors: dict[str, stio.TensorInfo] = {}
+    tensors: dict[str, shard_read.TensorInfo] = {}
     for f in files:
         try:
-            hdr = stio.read_header(f)
-        except stio.SafetensorsFormatError as e:
+            hdr = shard_read.read_header(f)
+        except shard_read.SafetensorsFormatError as e:
             raise MergeError(f"backbone shard {f} is not a valid safetensors file ({e})",
                              fix="re-download the model") from None
         for n, t in hdr.tensors.items():

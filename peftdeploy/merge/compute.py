@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import kernels, stio
+from peftdeploy.merge import kernels, shard_read, shard_write
 from peftdeploy.merge.blas import addmm as _addmm
 from peftdeploy.merge.common import Backbone
 from peftdeploy.merge.layout import TensorPlan, _values_equal
@@ -173,7 +173,7 @@ def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
         ai, key = tp.replacement
         W = ctx.adapters[ai].raw(key)
         if ctx.weights[ai] != 1.0:
-            base = stio.read_array(fd, tp.src)
+            base = shard_read.read_array(fd, tp.src)
             if not (tp.src.dtype == wc and _values_equal(wc, base, W)):
                 raise MergeError(
                     f"adapter {ctx.adapters[ai].name!r} replaces {tp.name} (modules_to_save) and has weight "
@@ -182,15 +182,15 @@ def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
             del base
     else:
         bufs.append(ctx.pool.get(tp.src.nbytes))
-        W = stio.read_array(fd, tp.src, bufs[-1])
+        W = shard_read.read_array(fd, tp.src, bufs[-1])
 
     if tp.bias_from:  # 1-D bias vector: tiny
         if tp.contributions:  # a tensor is either a weight or a bias
             raise AssertionError(tp.name)
-        Wf = stio.to_float32(wc, W).reshape(1, -1)
+        Wf = shard_read.to_float32(wc, W).reshape(1, -1)
         for ai, m in tp.bias_from:
             Wf += ctx.lora(ai, m.bias_key).reshape(1, -1) * (float(ctx.weights[ai]) * m.scale)
-        res = stio.raw_array(oc, np.empty(tp.out.nbytes, np.uint8), (1, Wf.shape[1]))
+        res = shard_read.raw_array(oc, np.empty(tp.out.nbytes, np.uint8), (1, Wf.shape[1]))
         _store_f32(oc, Wf, res, np.empty(Wf.shape, np.uint32))
         return _Prepared(_as_bytes(res), bufs)
 
@@ -198,7 +198,7 @@ def _compute(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
         out = W
     else:
         bufs.append(ctx.pool.get(tp.out.nbytes))
-        out = stio.raw_array(oc, bufs[-1], tuple(tp.src.shape))
+        out = shard_read.raw_array(oc, bufs[-1], tuple(tp.src.shape))
     if not tp.contributions and wc == oc:  # a replacement kept as is
         return _Prepared(_as_bytes(out), bufs)
 
@@ -249,14 +249,14 @@ PIECE_ELEMENTS = 1 << 20  # a thread's unit of work in _write_fused (2-4 MiB of 
 
 def _check_finite(name: str, code: str, data: "np.ndarray | memoryview") -> None:
     """Refuse merged bytes holding NaN/inf (all exponent bits set): alpha, weights or a delta overflowed."""
-    n = stio.nonfinite_count(code, data)
+    n = shard_read.nonfinite_count(code, data)
     if n:
         raise MergeError(f"merged tensor {name} has {n} NaN/inf values ({code}): an adapter's lora_alpha, weight "
                          "or delta overflows it", fix="check the adapters' lora_alpha / r and the recipe's weight "
                          "values; nothing was written to the cache")
 
 
-def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, kern: kernels.Kernel,
+def _write_fused(w: shard_write.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, kern: kernels.Kernel,
                  helpers: ThreadPoolExecutor | None, nhelpers: int) -> None:
     """Merge one weight into the writer's staging buffers. Each span is cut into pieces that this
     thread and the helpers take in turn (the kernel drops the GIL), so a thread that also does
@@ -291,13 +291,13 @@ def _write_fused(w: stio.ShardWriter, tp: TensorPlan, fz: _Fused, ctx: _Ctx, ker
 def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
     """The torch path: DoRA, and dtypes the numpy kernels do not handle (float64, float8 …)."""
     torch = _torch()
-    od = stio.torch_dtype(tp.out_dtype)
+    od = shard_read.torch_dtype(tp.out_dtype)
     fd = ctx.fds[tp.src.file]
     if tp.replacement is not None:
         ai, key = tp.replacement
         rep = ctx.adapters[ai].tensor(key)
         if ctx.weights[ai] != 1.0:
-            base = stio.read_tensor(fd, tp.src)
+            base = shard_read.read_tensor(fd, tp.src)
             if not (base.dtype == rep.dtype and torch.equal(base, rep)):
                 raise MergeError(
                     f"adapter {ctx.adapters[ai].name!r} replaces {tp.name} (modules_to_save) and has weight "
@@ -306,18 +306,18 @@ def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
             del base
         W = rep
     else:
-        W = stio.read_tensor(fd, tp.src)
+        W = shard_read.read_tensor(fd, tp.src)
 
     if tp.dora is not None:
-        return _Prepared(stio.tensor_bytes(_compute_dora(W, tp, ctx, od)), [])
+        return _Prepared(shard_write.tensor_bytes(_compute_dora(W, tp, ctx, od)), [])
 
     if tp.bias_from:
         Wf = W.float()
         for ai, m in tp.bias_from:
             Wf += ctx.lora_t(ai, m.bias_key) * (float(ctx.weights[ai]) * m.scale)
-        return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
+        return _Prepared(shard_write.tensor_bytes(Wf.to(od)), [])
     if not tp.contributions:
-        return _Prepared(stio.tensor_bytes(W.to(od)), [])
+        return _Prepared(shard_write.tensor_bytes(W.to(od)), [])
     Wf = W.float()
     for c in tp.contributions:
         A = ctx.lora_t(c.adapter, c.module.a_key)
@@ -326,7 +326,7 @@ def _compute_torch(tp: TensorPlan, ctx: _Ctx) -> _Prepared:
             Wf.addmm_(A.t(), B.t(), alpha=c.coef)
         else:
             Wf.addmm_(B, A, alpha=c.coef)
-    return _Prepared(stio.tensor_bytes(Wf.to(od)), [])
+    return _Prepared(shard_write.tensor_bytes(Wf.to(od)), [])
 
 
 def _compute_dora(W: "torch.Tensor", tp: TensorPlan, ctx: _Ctx, od: "torch.dtype") -> "torch.Tensor":

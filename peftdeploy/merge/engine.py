@@ -8,10 +8,10 @@ tensor at a time:
   headers, index) is known before any byte of data is read, and every adapter/backbone mismatch is
   reported before anything is written;
 * the output is written with ``O_DIRECT`` through block-aligned staging buffers where the
-  filesystem allows it (see :class:`~peftdeploy.merge.stio.ShardWriter`;
+  filesystem allows it (see :class:`~peftdeploy.merge.shard_write.ShardWriter`;
   ``PEFTDEPLOY_MERGE_DIRECT_IO=0`` writes through the page cache instead): filling the page cache
   with a new multi-GB file costs the kernel more CPU than the merge arithmetic, and evicts what
-  other processes cached. A writer thread (:class:`~peftdeploy.merge.stio.WriteQueue`, shared by
+  other processes cached. A writer thread (:class:`~peftdeploy.merge.shard_write.WriteQueue`, shared by
   all shards) writes each full buffer while the next one is filled, so the disk never waits for
   the arithmetic and the arithmetic never waits for the disk, shard boundaries included;
 * adapted weights of float16/bfloat16/float32 are merged by the compiled fused kernel
@@ -40,7 +40,7 @@ The output is a plain Hugging Face model directory: sharded ``model-0000k-of-000
 templates and every other non-weight file, and ``peftdeploy-provenance.json``.
 
 This module is the pipeline (threads, writer, hashing, progress, provenance); the layout plan is
-layout.py, the per-tensor arithmetic compute.py, the BLAS binding blas.py, the file format stio.py.
+layout.py, the per-tensor arithmetic compute.py, the BLAS binding blas.py, the shard reader shard_read.py and writer shard_write.py.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import peftdeploy
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import kernels, manifest, stio
+from peftdeploy.merge import kernels, manifest, shard_write
 from peftdeploy.merge.common import (COMPLETE_MARKER, DEFAULT_SHARD_SIZE, MERGE_ENGINE_VERSION, PROVENANCE_FILE,
                                      SAFE_INDEX, AdapterInput, Backbone, MergeResult, dtype_name,
                                      iter_aux_files, open_backbone)
@@ -371,13 +371,13 @@ def _run(job: _Job, timings: dict[str, float], t0: float) -> MergeResult:
     blas.__enter__()
     results = _ordered(plan.tensors, prepare, workers)
     # staging buffers no larger than a quarter of the output: small models do not pay for 64 MiB
-    wq = stio.WriteQueue(min(WRITE_BUFFER_BYTES, max(stio.DIRECT_ALIGN, total // 4)), WRITE_BUFFERS) if direct else None
-    writers: list[tuple[str, stio.ShardWriter]] = []
+    wq = shard_write.WriteQueue(min(WRITE_BUFFER_BYTES, max(shard_write.DIRECT_ALIGN, total // 4)), WRITE_BUFFERS) if direct else None
+    writers: list[tuple[str, shard_write.ShardWriter]] = []
     try:
         weight_map: dict[str, str] = {}
         shard_meta = []
         for shard, fname in zip(plan.shards, plan.shard_names):
-            w = stio.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct, queue=wq,
+            w = shard_write.ShardWriter(out / fname, [tp.out for tp in shard], direct=direct, queue=wq,
                                  hasher=manifest.stream_hasher() if digests is not None else None)
             try:
                 for tp in shard:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import stio
+from peftdeploy.merge import shard_read, shard_write
 from peftdeploy.merge.common import SAFE_SINGLE, Backbone, dtype_name
 from peftdeploy.merge.lora import LoraAdapter, LoraModule
 
@@ -37,7 +37,7 @@ class Contribution:
 @dataclass
 class TensorPlan:
     name: str
-    src: stio.TensorInfo
+    src: shard_read.TensorInfo
     out_dtype: str  # safetensors code
     contributions: list[Contribution] = field(default_factory=list)
     bias_from: list[tuple[int, LoraModule]] = field(default_factory=list)  # lora_bias deltas
@@ -50,8 +50,8 @@ class TensorPlan:
                 and self.dora is None and self.out_dtype == self.src.dtype)
 
     @property
-    def out(self) -> stio.OutTensor:
-        return stio.OutTensor(self.name, self.out_dtype, self.src.shape)
+    def out(self) -> shard_write.OutTensor:
+        return shard_write.OutTensor(self.name, self.out_dtype, self.src.shape)
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _values_equal(code: str, a: np.ndarray, b: np.ndarray) -> bool:
     if a.shape != b.shape:
         return False
     if code == "BF16":
-        a, b = stio.to_float32(code, a), stio.to_float32(code, b)
+        a, b = shard_read.to_float32(code, a), shard_read.to_float32(code, b)
     return bool(np.array_equal(a, b))
 
 
@@ -85,7 +85,7 @@ def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Seq
     oc = _out_code(out_dtype)
     for n, t in backbone.tensors.items():
         od = t.dtype
-        if oc is not None and t.dtype in stio.FLOAT_ST:
+        if oc is not None and t.dtype in shard_read.FLOAT_ST:
             od = oc
         plans[n] = TensorPlan(n, t, od)
 
@@ -97,7 +97,7 @@ def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Seq
             if src is None:
                 unmatched.append(f"{ad.name}:{m.module}")
                 continue
-            if src.dtype not in stio.FLOAT_ST:
+            if src.dtype not in shard_read.FLOAT_ST:
                 raise MergeError(f"backbone tensor {target} is {src.dtype}, not a float tensor (quantized?)",
                                  fix="merge into an unquantized backbone")
             tr = m.orientation(src.shape)
@@ -179,7 +179,7 @@ def plan_merge(backbone: Backbone, adapters: Sequence[LoraAdapter], weights: Seq
         shards[-1].append(tp)
         size += nb
     for s in shards:
-        s.sort(key=lambda tp: -stio.ST_ITEMSIZE[tp.out_dtype])  # stable
+        s.sort(key=lambda tp: -shard_read.ST_ITEMSIZE[tp.out_dtype])  # stable
     if len(shards) == 1:
         names = [SAFE_SINGLE]
     else:

@@ -1,7 +1,7 @@
 """Read a PEFT LoRA adapter directory lazily and describe exactly what merging it means.
 
 Only ``adapter_config.json`` and the safetensors *header* are read up front; tensors are read one
-at a time when the merge engine needs them (``pread``, see :mod:`peftdeploy.merge.stio`).
+at a time when the merge engine needs them (``pread``, see :mod:`peftdeploy.merge.shard_read`).
 
 Key naming (as PEFT's ``get_peft_model_state_dict`` writes it; the adapter name, normally
 ``default``, is usually stripped but accepted when present)::
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import stio
+from peftdeploy.merge import shard_read
 
 if TYPE_CHECKING:  # imported lazily: parsing an adapter does not need torch
     import numpy as np
@@ -160,7 +160,7 @@ class LoraAdapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)  # backbone weight name -> module
     replacements: dict[str, str] = field(default_factory=dict)  # backbone tensor name -> adapter key
     use_dora: bool = False
-    _infos: dict[str, stio.TensorInfo] = field(default_factory=dict, repr=False)
+    _infos: dict[str, shard_read.TensorInfo] = field(default_factory=dict, repr=False)
     _pickled: "dict[str, torch.Tensor] | None" = field(default=None, repr=False)
     _fd: int = field(default=-1, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -183,12 +183,12 @@ class LoraAdapter:
         with self._lock:
             if self._fd < 0:
                 self._fd = os.open(self.weights_path, os.O_RDONLY)
-        return stio.read_tensor(self._fd, self._infos[key])
+        return shard_read.read_tensor(self._fd, self._infos[key])
 
     def dtype_code(self, key: str) -> str:
         """safetensors dtype code of a tensor ("BF16", "F32", ...)."""
         if self._pickled is not None:
-            return stio.st_code(self._pickled[key].dtype)
+            return shard_read.st_code(self._pickled[key].dtype)
         return self._infos[key].dtype
 
     def raw(self, key: str) -> "np.ndarray":
@@ -196,16 +196,16 @@ class LoraAdapter:
         safetensors adapters (a private copy)."""
         if self._pickled is not None:
             t = self._pickled[key].detach().contiguous()
-            return stio.raw_array(stio.st_code(t.dtype), t.view(-1).view(_torch().uint8).numpy().copy(),
+            return shard_read.raw_array(shard_read.st_code(t.dtype), t.view(-1).view(_torch().uint8).numpy().copy(),
                                   tuple(t.shape))
         with self._lock:
             if self._fd < 0:
                 self._fd = os.open(self.weights_path, os.O_RDONLY)
-        return stio.read_array(self._fd, self._infos[key])
+        return shard_read.read_array(self._fd, self._infos[key])
 
     def array(self, key: str) -> "np.ndarray":
         """One float tensor of the adapter as a float32 numpy array (a private copy)."""
-        return stio.to_float32(self.dtype_code(key), self.raw(key))
+        return shard_read.to_float32(self.dtype_code(key), self.raw(key))
 
     def close(self) -> None:
         with self._lock:
@@ -318,12 +318,12 @@ def open_adapter(path: str | os.PathLike[str], *, name: str | None = None, allow
 
     st = path / ADAPTER_SAFETENSORS
     pk = path / ADAPTER_PICKLE
-    infos: dict[str, stio.TensorInfo] = {}
+    infos: dict[str, shard_read.TensorInfo] = {}
     pickled = None
     if st.is_file():
         try:
-            infos = stio.read_header(st).tensors
-        except stio.SafetensorsFormatError as e:
+            infos = shard_read.read_header(st).tensors
+        except shard_read.SafetensorsFormatError as e:
             raise _err(name, f"{st} is not a valid safetensors file ({e})", "re-save the adapter") from None
         weights_path = st
         from ..adapter_format import LORA_FLOAT_DTYPES, parse_lora_name

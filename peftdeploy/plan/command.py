@@ -16,7 +16,7 @@ from typing import Any
 from .spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
 from ..util import cache_root
-from .findings import vllm_engine_args
+from .engine_args import vllm_engine_args
 from .kernels import ENV as LORA_KERNELS_ENV
 
 # schemes vLLM quantizes at load time -> --quantization value (from peftdeploy.quantize.support: fp8, and

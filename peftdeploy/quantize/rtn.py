@@ -19,7 +19,7 @@ The per-tensor arithmetic is compressed-tensors' own: scales from
 ``compressed_tensors.quantization.utils.calculate_qparams`` (min/max observer, i.e. RTN), the
 integer codes and packing from the library's ``IntQuantizationCompressor`` /
 ``PackedQuantizationCompressor.compress``. Only the streaming around it is ours: tensors are read
-one at a time with ``pread`` and written through :class:`peftdeploy.merge.stio.ShardWriter` in a
+one at a time with ``pread`` and written through :class:`peftdeploy.merge.shard_write.ShardWriter` in a
 layout computed up front from the input headers — peak memory is one tensor (plus its float32
 copy), never the model.
 
@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from peftdeploy.errors import MergeError
-from peftdeploy.merge import stio
+from peftdeploy.merge import shard_read, shard_write
 
 QUANTIZER_VERSION = "1"
 QUANT_PROVENANCE_FILE = "peftdeploy-quantization.json"
@@ -118,7 +118,7 @@ def offline_spec(scheme: str, group_size: int | None = 128) -> OfflineSpec:
 class _Source:
     path: Path
     files: list[Path]
-    tensors: dict[str, stio.TensorInfo]
+    tensors: dict[str, shard_read.TensorInfo]
     config: dict[str, Any]
 
 
@@ -204,17 +204,17 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], spec: OfflineSpec) -> to
     return comp.decompress(sd, qs)["weight"].float()
 
 
-def _out_layout(name: str, shape: tuple[int, ...], spec: OfflineSpec, scale_st: str) -> list[stio.OutTensor]:
+def _out_layout(name: str, shape: tuple[int, ...], spec: OfflineSpec, scale_st: str) -> list[shard_write.OutTensor]:
     mod = name[: -len(".weight")]
     out_f, in_f = shape
     ns = 1 if spec.strategy == "channel" else in_f // spec.group_size
     if spec.format == "int-quantized":
-        return [stio.OutTensor(f"{mod}.weight", "I8", (out_f, in_f)),
-                stio.OutTensor(f"{mod}.weight_scale", scale_st, (out_f, ns))]
+        return [shard_write.OutTensor(f"{mod}.weight", "I8", (out_f, in_f)),
+                shard_write.OutTensor(f"{mod}.weight_scale", scale_st, (out_f, ns))]
     pf = 32 // spec.num_bits
-    return [stio.OutTensor(f"{mod}.weight_packed", "I32", (out_f, math.ceil(in_f / pf))),
-            stio.OutTensor(f"{mod}.weight_scale", scale_st, (out_f, ns)),
-            stio.OutTensor(f"{mod}.weight_shape", "I64", (2,))]
+    return [shard_write.OutTensor(f"{mod}.weight_packed", "I32", (out_f, math.ceil(in_f / pf))),
+            shard_write.OutTensor(f"{mod}.weight_scale", scale_st, (out_f, ns)),
+            shard_write.OutTensor(f"{mod}.weight_shape", "I64", (2,))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +292,7 @@ def quantize_model(
     spec = offline_spec(scheme, group_size)
     names = list(src.tensors)
     qnames = [n for n in names if is_quantizable(n, src.tensors[n].shape)
-              and src.tensors[n].dtype in stio.FLOAT_ST]
+              and src.tensors[n].dtype in shard_read.FLOAT_ST]
     if not qnames:
         raise MergeError(f"{src.path}: found no decoder Linear weights to quantize",
                          fix="only decoder-only transformer checkpoints (…layers.N.*_proj.weight) are supported")
@@ -303,21 +303,21 @@ def quantize_model(
     # the dtype activations run in = the dtype of the kept float tensors; scales are stored in it
     by: dict[str, int] = {}
     for t in src.tensors.values():
-        if t.dtype in stio.FLOAT_ST:
+        if t.dtype in shard_read.FLOAT_ST:
             by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
     scale_st = max(by, key=by.get) if by else "F32"
-    scale_dtype = stio.torch_dtype(scale_st)
+    scale_dtype = shard_read.torch_dtype(scale_st)
 
     qset = set(qnames)
-    layout: list[tuple[str, list[stio.OutTensor]]] = []
+    layout: list[tuple[str, list[shard_write.OutTensor]]] = []
     for n in names:
         t = src.tensors[n]
         if n in qset:
             layout.append((n, _out_layout(n, t.shape, spec, scale_st)))
         else:
-            layout.append((n, [stio.OutTensor(n, t.dtype, t.shape)]))
+            layout.append((n, [shard_write.OutTensor(n, t.dtype, t.shape)]))
     # shards
-    shards: list[list[tuple[str, list[stio.OutTensor]]]] = [[]]
+    shards: list[list[tuple[str, list[shard_write.OutTensor]]]] = [[]]
     size = 0
     for item in layout:
         nb = sum(o.nbytes for o in item[1])
@@ -340,7 +340,7 @@ def quantize_model(
     try:
         for fname, shard in zip(fnames, shards):
             outs = [o for _, os_ in shard for o in os_]
-            w = stio.ShardWriter(out / fname, outs, {"format": "pt"})
+            w = shard_write.ShardWriter(out / fname, outs, {"format": "pt"})
             try:
                 for n, os_ in shard:
                     info = src.tensors[n]
@@ -348,7 +348,7 @@ def quantize_model(
                     if fd is None:
                         fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
                     if n in qset:
-                        wt = stio.read_tensor(fd, info)
+                        wt = shard_read.read_tensor(fd, info)
                         q = quantize_weight(wt, spec, scale_dtype)
                         deq = dequantize_weight(q, spec)
                         wf = wt.float()
@@ -357,9 +357,9 @@ def quantize_model(
                         for o in os_:
                             local = o.name[len(mod) + 1:]
                             tq = q[local].contiguous()
-                            assert tuple(tq.shape) == o.shape and stio.st_code(tq.dtype) == o.dtype, \
+                            assert tuple(tq.shape) == o.shape and shard_read.st_code(tq.dtype) == o.dtype, \
                                 (o, tq.shape, tq.dtype)
-                            w.write_bytes(o.name, stio.tensor_bytes(tq))
+                            w.write_bytes(o.name, shard_write.tensor_bytes(tq))
                         del wt, q, deq, wf
                     else:
                         w.copy_from(n, fd, info.offset, info.nbytes)

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import Finding, Location, Severity
 from ..inventory import AdapterInfo, Inventory, ModelInfo, inspect_adapter, inspect_model
-from ..plan.findings import ADAPTER_CHECKS, CheckContext
+from ..plan.adapter_checks import ADAPTER_CHECKS
+from ..plan.check_context import CheckContext
 from ..recipe.schema import Adapter, Recipe
 from ..sources import ResolvedSource
 
