@@ -17,7 +17,6 @@ own exit code when it dies after it was ready.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -28,9 +27,10 @@ from typing import Any
 import click
 
 from ..cli_common import emit_json, json_option, user_errors
-from ..errors import LaunchError, Location
-from ..launch.local import (STOP_GRACE, Stopped, api_key_env, base_url, deployment_status, install_handlers,
-                            override_port, ppl_gate, restore_handlers, stream_log, usage_examples)
+from ..errors import LaunchError
+from ..launch.local import (STOP_GRACE, Stopped, api_key_env, base_url, check_locked, claim, deployment_status,
+                            install_handlers, model_labels, override_port, ppl_gate, ready_info, restore_handlers,
+                            start_recorded, usage_examples, wait_exit, with_vllm_args)
 from ..launch.metrics import OTHER_MODEL
 
 def _err(msg: str) -> None:
@@ -71,36 +71,22 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
 
     `peftdeploy up RECIPE -- <vllm serve flags>` passes flags through to vLLM after the planned ones,
     checked first against the installed vLLM's own argument parser."""
+    from ..launch import state as st
+    from ..launch.supervisor import ProgressDisplay, Supervisor, default_log_path
     from ..plan import make_plan
     from ..recipe import load_recipe
-    from ..launch import state as st
-    from ..launch.supervisor import ProgressDisplay, Supervisor, check_port_free, default_log_path
 
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
     plan.raise_for_errors()
     if locked:
-        from ..lock import drift, lock_path, read_lock
-
-        lp = lock_path(loaded.path)
-        changed = drift(read_lock(lp), plan.resolved)
-        if changed:
-            raise LaunchError(f"--locked: {len(changed)} thing(s) drifted from {lp}: " + "; ".join(changed),
-                              fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
-                                  f"on purpose with `peftdeploy lock {recipe}`", location=Location(file=str(lp)))
-    if getattr(plan, "fleet", None) is not None:  # one engine per group behind a router (peftdeploy/commands/fleet_cmds.py)
+        check_locked(loaded, plan, recipe)
+    if getattr(plan, "fleet", None) is not None:  # one engine per group behind a router (fleet_cmds.py)
         from .fleet_cmds import fleet_up
 
         return fleet_up(loaded, plan, dry_run=dry_run, detach=detach, as_json=as_json, log_file=log_file,
                         port=port, host=host, timeout=timeout, device=device)
-    spec = override_port(plan.launch, port, host)
-    if vllm_args:
-        from ..plan.engine_args import MANAGED_ARGS
-        from ..launch.passthrough import check
-
-        passed = check(vllm_args, managed=MANAGED_ARGS)
-        spec = dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
-
+    spec = with_vllm_args(override_port(plan.launch, port, host), vllm_args)
     if dry_run:
         if as_json:
             emit_json({"ok": True, "mode": plan.mode, "mode_reason": plan.mode_reason, **spec.to_dict()})
@@ -114,15 +100,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
         for f in plan.findings:
             if f.severity.value == "warning":
                 _err(f"plan: warning: {f.message}")
-
-    existing = st.read_state(spec.recipe_name)
-    if existing is not None:
-        if existing.alive:
-            raise LaunchError(f"deployment {spec.recipe_name!r} is already running at {existing.base_url} "
-                              f"(pid {existing.pid})", fix=f"stop it first: peftdeploy down {spec.recipe_name}")
-        st.remove_state(spec.recipe_name)  # stale
-    check_port_free(spec.host, spec.port)  # before a (possibly long) merge
-
+    claim(spec)
     merge_info = None
     if spec.merge is not None:
         spec, merge_info = _run_merge(plan, spec, quiet=quiet)
@@ -145,16 +123,7 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
     state = None
     try:
         try:
-            sup.start()
-            state = st.DeploymentState(
-                name=spec.recipe_name, pid=sup.proc.pid, pgid=sup.pgid, host=spec.host, port=spec.port,
-                log_path=str(sup.log_path), model_names=spec.model_names, served_model_name=spec.served_model_name,
-                adapters=[a.name for a in spec.adapters], mode=spec.mode,
-                merge_adapters=list(spec.merge.adapters) if spec.merge is not None else [],
-                recipe_path=str(loaded.path),
-                recipe_hash=spec.recipe_hash, supervisor_pid=None if detach else os.getpid(),
-                api_key_env=api_key_env(spec), command_line=spec.command_line())
-            st.write_state(state)
+            state = start_recorded(sup, spec, loaded, detach=detach)
             if not quiet:
                 _err(f"vLLM: starting (pid {sup.proc.pid}, log {sup.log_path})")
             with ProgressDisplay(spec.recipe_name, enabled=not quiet) as disp:
@@ -165,25 +134,14 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
             raise
         state.ready_at = time.time()
         st.write_state(state)
-        base = base_url(spec.host, spec.port)
-        info = {"ok": True, "name": spec.recipe_name, "endpoint": f"{base}/v1", "models": spec.model_names,
-                "base_model": spec.served_model_name, "adapters": [a.name for a in spec.adapters],
-                "mode": spec.mode, "pid": sup.proc.pid, "pgid": sup.pgid, "log": str(sup.log_path),
-                "ready_seconds": round(seconds, 2), "merge": merge_info, "detached": detach}
+        info = ready_info(spec, sup, seconds, merge_info, detach=detach)
         if as_json:
             emit_json(info)
         else:
-            click.echo(f"ready in {seconds:.1f} s: {base}/v1   (mode {spec.mode})")
-            if spec.mode == "hybrid":
-                names = [f"{spec.served_model_name} (merged into the backbone, no LoRA)",
-                         *(f"{a.name} ({'base' if a.name == spec.recipe_name else 'adapter'}, exact delta LoRA)"
-                           for a in spec.adapters)]
-            else:
-                names = [f"{spec.served_model_name} (base{' merged' if spec.mode == 'merge' else ''})",
-                         *(a.name for a in spec.adapters)]
-            click.echo(f"models: {', '.join(names)}")
+            click.echo(f"ready in {seconds:.1f} s: {info['endpoint']}   (mode {spec.mode})")
+            click.echo(f"models: {', '.join(model_labels(spec))}")
             click.echo(f"log: {sup.log_path}")
-            click.echo(usage_examples(base, spec.model_names, api_key_env(spec)))
+            click.echo(usage_examples(base_url(spec.host, spec.port), spec.model_names, api_key_env(spec)))
             if detach:
                 click.echo(f"detached: `peftdeploy status {spec.recipe_name}`, "
                            f"`peftdeploy down {spec.recipe_name}`")
@@ -193,21 +151,11 @@ def up_cmd(recipe: str, dry_run: bool, detach: bool, as_json: bool, log_file: st
         if detach:
             sup.proc.returncode = 0  # do not warn about a child we leave running on purpose
             return
-
-        # foreground: block until a signal or the server exits
-        tail_pos = sup.log_path.stat().st_size if follow else 0
-        while True:
-            rc = sup.proc.poll()
-            if follow:
-                tail_pos = stream_log(sup.log_path, tail_pos)
-            if rc is not None:
-                break
-            time.sleep(0.25)
+        rc = wait_exit(sup, follow=follow)  # foreground: until a signal or the server exits
         st.remove_state(spec.recipe_name, pid=sup.proc.pid)
         sup.stop(grace=5)  # leftovers of the group, if any
         if rc != 0:
-            d = sup.failure(rc, prefix="the vLLM server exited")
-            _err(d.render())
+            _err(sup.failure(rc, prefix="the vLLM server exited").render())
         sys.exit(rc if rc >= 0 else 128 - rc)
     except Stopped as s:
         if not quiet:

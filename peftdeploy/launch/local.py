@@ -169,3 +169,93 @@ def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
     except httpx.HTTPError:
         pass
     return d
+
+
+def check_locked(loaded: Any, plan: Any, recipe_arg: str) -> None:
+    """`up --locked`: refuse (exit 2) when anything drifted from the recipe's lock file."""
+    from ..errors import LaunchError, Location
+    from ..lock import drift, lock_path, read_lock
+
+    lp = lock_path(loaded.path)
+    changed = drift(read_lock(lp), plan.resolved)
+    if changed:
+        raise LaunchError(f"--locked: {len(changed)} thing(s) drifted from {lp}: " + "; ".join(changed),
+                          fix=f"deploy what was locked (pin the revisions / versions it names), or re-lock "
+                              f"on purpose with `peftdeploy lock {recipe_arg}`", location=Location(file=str(lp)))
+
+
+def with_vllm_args(spec: Any, vllm_args: tuple[str, ...]) -> Any:
+    """The spec with `up -- <vllm flags>` appended after the planned ones (checked by the installed vLLM's
+    own parser; flags the plan manages are refused)."""
+    if not vllm_args:
+        return spec
+    from ..plan.engine_args import MANAGED_ARGS
+    from .passthrough import check
+
+    passed = check(vllm_args, managed=MANAGED_ARGS)
+    return dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
+
+
+def claim(spec: Any) -> None:
+    """Refuse to start a second deployment of the same name (a stale state file is removed) or on a port in
+    use — before a possibly long merge."""
+    from ..errors import LaunchError
+    from . import state as st
+    from .supervisor import check_port_free
+
+    existing = st.read_state(spec.recipe_name)
+    if existing is not None:
+        if existing.alive:
+            raise LaunchError(f"deployment {spec.recipe_name!r} is already running at {existing.base_url} "
+                              f"(pid {existing.pid})", fix=f"stop it first: peftdeploy down {spec.recipe_name}")
+        st.remove_state(spec.recipe_name)  # stale
+    check_port_free(spec.host, spec.port)
+
+
+def start_recorded(sup: Any, spec: Any, loaded: Any, *, detach: bool) -> Any:
+    """Start the server and write its state file (what `status` / `down` read); returns the state."""
+    from . import state as st
+
+    sup.start()
+    state = st.DeploymentState(
+        name=spec.recipe_name, pid=sup.proc.pid, pgid=sup.pgid, host=spec.host, port=spec.port,
+        log_path=str(sup.log_path), model_names=spec.model_names, served_model_name=spec.served_model_name,
+        adapters=[a.name for a in spec.adapters], mode=spec.mode,
+        merge_adapters=list(spec.merge.adapters) if spec.merge is not None else [],
+        recipe_path=str(loaded.path),
+        recipe_hash=spec.recipe_hash, supervisor_pid=None if detach else os.getpid(),
+        api_key_env=api_key_env(spec), command_line=spec.command_line())
+    st.write_state(state)
+    return state
+
+
+def ready_info(spec: Any, sup: Any, seconds: float, merge_info: dict[str, Any] | None, *,
+               detach: bool) -> dict[str, Any]:
+    """What `up --json` prints once the server is ready."""
+    base = base_url(spec.host, spec.port)
+    return {"ok": True, "name": spec.recipe_name, "endpoint": f"{base}/v1", "models": spec.model_names,
+            "base_model": spec.served_model_name, "adapters": [a.name for a in spec.adapters],
+            "mode": spec.mode, "pid": sup.proc.pid, "pgid": sup.pgid, "log": str(sup.log_path),
+            "ready_seconds": round(seconds, 2), "merge": merge_info, "detached": detach}
+
+
+def model_labels(spec: Any) -> list[str]:
+    """Each served model name with what it is (base, merged, adapter, hybrid delta)."""
+    if spec.mode == "hybrid":
+        return [f"{spec.served_model_name} (merged into the backbone, no LoRA)",
+                *(f"{a.name} ({'base' if a.name == spec.recipe_name else 'adapter'}, exact delta LoRA)"
+                  for a in spec.adapters)]
+    return [f"{spec.served_model_name} (base{' merged' if spec.mode == 'merge' else ''})",
+            *(a.name for a in spec.adapters)]
+
+
+def wait_exit(sup: Any, *, follow: bool) -> int:
+    """Foreground `up`: block until the server exits (streaming its log with `follow`); its exit code."""
+    tail_pos = sup.log_path.stat().st_size if follow else 0
+    while True:
+        rc = sup.proc.poll()
+        if follow:
+            tail_pos = stream_log(sup.log_path, tail_pos)
+        if rc is not None:
+            return rc
+        time.sleep(0.25)
