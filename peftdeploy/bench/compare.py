@@ -24,13 +24,16 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import report
 from ..plan.kernels import installed_vllm_version
 from .client import run_workload_sync
 from .deploy import Server, merge_adapters, recipe_spec, variant
 from .workload import WorkloadConfig, build_workload
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 __all__ = ["Setup", "compare_table", "default_setups", "hottest_first", "ratio_rows", "run_compare", "save_compare"]
 
@@ -45,7 +48,7 @@ class Setup:
     description: str = ""
 
 
-def hottest_first(recipe: Any) -> list[str]:
+def hottest_first(recipe: Recipe) -> list[str]:
     names = [a.name for a in recipe.adapters]
     traffic = recipe.policy.traffic or {}
     if traffic:

@@ -14,11 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..plan.spec import MODEL_NAMES_ENV, LaunchSpec, ServedAdapter
 from ..launch.supervisor import stop_process_group
 from .client import wait_ready
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+    from ..plan import Plan
 
 __all__ = ["LORA_FLAGS", "Server", "recipe_spec", "variant", "merge_adapters"]
 
@@ -50,7 +54,7 @@ def recipe_spec(recipe: str | os.PathLike[str], *, port: int | None = None,
     return spec, loaded
 
 
-def _as_serve(spec: LaunchSpec, plan: Any) -> LaunchSpec:
+def _as_serve(spec: LaunchSpec, plan: Plan) -> LaunchSpec:
     """The plan chose merge: the same engine settings, serving the backbone with every adapter as LoRA."""
     res = plan.resolved
     have = {a.name for a in spec.adapters}
@@ -135,7 +139,7 @@ def variant(spec: LaunchSpec, *, adapters: Sequence[str] | None, max_loras: int 
     return out
 
 
-def merge_adapters(loaded: Any, names: Sequence[str], *, progress: bool = False) -> str:
+def merge_adapters(loaded: LoadedRecipe, names: Sequence[str], *, progress: bool = False) -> str:
     """Merge these adapters of the recipe into its backbone with the project's merge engine (cached);
     returns the merged model directory."""
     from ..merge.cache import merge_cached

@@ -6,17 +6,21 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..cli_common import emit_json
 from ..errors import LaunchError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+    from ..plan import Plan
+
 RESTARTS = 3  # a foreground fleet restarts a dead engine this often, then leaves its models refused
 
 
-def fleet_up(loaded: Any, plan: Any, *, dry_run: bool, detach: bool, as_json: bool, log_file: str | None,
+def fleet_up(loaded: LoadedRecipe, plan: Plan, *, dry_run: bool, detach: bool, as_json: bool, log_file: str | None,
              port: int | None, host: str | None, timeout: float, device: str) -> None:
     from ..launch import state as st
     from ..launch.local import Stopped, api_key_env, base_url, install_handlers, restore_handlers

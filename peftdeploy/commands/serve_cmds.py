@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -33,12 +33,16 @@ from ..launch.local import (STOP_GRACE, Stopped, api_key_env, base_url, check_lo
                             start_recorded, usage_examples, wait_exit, with_vllm_args)
 from ..launch.metrics import OTHER_MODEL
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan.spec import LaunchSpec
+    from ..plan import Plan
+
 def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _run_merge(plan: Any, spec: Any, *, quiet: bool) -> tuple[Any, dict[str, Any]]:
+def _run_merge(plan: Plan, spec: LaunchSpec, *, quiet: bool) -> tuple[Any, dict[str, Any]]:
     """Materialize the plan's MergeStep (merge, then quantize for offline schemes; hybrid: delta
     adapters), all cached, into exactly the directories the planned command names."""
     from ..launch.materialize import materialize

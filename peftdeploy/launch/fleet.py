@@ -22,11 +22,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LaunchError
 from ..plan.spec import MODEL_NAMES_ENV, LaunchSpec
 from .supervisor import Supervisor, check_port_free, default_log_path, stop_process_group
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+    from ..plan import Plan
 
 ROUTER_EXTRA = "peftdeploy[fleet]"
 
@@ -37,7 +41,7 @@ class Engine:
     kind: str
     index: int
     spec: LaunchSpec
-    plan: Any
+    plan: Plan
     models: list[str]
     devices: str | None = None
     sup: Supervisor | None = None
@@ -80,7 +84,7 @@ def visible_gpus() -> list[str]:
     return [x.strip() for x in out.splitlines() if x.strip()]
 
 
-def plan_engines(loaded: Any, plan: Any, *, device: str, port: int | None, host: str | None,
+def plan_engines(loaded: LoadedRecipe, plan: Plan, *, device: str, port: int | None, host: str | None,
                  gpu_memory: Any = None) -> tuple[list[Engine], str, int]:
     """(engines, router host, router port): one planned LaunchSpec per engine of every group."""
     from ..plan import make_plan

@@ -11,7 +11,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan import Plan
+    from ..plan.spec import LaunchSpec
+    from ..recipe.loader import LoadedRecipe
+    from .state import DeploymentState
+    from .supervisor import Supervisor
 
 
 STOP_GRACE = 20.0
@@ -23,7 +30,7 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def override_port(spec: Any, port: int | None, host: str | None = None) -> Any:
+def override_port(spec: LaunchSpec, port: int | None, host: str | None = None) -> LaunchSpec:
     if port is None and host is None:
         return spec
     args = []
@@ -43,7 +50,7 @@ def base_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def api_key_env(spec: Any) -> str | None:
+def api_key_env(spec: LaunchSpec) -> str | None:
     for target, source in spec.secret_env:
         if target == "VLLM_API_KEY":
             return source
@@ -69,7 +76,7 @@ def usage_examples(base_url: str, models: list[str], api_key_env: str | None) ->
     ]).replace("\n\n", "\n")
 
 
-def ppl_gate(plan: Any, spec: Any, merge_info: dict[str, Any], loaded: Any, *, quiet: bool,
+def ppl_gate(plan: Plan, spec: LaunchSpec, merge_info: dict[str, Any], loaded: LoadedRecipe, *, quiet: bool,
              log: Callable[[str], None]) -> None:
     """quantization.max_ppl_increase: measure the quantized merge against the full-precision one (cached)
     and refuse to start the server when it lost more (exit 2, with the numbers)."""
@@ -171,7 +178,7 @@ def deployment_status(s: Any, *, timeout: float = 3.0) -> dict[str, Any]:
     return d
 
 
-def check_locked(loaded: Any, plan: Any, recipe_arg: str) -> None:
+def check_locked(loaded: LoadedRecipe, plan: Plan, recipe_arg: str) -> None:
     """`up --locked`: refuse (exit 2) when anything drifted from the recipe's lock file."""
     from ..errors import LaunchError, Location
     from ..lock import drift, lock_path, read_lock
@@ -184,7 +191,7 @@ def check_locked(loaded: Any, plan: Any, recipe_arg: str) -> None:
                               f"on purpose with `peftdeploy lock {recipe_arg}`", location=Location(file=str(lp)))
 
 
-def with_vllm_args(spec: Any, vllm_args: tuple[str, ...]) -> Any:
+def with_vllm_args(spec: LaunchSpec, vllm_args: tuple[str, ...]) -> LaunchSpec:
     """The spec with `up -- <vllm flags>` appended after the planned ones (checked by the installed vLLM's
     own parser; flags the plan manages are refused)."""
     if not vllm_args:
@@ -196,7 +203,7 @@ def with_vllm_args(spec: Any, vllm_args: tuple[str, ...]) -> Any:
     return dataclasses.replace(spec, args=(*spec.args, *((a, None) for a in passed)))
 
 
-def claim(spec: Any) -> None:
+def claim(spec: LaunchSpec) -> None:
     """Refuse to start a second deployment of the same name (a stale state file is removed) or on a port in
     use — before a possibly long merge."""
     from ..errors import LaunchError
@@ -212,7 +219,7 @@ def claim(spec: Any) -> None:
     check_port_free(spec.host, spec.port)
 
 
-def start_recorded(sup: Any, spec: Any, loaded: Any, *, detach: bool) -> Any:
+def start_recorded(sup: Supervisor, spec: LaunchSpec, loaded: LoadedRecipe, *, detach: bool) -> DeploymentState:
     """Start the server and write its state file (what `status` / `down` read); returns the state."""
     from . import state as st
 
@@ -229,7 +236,7 @@ def start_recorded(sup: Any, spec: Any, loaded: Any, *, detach: bool) -> Any:
     return state
 
 
-def ready_info(spec: Any, sup: Any, seconds: float, merge_info: dict[str, Any] | None, *,
+def ready_info(spec: LaunchSpec, sup: Supervisor, seconds: float, merge_info: dict[str, Any] | None, *,
                detach: bool) -> dict[str, Any]:
     """What `up --json` prints once the server is ready."""
     base = base_url(spec.host, spec.port)
@@ -239,7 +246,7 @@ def ready_info(spec: Any, sup: Any, seconds: float, merge_info: dict[str, Any] |
             "ready_seconds": round(seconds, 2), "merge": merge_info, "detached": detach}
 
 
-def model_labels(spec: Any) -> list[str]:
+def model_labels(spec: LaunchSpec) -> list[str]:
     """Each served model name with what it is (base, merged, adapter, hybrid delta)."""
     if spec.mode == "hybrid":
         return [f"{spec.served_model_name} (merged into the backbone, no LoRA)",
@@ -249,7 +256,7 @@ def model_labels(spec: Any) -> list[str]:
             *(a.name for a in spec.adapters)]
 
 
-def wait_exit(sup: Any, *, follow: bool) -> int:
+def wait_exit(sup: Supervisor, *, follow: bool) -> int:
     """Foreground `up`: block until the server exits (streaming its log with `follow`); its exit code."""
     tail_pos = sup.log_path.stat().st_size if follow else 0
     while True:

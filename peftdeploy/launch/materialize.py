@@ -17,10 +17,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import LaunchError
 from ..util import COMPLETE_MARKER, dir_build, marker_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..plan.spec import LaunchSpec
+    from ..plan import Plan
 
 
 
@@ -75,7 +79,7 @@ def install_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
 
 
 # ---------------------------------------------------------------------------------------- pipeline
-def materialize(plan: Any, spec: Any, *, quiet: bool = False,
+def materialize(plan: Plan, spec: LaunchSpec, *, quiet: bool = False,
                 log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Build what `spec.merge` asks for; returns (spec, info). `spec` is returned unchanged: the plan
     names the directories, and a mismatch with what was built is an error, not a silent rewrite."""
@@ -169,7 +173,7 @@ def materialize(plan: Any, spec: Any, *, quiet: bool = False,
     return spec, info
 
 
-def _check_served_deltas(spec: Any, d: Any) -> None:
+def _check_served_deltas(spec: LaunchSpec, d: Any) -> None:
     """The command's --lora-modules are exactly the built deltas, and max_lora_rank covers them."""
     served = {a.name: a for a in spec.adapters}
     problems = []

@@ -2,10 +2,13 @@
 `policy.traffic` shares the planner sizes slots for, with what was left out and why."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
 
 
-def with_observed_traffic(loaded: Any) -> tuple[Any, dict[str, Any]]:
+def with_observed_traffic(loaded: LoadedRecipe) -> tuple[Any, dict[str, Any]]:
     """(the recipe with policy.traffic replaced by the shares its running deployment observed, what was
     observed). Raises LaunchError (exit 2) when the deployment is not running or has nothing to say."""
     import dataclasses

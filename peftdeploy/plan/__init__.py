@@ -6,7 +6,7 @@ vLLM. The resulting `Plan` is frozen; `Plan.to_dict()` is what `peftdeploy plan 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, PlanError, Severity
 from ..inventory import Inventory
@@ -15,12 +15,17 @@ from .kernels import KernelChoice
 from .memory import MemoryBudget
 from .spec import LaunchSpec
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+    from ..recipe.schema import Recipe
+    from ..sources import ResolvedRecipe
+
 
 @dataclass(frozen=True)
 class Plan:
-    recipe: Any  # Recipe
-    loaded: Any  # LoadedRecipe
-    resolved: Any  # ResolvedRecipe
+    recipe: Recipe
+    loaded: LoadedRecipe
+    resolved: ResolvedRecipe
     inventory: Inventory
     findings: tuple[Finding, ...]
     derived: dict[str, Derived]  # name -> value + reason (max_lora_rank, max_loras, ...)
@@ -72,8 +77,8 @@ class Plan:
         }
 
 
-def make_plan(loaded: Any, *, device: str | None = None, gpu_memory: int | str | None = None,
-              host_memory: int | str | None = None, resolved: Any = None, inventory: Inventory | None = None,
+def make_plan(loaded: LoadedRecipe, *, device: str | None = None, gpu_memory: int | str | None = None,
+              host_memory: int | str | None = None, resolved: ResolvedRecipe | None = None, inventory: Inventory | None = None,
               offline: bool | None = None, vllm_version: str | None = "installed", lora_plugin: bool = True,
               server_image: str | None = None, traffic_source: str | None = None) -> Plan:
     """vllm_version: the vLLM the server runs, for serving.lora_kernels: auto ("installed": this machine's

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field as dc_field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, Location, Severity
 from ..inventory import AdapterInfo, Inventory, ModelInfo
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+
 
 @dataclass(frozen=True)
 class CheckContext:
-    loaded: Any  # LoadedRecipe
+    loaded: LoadedRecipe
     inventory: Inventory
     mode: str  # "serve" | "merge" (auto already decided)
     served: frozenset[str]  # adapters vLLM serves as LoRA

@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec, MergeStep, ServedAdapter
 from ..quantize.support import SCHEMES
@@ -19,13 +19,19 @@ from ..util import cache_root
 from .engine_args import vllm_engine_args
 from .kernels import ENV as LORA_KERNELS_ENV
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..inventory import Inventory
+    from ..recipe.loader import LoadedRecipe
+    from ..recipe.schema import Recipe
+    from ..sources import ResolvedRecipe
+
 # schemes vLLM quantizes at load time -> --quantization value (from peftdeploy.quantize.support: fp8, and
 # bitsandbytes for GPU vLLM builds that have it; plan's findings refuse either where support.py says the
 # device has no kernel, e.g. both on CPU vLLM 0.32)
 QUANT_FLAGS = {k: v.vllm_quantization for k, v in SCHEMES.items() if v.kind == "runtime" and v.vllm_quantization}
 
 
-def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple[str, ...],
+def merge_output_for(recipe: Recipe, resolved: ResolvedRecipe, inventory: Inventory, adapters: tuple[str, ...],
                      weights: tuple[float, ...] | None = None) -> tuple[str, str]:
     """(output_dir, plan_key) of the full-precision merge of `adapters`.
 
@@ -62,7 +68,7 @@ def merge_output_for(recipe: Any, resolved: Any, inventory: Any, adapters: tuple
     return out, key
 
 
-def offline_quantize_scheme(recipe: Any) -> str | None:
+def offline_quantize_scheme(recipe: Recipe) -> str | None:
     """The scheme `up` quantizes the merged weights to (None: served as merged, or quantized by vLLM).
 
     Offline schemes (int8, w8a16, w4a16) as written; a pre-quantized backbone (awq/gptq, merged on
@@ -81,7 +87,7 @@ def offline_quantize_scheme(recipe: Any) -> str | None:
     return None
 
 
-def quantize_method_for(recipe: Any) -> Any:
+def quantize_method_for(recipe: Recipe) -> Any:
     """The :class:`peftdeploy.quantize.methods.Method` the merged weights are quantized with."""
     from ..quantize.methods import resolve_method  # pure, no torch
 
@@ -99,7 +105,7 @@ def quantized_output_for(plan_key: str, scheme: str, merge_output: str | None = 
     return str(cache_root() / "served" / f"{plan_key}-{scheme}")
 
 
-def _model_arg(recipe: Any, resolved: Any) -> tuple[str, list[tuple[str, str | None]]]:
+def _model_arg(recipe: Recipe, resolved: ResolvedRecipe) -> tuple[str, list[tuple[str, str | None]]]:
     """What vLLM loads: a local dir when the weights are there, else the hub id + --revision."""
     bb = resolved.backbone if resolved is not None else None
     extra: list[tuple[str, str | None]] = []
@@ -139,7 +145,7 @@ def extra_arg_flags(extra: dict[str, Any]) -> list[tuple[str, str | None]]:
     return out
 
 
-def _download_bytes(inventory: Any, served: list[Any], mode: str) -> int | None:
+def _download_bytes(inventory: Inventory, served: list[Any], mode: str) -> int | None:
     m = getattr(inventory, "model", None)
     if m is None:
         return None
@@ -147,7 +153,7 @@ def _download_bytes(inventory: Any, served: list[Any], mode: str) -> int | None:
     return int(m.weight_bytes + sum(int(getattr(a, "bytes", 0) or 0) for a in ads))
 
 
-def build_launch(*, loaded: Any, resolved: Any, inventory: Any, derived: dict[str, Any], mode: str,
+def build_launch(*, loaded: LoadedRecipe, resolved: ResolvedRecipe, inventory: Inventory, derived: dict[str, Any], mode: str,
                  merge_adapters: tuple[str, ...], served: list[Any], lora_enabled: bool, device: str,
                  lora_kernels: str | None = None) -> LaunchSpec:
     r = loaded.recipe

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, Severity
 from ..inventory import AdapterInfo, Inventory
 from . import memory as M
 from . import slots as S
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 LORA_SHARE = 0.25
 HOST_LORA_SHARE = 0.10
@@ -59,7 +62,7 @@ def _round8(n: int) -> int:
     return n - n % 8 if n >= 8 else max(1, n)
 
 
-def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
+def derive(recipe: Recipe, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
            gpu_memory: int | None = None, host_memory: int | None = None,
            loc: Any = lambda *p: None, slot_shares: dict[str, float] | None = None,
            traffic_source: str | None = "policy.traffic",
@@ -182,7 +185,7 @@ def derive(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapt
     return out, budget, findings
 
 
-def _size(recipe: Any, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
+def _size(recipe: Recipe, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
           batch: int, shares: dict[str, float], traffic_source: str | None, pool: int | None, per_lora: int, rank: int,
           per_token: int, max_len: int, host: int, wbytes: int, elt: int, tp: int, seq_cap: int,
           loc: Any) -> dict[str, Any]:
@@ -332,7 +335,7 @@ def _size(recipe: Any, inventory: Inventory, *, device: str, served: list[Adapte
             "concurrency": concurrency, "max_num_seqs": mns}
 
 
-def _slots_short(recipe: Any, device: str, n_served: int, bs: S.BatchSlots, traffic: str, need: int, slots: int,
+def _slots_short(recipe: Recipe, device: str, n_served: int, bs: S.BatchSlots, traffic: str, need: int, slots: int,
                  per_lora: int, ref: int, shares: list[float], loc: Any) -> Finding:
     """The finding for a LoRA slot count the memory bound keeps below what the traffic needs."""
     s = recipe.serving

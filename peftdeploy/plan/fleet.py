@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 MERGED = "merged"
 LORA = "lora"
@@ -138,7 +141,7 @@ def _layout(n: int, dedicated: list[str], shares: dict[str, float], base: float,
     return groups, reps, _throughput(n, demands, reps)
 
 
-def plan_fleet(recipe: Any, *, device: str = "cuda", kernels: str = "vllm",
+def plan_fleet(recipe: Recipe, *, device: str = "cuda", kernels: str = "vllm",
                traffic_source: str | None = None) -> FleetPlan | None:
     """The fleet of `recipe` (None when it has no `fleet` section)."""
     f = recipe.fleet
@@ -205,7 +208,7 @@ def plan_fleet(recipe: Any, *, device: str = "cuda", kernels: str = "vllm",
                      recipe=recipe.name)
 
 
-def group_recipe(recipe: Any, fleet: FleetPlan, group: Group) -> Any:
+def group_recipe(recipe: Recipe, fleet: FleetPlan, group: Group) -> Any:
     """The single-engine recipe of one group (name = the group's, no fleet): merged groups merge their
     adapter (policy.mode merge), the multi-LoRA group serves the rest (policy.mode serve)."""
     p = recipe.policy

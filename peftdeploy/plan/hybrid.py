@@ -12,12 +12,16 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..util import cache_root
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..inventory import Inventory
+    from ..recipe.schema import Recipe
 
-def delta_infos(recipe: Any, inventory: Any, hot: str) -> list[Any]:
+
+def delta_infos(recipe: Recipe, inventory: Inventory, hot: str) -> list[Any]:
     """AdapterInfo-shaped records of the served deltas: every non-hot adapter, then the bare backbone."""
     h = inventory.adapter(hot)
     out = []
@@ -34,7 +38,7 @@ def delta_infos(recipe: Any, inventory: Any, hot: str) -> list[Any]:
     return out
 
 
-def delta_dir(merge_key: str, recipe: Any, inventory: Any, hot: str) -> Path:
+def delta_dir(merge_key: str, recipe: Recipe, inventory: Inventory, hot: str) -> Path:
     """Content-addressed directory of the delta adapters (one subdirectory per served name)."""
     parts = {"merged": merge_key, "hot": hot, "base_name": recipe.name,
              "adapters": [{"name": a.name, "sha256": a.sha256} for a in inventory.adapters if a.name != hot]}

@@ -30,10 +30,13 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..inventory import ModelInfo
 from ..util import gib
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -410,7 +413,7 @@ class SchemeRow:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Any, device: str, mode: str) -> tuple[SchemeRow, ...]:
+def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Recipe, device: str, mode: str) -> tuple[SchemeRow, ...]:
     """Backbone bytes and KV capacity for each scheme vLLM runs on `device`, next to the chosen one.
 
     Everything but the weights is held fixed: the same GPU memory × gpu_memory_utilization, LoRA

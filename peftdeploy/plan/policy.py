@@ -54,7 +54,10 @@ injected ratios (e.g. peftdeploy kernels at 0.96 active: one adapter is served, 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 DOMINANT_SHARE = 0.80
 HYBRID_MARGIN = 0.05  # hybrid costs a merge and doubles delta ranks: choose it only for a clear gain
@@ -111,7 +114,7 @@ def predicted_ratio(lora_share: float, device: str = "cuda", batch: int = BATCH,
     return p0 * r["idle"] + (1.0 - p0) * r["active"]
 
 
-def _shares(recipe: Any) -> tuple[dict[str, float], float, bool]:
+def _shares(recipe: Recipe) -> tuple[dict[str, float], float, bool]:
     """(adapter -> share, base share, declared) normalised to sum 1; uniform over adapters if undeclared."""
     names = [a.name for a in recipe.adapters]
     traffic = recipe.policy.traffic
@@ -121,7 +124,7 @@ def _shares(recipe: Any) -> tuple[dict[str, float], float, bool]:
     return {n: float(traffic.get(n, 0.0)) / total for n in names}, float(traffic.get("base", 0.0)) / total, True
 
 
-def predictions(recipe: Any, device: str = "cuda", kernels: str = "vllm") -> dict[str, float]:
+def predictions(recipe: Recipe, device: str = "cuda", kernels: str = "vllm") -> dict[str, float]:
     """Predicted ratio to merged throughput of each mode for this recipe's traffic."""
     shares, base, _ = _shares(recipe)
     out = {"serve": predicted_ratio(sum(shares.values()), device, kernels=kernels)}
@@ -139,7 +142,7 @@ def _fmt(p: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}×" for k, v in sorted(p.items(), key=lambda kv: -kv[1]))
 
 
-def choose_mode(recipe: Any, *, model_quant_method: str | None = None, device: str = "cuda",
+def choose_mode(recipe: Recipe, *, model_quant_method: str | None = None, device: str = "cuda",
                 kernels: str = "vllm") -> tuple[str, str, tuple[str, ...]]:
     """(mode, reason, adapters to merge). `kernels`: the LoRA kernels that will run (plan/kernels.py)."""
     p = recipe.policy

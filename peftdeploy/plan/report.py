@@ -1,15 +1,18 @@
 """Readable `peftdeploy plan` report (rich tables): adapters, findings, derived settings, memory, command."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Severity
 from .memory import gib
 
+if TYPE_CHECKING:  # pragma: no cover
+    from . import Plan
+
 _SEV_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 
 
-def render(plan: Any, console: Any) -> None:
+def render(plan: Plan, console: Any) -> None:
     from rich.table import Table
 
     r = plan.recipe

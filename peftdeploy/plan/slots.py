@@ -17,7 +17,10 @@ percentile errs high: the margin is kept, never overstated by more than the corr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 QUANTILE = 0.99
 
@@ -70,7 +73,7 @@ def largest_batch_within(shares: list[float], slots: int, batch: int, quantile: 
     return lo
 
 
-def served_shares(recipe: Any, served_names: Iterable[str], mode: str) -> dict[str, float] | None:
+def served_shares(recipe: Recipe, served_names: Iterable[str], mode: str) -> dict[str, float] | None:
     """Per served LoRA name, its share of all requests, from ``policy.traffic`` (None when the recipe gives
     none: the planner then takes every served adapter as equally likely). Requests for merged adapters
     need no slot; in hybrid mode the bare backbone is served as a delta named like the recipe, so the

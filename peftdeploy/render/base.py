@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from ..errors import PeftDeployError
 from ..plan.spec import GUARD_MIDDLEWARE, MODEL_NAMES_ENV, TRAFFIC_MIDDLEWARE, LaunchSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.schema import Recipe
 
 # Pinned images (change deliberately: the golden files show every use).
 DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.33.0"  # the vLLM release current on PyPI when pinned
@@ -74,7 +77,7 @@ def server_kernels(image: str) -> dict[str, Any]:
     return {"vllm_version": image_vllm_version(image), "lora_plugin": not stock, "server_image": image}
 
 
-def resolve_image(image: str | None, recipe: Any) -> str:
+def resolve_image(image: str | None, recipe: Recipe) -> str:
     """`--image auto`: the peftdeploy-enabled image when the recipe needs the plugin in the server (catalog
     adapters resolved on first request), else the stock vLLM image."""
     if image and image != AUTO_IMAGE:

@@ -10,7 +10,7 @@ the checks that look it up by name (pickle, locations) work unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, Location, Severity
 from ..inventory import AdapterInfo, Inventory, ModelInfo, inspect_adapter, inspect_model
@@ -19,11 +19,14 @@ from ..plan.check_context import CheckContext
 from ..recipe.schema import Adapter, Recipe
 from ..sources import ResolvedSource
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+
 
 class _PluginLoaded:
     """Stands in for `LoadedRecipe` in a `CheckContext`: the recipe (possibly amended) + locations."""
 
-    def __init__(self, recipe: Recipe, loaded: Any = None):
+    def __init__(self, recipe: Recipe, loaded: LoadedRecipe | None = None):
         self.recipe = recipe
         self._loaded = loaded
         self.path = getattr(loaded, "path", None)
@@ -44,7 +47,7 @@ def model_info(path: str | Path) -> ModelInfo:
 
 
 def check_adapter(*, name: str, path: Path, source: str, recipe: Recipe, model: ModelInfo | None,
-                  max_lora_rank: int | None, loaded: Any = None, allow_pickle: bool = False,
+                  max_lora_rank: int | None, loaded: LoadedRecipe | None = None, allow_pickle: bool = False,
                   sha256: str | None = None) -> tuple[AdapterInfo, list[Finding]]:
     """Inspect the adapter at ``path`` and run every adapter check of `plan` on it, as served LoRA."""
     info = inspect_adapter(name, Path(path), source=source, sha256=sha256)

@@ -32,11 +32,15 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, SourceError
 from ..recipe.schema import ADAPTER_NAME_MAX, ADAPTER_NAME_PATTERN
 from .cache import AdapterCache, materialize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe.loader import LoadedRecipe
+    from ..recipe.schema import Recipe
 
 logger = logging.getLogger("vllm.peftdeploy")
 
@@ -156,7 +160,7 @@ _NOT_FOUND_MARKERS = ("RepositoryNotFoundError", "RevisionNotFoundError", "Entry
 class CatalogResolver:
     """The recipe as a catalog of adapters (see the module docstring). Thread-safe."""
 
-    def __init__(self, loaded: Any, *, cache: AdapterCache | None = None, model_path: str | None = None,
+    def __init__(self, loaded: LoadedRecipe, *, cache: AdapterCache | None = None, model_path: str | None = None,
                  max_lora_rank: int | None = None, negative_ttl: float | None = None):
         self.loaded = loaded
         self.recipe = loaded.recipe
@@ -409,7 +413,7 @@ class CatalogResolver:
             self._refused[name] = (time.monotonic(), err)
 
 
-def _rank_from_environment(recipe: Any) -> int:
+def _rank_from_environment(recipe: Recipe) -> int:
     """The server's --max-lora-rank when the engine cannot be asked: env, argv, recipe, vLLM default."""
     env = os.environ.get("PEFTDEPLOY_MAX_LORA_RANK")
     if env and env.isdigit():
