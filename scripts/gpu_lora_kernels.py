@@ -36,8 +36,9 @@ from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O  # noqa: E402
 
 SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
           "down": (14336, (4096,))}
-TOKENS = (64, 8192, 16, 256, 1024, 1)  # the measured workload's decode batch and prefill first
-L, R, LAYERS, PROMPT = 8, 16, 8, 964
+TOKENS = (64, 1028, 8192, 2956, 16, 256, 1024)  # the measured workload's decode batch and prefill steps first
+# (each is its bucket's O.BUCKET_TOKENS: 1028 = 64 running decode tokens + one 964-token prompt)
+L, R, LAYERS, PROMPT, DECODE = 8, 16, 8, 964, 64
 SMOKE = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # CPU dry run of this script's code paths
 if SMOKE:
     SHAPES = {"qkv": (64, (64, 32, 32)), "down": (96, (32,))}
@@ -54,8 +55,11 @@ def zipf_slots(T: int, seed: int, dev: str) -> torch.Tensor:
     p = torch.tensor([1.0 / (i + 1) for i in range(L)])
     if T <= 256:  # decode: one token per request
         return torch.multinomial(p, T, replacement=True, generator=g).to(dev)
-    out, t = [], 0
-    while t < T:  # prefill: contiguous prompt segments
+    # a prefill step: the running requests' decode tokens (one each, Zipf over the adapters), then
+    # contiguous prompt segments
+    dec = min(DECODE, T - 1)
+    out, t = torch.multinomial(p, dec, replacement=True, generator=g).tolist(), dec
+    while t < T:
         n = min(PROMPT, T - t)
         out += [int(torch.multinomial(p, 1, generator=g))] * n
         t += n
@@ -156,10 +160,10 @@ def candidates(T: int) -> list[O.Config]:
             out += [O.Config(fused=False, bm=16, bn=128, bk=128, split_k=8), O.Config(fused=False, bm=64, bn=128,
                                                                                        bk=64, split_k=4)]
         return out
-    extra = []
-    if T <= 1024:  # prefill segments of ~1000 tokens: too few tiles for down_proj's K without a deeper split
-        extra = [O.Config(fused=False, bm=bm, bn=128, bk=128, split_k=sk) for bm, sk in
-                 ((64, 4), (64, 8), (32, 4), (32, 8), (128, 8))]
+    # prefill steps of a few prompts have few tiles: deeper K splits (down_proj's K = 14336)
+    extra = [O.Config(fused=False, bm=bm, bn=128, bk=128, split_k=sk) for bm, sk in
+             (((64, 4), (64, 8), (64, 16), (32, 8), (32, 16), (128, 8), (128, 16)) if T <= 4096 else
+              ((64, 4), (128, 4), (128, 8)))]
     return extra + [O.Config(fused=False, bm=64, bn=128, bk=64), O.Config(fused=False, bm=64, bn=256, bk=64),
             O.Config(fused=False, bm=128, bn=128, bk=64, warps=8), O.Config(fused=False, bm=64, bn=128, bk=128,
                                                                              split_k=2),
@@ -176,7 +180,7 @@ def main() -> int:
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--best-out", default=None)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--deadline-s", type=float, default=400)
+    ap.add_argument("--deadline-s", type=float, default=470)
     a = ap.parse_args()
     t0 = time.time()
     out = Path(a.out)
@@ -200,7 +204,7 @@ def main() -> int:
         for dtype in ((torch.float16,) if SMOKE else (torch.bfloat16, torch.float16)):
             for name, (K, widths) in SHAPES.items():
                 ly = Layer(K, widths, dtype, dev, seed=hash(name) % 997)
-                for T in ((1, 7, 300) if SMOKE else (1, 64, 1000)):
+                for T in ((1, 7, 300) if SMOKE else (1, 64, 1000, 2000)):
                     slots = zipf_slots(T, T, dev)
                     slots[torch.rand(T, device=dev) < 0.2] = -1
                     x = torch.randn(T, K, device=dev).to(dtype)

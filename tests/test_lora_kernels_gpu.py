@@ -38,3 +38,32 @@ def test_shipped_tuned_configs_load_and_cover_the_measured_shapes():
             assert O.choose_config(t, k, widths, 16) == O.TUNED[O.config_key(t, k, widths, 16)]
     odd = O.choose_config(64, 2048, (2048, 512, 512), 16)
     assert odd == O.default_config(64, 2048, (2048, 512, 512), 16) and not odd.fused
+
+
+def test_prefill_steps_keep_their_shrink_parallelism():
+    """A ~1000-token prefill step (64 running decode tokens + one prompt) has only ~17 tiles of 64 tokens:
+    without a deeper K split one program walked down_proj's whole K = 14336 (lease 2: 88.9 µs against an
+    11 µs floor). The heuristic splits K until tiles x splits reaches SHRINK_PROGRAMS, and a tuned
+    configuration keeps the parallelism it was measured with on other step sizes of its bucket."""
+    from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O
+
+    assert [O.token_bucket(t) for t in (64, 1000, 1028, 2048, 2956, 8192)] == \
+        ["t64", "t1024", "t2048", "t2048", "t4096", "tbig"]
+    for t, k in ((1028, 14336), (1028, 4096), (2956, 14336), (8192, 4096)):
+        c = O.default_config(t, k, (4096,), 16)
+        tiles = -(-t // c.bm)
+        assert tiles * c.split_k >= O.SHRINK_PROGRAMS or c.split_k == k // 256, (t, k, c)
+        assert c.split_k & (c.split_k - 1) == 0 and k // c.split_k >= 256
+    assert O.default_config(8192, 4096, (4096,), 16).split_k == 2  # what the lease-2 sweep found there
+    cfg = O.Config(fused=False, bm=64, bn=128, bk=128, split_k=8)
+    for bucket, ref in O.BUCKET_TOKENS.items():
+        if ref > 256:
+            assert O.token_bucket(ref) == bucket
+            assert O.step_split(cfg, ref, 14336) == 8  # the measured size: the measured split
+    assert O.step_split(cfg, 2048, 14336) == 4  # twice the tiles of 1028: half the splits
+    assert O.step_split(cfg, 1100, 14336) == 8
+    assert O.step_split(cfg, 4096, 14336) == 8 and O.step_split(cfg, 4200, 14336) == 16 and O.step_split(cfg, 3000, 14336) == 8
+    assert O.step_split(cfg, 300, 14336) == 32  # t1024 measured at 1024: 5 tiles instead of 16
+    assert O.step_split(cfg, 300, 2048) == 8  # never a K chunk under 256
+    assert O.step_split(cfg, 64, 14336) == 8  # decode (CUDA graphs): as tuned
+    assert O.step_split(O.Config(fused=True, bm=64, bn=128, bk=64), 2048, 4096) == 1

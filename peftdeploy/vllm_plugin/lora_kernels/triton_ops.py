@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Sequence
 
@@ -195,7 +196,14 @@ def _overrides() -> dict[str, Config]:
 _OVERRIDES: dict[str, Config] | None = None
 
 
-TOKEN_BUCKETS = (16, 64, 256, 1024)  # CUDA-graph batch sizes fall in these; larger = "big"
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096)  # tokens per step (per LoRA call); above the last: "tbig"
+#: The step size each bucket's tuned configuration was measured at (`scripts/gpu_lora_kernels.py --sweep`
+#: times these): the decode batch sizes at their top (CUDA graphs), the prefill buckets where their
+#: common steps are — the running decode tokens plus one (1028), three (2956) whole ~964-token prompts, or
+#: a full 8192-token chunk. A prefill-sized step keeps about the measured number of shrink programs
+#: (`step_split`).
+BUCKET_TOKENS = {"t16": 16, "t64": 64, "t256": 256, "t1024": 1024, "t2048": 1028, "t4096": 2956, "tbig": 8192}
+SHRINK_PROGRAMS = 256  # default_config's target of tiles x splits for a prefill step (H200: 132 SMs)
 
 
 def token_bucket(tokens: int) -> str:
@@ -209,14 +217,35 @@ def config_key(tokens: int, k: int, widths: Sequence[int], rank: int) -> str:
     return f"{token_bucket(tokens)}:k{k}:n{'+'.join(str(w) for w in widths)}:r{rank}"
 
 
+def _max_split(k: int, bk: int) -> int:
+    return max(1, k // max(bk, 256))
+
+
 def default_config(tokens: int, k: int, widths: Sequence[int], rank: int) -> Config:
     """Launch configuration for shapes `TUNED` does not list: the pattern the H200 sweep found for the
-    Llama-3-8B shapes (docs/bench/gpu-kernels/), generalised by K and the number of slices."""
+    Llama-3-8B shapes (docs/bench/gpu-kernels/), generalised by K and the number of slices. Prefill
+    steps split K until tiles x splits reaches SHRINK_PROGRAMS: a ~1000-token step has only ~16 tiles
+    of 64 tokens, and one K loop of 14336 (down_proj) per tile was 8x its memory floor (lease 2)."""
     if tokens <= 256:  # decode: few tokens per adapter; parallelism must come from K and N
         split = 16 if (k >= 8192 or len(widths) > 1) else 8
         split = max(1, min(split, k // 256))
         return Config(fused=False, bm=16 if tokens <= 64 else 32, bn=128, bk=128, n_iters=1, split_k=split)
-    return Config(fused=False, bm=64, bn=128, bk=128, n_iters=1, split_k=2 if k >= 1024 else 1)
+    split = min(_pow2(-(-SHRINK_PROGRAMS // -(-tokens // 64))), _max_split(k, 128))
+    return Config(fused=False, bm=64, bn=128, bk=128, n_iters=1, split_k=split)
+
+
+def step_split(cfg: Config, tokens: int, k: int) -> int:
+    """The split-K of one call: `cfg.split_k` at the step size its bucket was tuned at; a prefill-sized
+    step of another size keeps about as many shrink programs (tiles x splits), rounded to the nearest power
+    of two (each distinct split is one more compiled kernel). Decode buckets (CUDA graphs) use it unchanged."""
+    if cfg.fused or tokens <= 256:
+        return cfg.split_k
+    ref = BUCKET_TOKENS[token_bucket(tokens)]
+    want = cfg.split_k * -(-ref // cfg.bm)
+    have = -(-tokens // cfg.bm)
+    if have == -(-ref // cfg.bm):
+        return cfg.split_k
+    return max(1, min(1 << max(0, round(math.log2(want / have))), _max_split(k, cfg.bk)))
 
 
 def _tuned() -> dict[str, Config]:
@@ -323,7 +352,7 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
             N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=1, FUSED=True, BM=cfg.bm, BN=cfg.bn,
             BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
         return
-    kc = -(-(-(-K // cfg.split_k)) // cfg.bk) * cfg.bk
+    kc = -(-(-(-K // step_split(cfg, T, K))) // cfg.bk) * cfg.bk
     split = -(-K // kc)
     p = torch.empty((split, S, T, BLOCK_R), dtype=torch.float32, device=x.device)
     block_sr = _pow2(S * BLOCK_R)
