@@ -8,7 +8,10 @@
 #     scripts/gpu_bench.sh does; skip call 1 when the held machine already has /tmp/site from it)
 #   * llm-compressor 0.14.0.1 + compressed-tensors 0.19.0 + datasets/loguru/dill/multiprocess wheels
 #     (1.6 MiB, .gpu_llmc/), installed into /tmp/llmc_site: the quantize tool env there is the image's
-#     python3 (torch 2.11 cu130, transformers 5.17, accelerate 1.15) with that site on its path
+#     python3 (torch 2.11 cu130, transformers 5.17, accelerate 1.15) with that site, then vLLM's site (for
+#     pydantic, which the image lacks), on its path
+#   * compressed-tensors 0.17.0 (what vLLM 0.26 pins; its trimmed site leaves it out) + loguru
+#     (.gpu_llmc/serve/), installed into /tmp/ct_site for the serving side
 #
 # Here, once (in the repo root):
 #   printf '/.gpu_stage0/\n/.gpu_stage1/\n' >> .git/info/exclude     # (.gpu_llmc/ is in .gitignore)
@@ -26,7 +29,8 @@ if [ "${1:-}" = "--wheels" ]; then
   mkdir -p .gpu_llmc && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu_llmc llmcompressor==0.14.0.1 compressed-tensors==0.19.0 datasets==5.2.0 loguru==0.7.3 dill==0.4.1 \
-    multiprocess==0.70.19 && ls -la .gpu_llmc && du -sh .gpu_llmc; exit $?
+    multiprocess==0.70.19 && mkdir -p .gpu_llmc/serve && python3 -m pip download -q --no-deps --only-binary=:all: \
+    -d .gpu_llmc/serve compressed-tensors==0.17.0 loguru==0.7.3 && ls -la .gpu_llmc .gpu_llmc/serve && du -sh .gpu_llmc; exit $?
 fi
 PY=${PY:-/opt/torch/.venv/bin/python3}
 OUT=${OUT:-$ROOT/out/gpu_quant}; mkdir -p "$OUT"
@@ -48,8 +52,11 @@ fi
 if [ ! -f /tmp/llmc_site/llmcompressor/__init__.py ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/llmc_site .gpu_llmc/*.whl || exit 5
 fi
-printf '#!/bin/sh\nPYTHONPATH=/tmp/llmc_site exec %s "$@"\n' "$PY" > /tmp/qpy && chmod +x /tmp/qpy
-export PEFTDEPLOY_QUANTIZE_PYTHON=/tmp/qpy PEFTDEPLOY_CACHE=/tmp/pdcache PYTHONPATH=$ROOT:/tmp/site \
+if [ ! -f /tmp/ct_site/compressed_tensors/__init__.py ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ct_site .gpu_llmc/serve/*.whl || exit 5
+fi
+printf '#!/bin/sh\nPYTHONPATH=/tmp/llmc_site:/tmp/site exec %s "$@"\n' "$PY" > /tmp/qpy && chmod +x /tmp/qpy
+export PEFTDEPLOY_QUANTIZE_PYTHON=/tmp/qpy PEFTDEPLOY_CACHE=/tmp/pdcache PYTHONPATH=$ROOT:/tmp/site:/tmp/ct_site \
        HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
        PYTHONUNBUFFERED=1 PD_GPU_MODEL=/tmp/m1b PD_GPU_ADAPTER=/tmp/lora1b
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -89,6 +89,21 @@ def test_prefill_like_segments_and_default_configs(O):
         _check(O, x, A, B, slots, y, L, cfg)
 
 
+def test_prefill_step_takes_its_split_at_run_time(O):
+    """A step of more than 256 tokens passes split-K and the K chunk as runtime values (one compiled kernel
+    for every step size): decode tokens of several adapters, base tokens and prompt segments, with the split
+    re-scaled from the configuration's (`step_split`) and with it as given."""
+    T, K, widths, R, L = 300, 1024, (64, 32, 32), 16, 4
+    x, A, B, _, y = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=11)
+    g = torch.Generator().manual_seed(5)
+    slots = torch.cat([torch.randint(-1, L, (40,), generator=g), torch.full((150,), 2), torch.full((60,), -1),
+                       torch.full((50,), 0)])
+    for cfg in (O.Config(fused=False, bm=64, bn=32, bk=32, split_k=2), O.Config(fused=False, bm=16, bn=64, bk=64,
+                                                                                 split_k=1)):
+        assert O.step_split(cfg, T, K) > cfg.split_k  # t1024 is measured at 1024 tokens: deeper here
+        _check(O, x, A, B, slots, y, L, cfg)
+
+
 def test_tables_built_for_more_tokens_than_the_step(O):
     """CUDA graphs: the tables are sized for max_num_batched_tokens, the step has fewer tokens."""
     T, K, widths, R, L = 13, 48, (32, 16), 16, 4

@@ -74,7 +74,7 @@ def _shrink_acc(acc, x_ptr, a_ptr, rows, m_ok, offs_r, r_ok, k_lo, k_hi, K, stri
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, tiles_ptr, CAP, T, K, stride_xm, scale,
+def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, tiles_ptr, CAP, T, K, stride_xm, scale, kc_rt,
                    R: tl.constexpr, BLOCK_R: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr,
                    KC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, COMBINE: tl.constexpr,
                    BLOCK_SR: tl.constexpr):
@@ -85,8 +85,12 @@ def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, tiles_ptr, CAP, T, K, stride_
     valid, lora, m_ok, rows = _tile(tl.program_id(0), tiles_ptr, CAP, BM)
     if valid:
         j = tl.program_id(1)
-        k_lo = j * KC
-        k_hi = tl.minimum(k_lo + KC, K)
+        if KC > 0:
+            k_lo = j * KC
+            k_hi = tl.minimum(k_lo + KC, K)
+        else:  # prefill: the K chunk is a runtime value (one compiled kernel for every step size)
+            k_lo = j * kc_rt
+            k_hi = tl.minimum(k_lo + kc_rt, K)
         lora_off = lora.to(tl.int64) * R * K
         if COMBINE:
             offs_c = tl.arange(0, BLOCK_SR)
@@ -118,7 +122,7 @@ def _shrink_kernel(x_ptr, a_ptr, a_off_ptr, p_ptr, tiles_ptr, CAP, T, K, stride_
 
 @triton.jit
 def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tiles_ptr, CAP, T, K,
-                   stride_xm, stride_ym, scale,
+                   stride_xm, stride_ym, scale, split_rt,
                    N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
                    BLOCK_R: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, FUSED: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, N_ITERS: tl.constexpr,
@@ -144,9 +148,14 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tile
             h = _shrink_acc(h, x_ptr, a_s, rows, m_ok, offs_r, r_ok, 0, K, K, stride_xm, R, BK) * scale
         else:
             h = tl.zeros((BM, BLOCK_R), dtype=tl.float32)
-            for j in tl.static_range(SPLIT_K):
-                pp = p_ptr + ((j * S + s) * T + rows[:, None]) * BLOCK_R + offs_r[None, :]
-                h += tl.load(pp, mask=m_ok[:, None], other=0.0)
+            if SPLIT_K > 0:
+                for j in tl.static_range(SPLIT_K):
+                    pp = p_ptr + ((j * S + s) * T + rows[:, None]) * BLOCK_R + offs_r[None, :]
+                    h += tl.load(pp, mask=m_ok[:, None], other=0.0)
+            else:  # prefill: as many partials as this step's split (a runtime value)
+                for j in range(split_rt):
+                    pp = p_ptr + ((j * S + s) * T + rows[:, None]) * BLOCK_R + offs_r[None, :]
+                    h += tl.load(pp, mask=m_ok[:, None], other=0.0)
         h = h.to(y_ptr.dtype.element_ty)
         b_s = b_ptr + tl.load(b_off_ptr + s) + lora.to(tl.int64) * n_s * R
         for it in tl.static_range(N_ITERS):
@@ -348,23 +357,27 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
     chunks = sum(-(-w // ch) for w in widths)
     if cfg.fused:
         _expand_kernel[(grid_m, chunks)](
-            y, x, lora_a[0], a_off, lora_b[0], b_off, x, table, cap, T, K, x.stride(0), y.stride(0), scale,
+            y, x, lora_a[0], a_off, lora_b[0], b_off, x, table, cap, T, K, x.stride(0), y.stride(0), scale, 1,
             N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=1, FUSED=True, BM=cfg.bm, BN=cfg.bn,
             BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
         return
     kc = -(-(-(-K // step_split(cfg, T, K))) // cfg.bk) * cfg.bk
     split = -(-K // kc)
+    # Decode sizes (CUDA graphs, a handful of sizes) compile the split into the kernels; prefill steps,
+    # whose split follows the step size (`step_split`), take it as a runtime value, so a new step size
+    # never compiles a kernel while serving.
+    dyn = T > 256
     p = torch.empty((split, S, T, BLOCK_R), dtype=torch.float32, device=x.device)
     block_sr = _pow2(S * BLOCK_R)
     combine = S > 1 and cfg.bm * block_sr <= COMBINE_MAX
     _shrink_kernel[(grid_m, split)](
-        x, lora_a[0], a_off, p, table, cap, T, K, x.stride(0), scale,
-        R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=split, KC=kc, BM=cfg.bm, BK=cfg.bk, COMBINE=combine,
-        BLOCK_SR=block_sr, num_warps=cfg.warps, num_stages=cfg.stages)
+        x, lora_a[0], a_off, p, table, cap, T, K, x.stride(0), scale, kc,
+        R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=0 if dyn else split, KC=0 if dyn else kc, BM=cfg.bm, BK=cfg.bk,
+        COMBINE=combine, BLOCK_SR=block_sr, num_warps=cfg.warps, num_stages=cfg.stages)
     _expand_kernel[(grid_m, chunks)](
-        y, x, lora_a[0], a_off, lora_b[0], b_off, p, table, cap, T, K, x.stride(0), y.stride(0), scale,
-        N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=split, FUSED=False, BM=cfg.bm, BN=cfg.bn,
-        BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
+        y, x, lora_a[0], a_off, lora_b[0], b_off, p, table, cap, T, K, x.stride(0), y.stride(0), scale, split,
+        N0=n[0], N1=n[1], N2=n[2], R=R, BLOCK_R=BLOCK_R, S=S, SPLIT_K=0 if dyn else split, FUSED=False, BM=cfg.bm,
+        BN=cfg.bn, BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def make_tiles(slots: torch.Tensor, max_loras: int, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
