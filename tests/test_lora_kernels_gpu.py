@@ -32,9 +32,9 @@ def test_shipped_tuned_configs_load_and_cover_the_measured_shapes():
     from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O
 
     shapes = {(4096, (4096, 1024, 1024)), (4096, (4096,)), (4096, (14336, 14336)), (14336, (4096,))}
-    assert len(O.TUNED) == 4 * 5
+    assert len(O.TUNED) == 4 * len(O.BUCKET_TOKENS)
     for k, widths in shapes:
-        for t in (1, 64, 200, 1000, 8192):
+        for t in (1, 64, 200, 1000, 1028, 2000, 2956, 8192):
             assert O.choose_config(t, k, widths, 16) == O.TUNED[O.config_key(t, k, widths, 16)]
     odd = O.choose_config(64, 2048, (2048, 512, 512), 16)
     assert odd == O.default_config(64, 2048, (2048, 512, 512), 16) and not odd.fused

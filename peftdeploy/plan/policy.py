@@ -71,7 +71,7 @@ RATIOS: dict[str, dict[str, dict[str, Any]]] = {
     "cuda": {
         "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md (0.71 again in docs/bench/gpu-kernels.md)"},
         # second lease of 2026-12-02 (docs/bench/gpu-kernels.md, "Lease 2"): 8 adapters 0.85, base traffic 0.99
-        "peftdeploy": {"idle": 0.99, "active": 0.85, "source": "docs/bench/gpu-kernels.md"},
+        "peftdeploy": {"idle": 0.99, "active": 0.85, "source": "docs/bench/gpu-kernels.md"},  # lease 3: 0.84 / 0.82
     },
     "cpu": {
         "vllm": {"idle": 0.79, "active": 0.35, "source": "docs/bench/cpu/bench_compare_cpu.json"},
