@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import yaml
 
@@ -324,6 +324,19 @@ def vllm_flags(ctx: RenderContext, *, adapter_paths: Mapping[str, str] | None = 
         out += [f"{n}={p}" for n, p in adapter_paths.items()]
     out += ["--host", "0.0.0.0", "--port", str(CONTAINER_PORT)]
     return out
+
+
+def flag_pairs(flags: list[str], skip: tuple[str, ...] = ("--host", "--port")) -> Iterator[tuple[str, str | None]]:
+    """(flag, value or None) over a `vllm_flags` list, leaving out `skip` (what a target sets itself).
+    A value is the next token unless it is itself a flag (a bare boolean flag has none)."""
+    i = 0
+    while i < len(flags):
+        f = flags[i]
+        has_val = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        val = flags[i + 1] if has_val else None
+        i += 2 if has_val else 1
+        if f not in skip:
+            yield f, val
 
 
 def served_merged_dir(ctx: RenderContext, merged_dir: str = MERGED_DIR) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .base import RECIPE_DIR, RenderContext, dump_yaml, header, served_merged_dir, vllm_flags
+from .base import RECIPE_DIR, RenderContext, dump_yaml, flag_pairs, header, served_merged_dir, vllm_flags
 from .kubernetes import configmap, secret_envs
 
 TARGET = "production-stack"
@@ -43,14 +43,7 @@ def _vllm_config(ctx: RenderContext) -> dict[str, Any]:
     # drop what the chart sets itself: host/port, --enable-lora (enableLoRA)
     cfg: dict[str, Any] = {}
     extra: list[str] = []
-    i = 0
-    while i < len(flags):
-        f = flags[i]
-        has_val = i + 1 < len(flags) and not flags[i + 1].startswith("--")
-        val = flags[i + 1] if has_val else None
-        i += 2 if has_val else 1
-        if f in ("--host", "--port", "--enable-lora"):
-            continue
+    for f, val in flag_pairs(flags, skip=("--host", "--port", "--enable-lora")):
         if f in _FIELDS and val is not None:
             key, typ = _FIELDS[f]
             cfg[key] = typ(val)

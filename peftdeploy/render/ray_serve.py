@@ -21,7 +21,7 @@ import posixpath
 import shlex
 from typing import Any
 
-from .base import RenderContext, RenderError, dump_yaml, header, served_merged_dir, vllm_flags
+from .base import RenderContext, RenderError, dump_yaml, flag_pairs, header, served_merged_dir, vllm_flags
 
 TARGET = "ray-serve"
 _REMOTE = ("s3://", "gs://", "abfss://", "azure://")
@@ -43,14 +43,7 @@ def _value(v: str | None) -> Any:
 def engine_kwargs(ctx: RenderContext) -> dict[str, Any]:
     flags = vllm_flags(ctx, include_served_name=False)
     out: dict[str, Any] = {}
-    i = 0
-    while i < len(flags):
-        f = flags[i]
-        has_val = i + 1 < len(flags) and not flags[i + 1].startswith("--")
-        val = flags[i + 1] if has_val else None
-        i += 2 if has_val else 1
-        if f in ("--host", "--port"):
-            continue
+    for f, val in flag_pairs(flags):
         key = f[2:].replace("-", "_")
         if key.startswith("no_") and val is None:
             out[key[3:]] = False
