@@ -179,3 +179,46 @@ def test_bad_size_option_is_one_message_for_plan_and_render(tmp_path):
         assert r.exit_code == 2, r.output
         assert "--host-memory" in r.output or "--gpu-memory" in r.output
         assert "80GiB" in r.output and "Traceback" not in r.output
+
+
+def test_numpy_merge_path_is_said_by_plan_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled merge kernel (here: PEFTDEPLOY_MERGE_KERNEL=numpy, what a wheel built without a C
+    compiler gives too) `plan` and `merge` say that merges take the ~2x slower numpy path; with it, neither does."""
+    write_model(tmp_path / "m", TINY_LLAMA, weights=True)
+    write_adapter(tmp_path / "a", TINY_LLAMA, r=4)
+    p = _recipe(tmp_path, "backbone: {model: ./m}\nadapters: [{name: a, source: ./a}]\npolicy: {mode: merge}\n")
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PEFTDEPLOY_MERGE_KERNEL", "numpy")
+    r = CliRunner().invoke(main, ["plan", str(p), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "merge kernel: numpy, about 2x slower" in r.output and "PEFTDEPLOY_MERGE_KERNEL=numpy" in r.output
+    r = CliRunner().invoke(main, ["merge", str(p), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "note: merging with the numpy path (about 2x slower)" in r.output
+    from peftdeploy.util import merge_kernel_note
+
+    monkeypatch.delenv("PEFTDEPLOY_MERGE_KERNEL")
+    if merge_kernel_note() is None:  # the extension is built in this checkout
+        r = CliRunner().invoke(main, ["plan", str(p), "--device", "cpu"])
+        assert r.exit_code == 0 and "merge kernel: numpy" not in r.output, r.output
+
+
+def test_package_metadata_and_readme_gpu_path() -> None:
+    """pyproject: the license as an SPDX string, classifiers (Typing :: Typed with py.typed shipped); README: the
+    pip path of a GPU user next to an existing vLLM, with the vLLM releases verified and the gpu extra's range."""
+    import tomllib
+
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert proj["license"] == "Apache-2.0"
+    assert {"Typing :: Typed", "Operating System :: POSIX :: Linux"} <= set(proj["classifiers"])
+    assert (ROOT / "peftdeploy" / "py.typed").is_file()
+    assert "py.typed" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["peftdeploy"]
+    vllm_req = next(d for d in proj["optional-dependencies"]["gpu"] if d.startswith("vllm"))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Installing with pip"):]
+    section = section[:section.index("\n## ", 3)]
+    assert "pip install 'peftdeploy[gpu]'" in section and f"`{vllm_req}`" in section, (vllm_req, section)
+    assert "0.26.0 (CUDA)" in section and "0.32.0 (CPU)" in section
+    head = readme[:readme.index("## Installing with pip")]
+    assert "scripts/setup.sh" in head or "pip install -e" in head  # the checkout commands stay at the top
