@@ -286,3 +286,53 @@ def test_foreground_fleet_restarts_a_dead_engine(tmp_path, demo_model_dir, monke
                 os.killpg(pgid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def test_foreground_fleet_router_death_is_a_runtime_failure(tmp_path, demo_model_dir, monkeypatch):
+    """The router of a foreground fleet dies: the engines are stopped, the state removed, exit 1 (a runtime
+    failure in README's exit-code table), no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from peftdeploy.demo import demo_cache_dir
+    from peftdeploy.launch import state as st
+    from tests.conftest import free_e2e_port
+    from tests.test_launch import FAKE
+
+    (tmp_path / "fake.py").write_text(FAKE)
+    (tmp_path / "up.py").write_text(FLEET_UP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PEFTDEPLOY_DEMO_DIR=str(demo_cache_dir()),
+               PEFTDEPLOY_CACHE=str(tmp_path / "cache"))
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    up = subprocess.Popen([sys.executable, str(tmp_path / "up.py"), str(tmp_path / "fake.py"),
+                           str(tmp_path / "registered.jsonl"), str(DEMO_FLEET), str(free_e2e_port())], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s = None
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not (s and s.ready_at):
+            s = st.read_state("demo-fleet")
+            assert up.poll() is None, up.communicate()
+            time.sleep(0.1)
+        assert s is not None and s.ready_at, "the fleet was not ready"
+        os.killpg(s.pgid, signal.SIGKILL)  # the router
+        out, err = up.communicate(timeout=90)
+        assert up.returncode == 1, (out, err)
+        assert "vllm-router exited (-9); stopping the fleet" in err and "Traceback" not in err
+        for e in s.engines:
+            assert not psutil.pid_exists(e["pid"]) or psutil.Process(e["pid"]).status() == psutil.STATUS_ZOMBIE
+        assert st.read_state("demo-fleet") is None
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate(timeout=60)
+        for pgid in ([s.pgid] + [e["pgid"] for e in s.engines]) if s else []:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
