@@ -70,18 +70,29 @@ def test_plan_piped_is_wide_and_cuts_no_names(tmp_path: Path, monkeypatch: pytes
     assert "…" not in r.stdout
 
 
-def test_missing_extra_exits_2_with_the_pip_hint(tmp_path: Path) -> None:
-    """numpy / torch blocked as in a base install: `merge` says which extra, exit 2, no traceback."""
+@pytest.mark.parametrize("argv,blocked,extra", [
+    (["merge", "{p}", "--device", "cpu"], ("numpy", "torch"), "merge"),
+    (["eval", "{p}"], ("numpy", "torch"), "merge"),
+    (["up", "{p}", "--device", "cpu"], ("numpy", "torch"), "merge"),  # a merge-mode up merges first
+    (["demo"], ("numpy", "torch", "transformers", "gguf"), "merge"),
+    (["demo"], ("transformers", "gguf"), "demo"),
+])
+def test_missing_extra_exits_2_with_the_pip_hint(tmp_path: Path, argv: list[str], blocked: tuple[str, ...],
+                                                 extra: str) -> None:
+    """An extra's modules blocked as in a base install: each command that needs it says which extra, exit 2,
+    no traceback."""
     write_model(tmp_path / "m", TINY_LLAMA, weights=True)
     write_adapter(tmp_path / "a", TINY_LLAMA, r=4)
     p = _recipe(tmp_path, "backbone: {model: ./m}\nadapters: [{name: a, source: ./a}]\npolicy: {mode: merge}\n")
     child = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('numpy', 'torch'):\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "        if name.split('.')[0] in " + repr(blocked) + ":\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
              "sys.meta_path.insert(0, B())\nfrom peftdeploy.cli import main\nmain(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, "-c", child, "merge", str(p), "--device", "cpu"], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PEFTDEPLOY_CACHE": str(tmp_path / "cache"),
+           "PEFTDEPLOY_DEMO_DIR": str(tmp_path / "demo")}  # nothing built: the demo has to convert
+    r = subprocess.run([sys.executable, "-c", child, *(a.format(p=p) for a in argv)], capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "pip install 'peftdeploy[merge]'" in r.stderr and "Traceback" not in r.stderr
+    assert f"pip install 'peftdeploy[{extra}]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_unavailable_command_is_exit_2_not_a_name_error(monkeypatch: pytest.MonkeyPatch) -> None:
