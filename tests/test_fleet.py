@@ -181,3 +181,158 @@ def test_up_dry_run_one_engine_per_group(demo_model_dir, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4")
     res = CliRunner().invoke(main, ["up", str(DEMO_FLEET), "--dry-run", "--device", "cuda"])
     assert res.exit_code == 2 and "2 engine(s) of 1 GPU(s) each, but 1 GPU(s)" in res.output
+
+
+# `peftdeploy up` of the demo fleet in the foreground with the engines swapped for the fake process tree of
+# test_launch.py and the router for a stand-in that records registrations (no vLLM, no vllm-router)
+FLEET_UP_SCRIPT = '''
+import json, subprocess, sys, types
+import peftdeploy.launch.fleet as lf
+import peftdeploy.launch.materialize as lm
+import peftdeploy.launch.supervisor as sv
+
+fake, calls, recipe, port = sys.argv[1:5]
+sv.Supervisor._http_ready = lambda self, expected: "Route:" in open(self.log_path).read()
+orig_init = sv.Supervisor.__init__
+def init(self, spec, **kw):
+    orig_init(self, spec, argv=[sys.executable, fake, "2", "0"], **kw)
+sv.Supervisor.__init__ = init
+def start(self):
+    self.proc = subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"],
+                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def register(self, url, model_id):
+    with open(calls, "a") as f:
+        f.write(json.dumps([url, model_id]) + "\\n")
+lf.Router.start, lf.Router.wait_up, lf.Router.register = start, lambda self, timeout=60.0: None, register
+lm.materialize = lambda plan, spec, quiet=False, log=None: (types.SimpleNamespace(model=spec.model, merge=spec.merge),)
+from peftdeploy.cli import main
+main(["up", recipe, "--port", port])
+'''
+
+
+def test_foreground_fleet_restarts_a_dead_engine(tmp_path, demo_model_dir, monkeypatch):
+    """README: a foreground `up` of a fleet restarts a dead engine (up to 3 times) and registers it with the
+    router again; the other group is left alone; SIGTERM then stops everything (exit 143)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from peftdeploy.demo import demo_cache_dir
+    from peftdeploy.launch import state as st
+    from tests.conftest import free_e2e_port
+    from tests.test_launch import FAKE
+
+    (tmp_path / "fake.py").write_text(FAKE)
+    (tmp_path / "up.py").write_text(FLEET_UP_SCRIPT)
+    calls = tmp_path / "registered.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PEFTDEPLOY_DEMO_DIR=str(demo_cache_dir()))  # the built demo
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))  # the state files the driver writes
+    port = free_e2e_port()
+    up = subprocess.Popen([sys.executable, str(tmp_path / "up.py"), str(tmp_path / "fake.py"), str(calls),
+                           str(DEMO_FLEET), str(port)], env={**env, "PEFTDEPLOY_CACHE": str(tmp_path / "cache")},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def ready_state(until: float):
+            while time.monotonic() < until:
+                s = st.read_state("demo-fleet")
+                if s is not None and s.ready_at:
+                    return s
+                assert up.poll() is None, up.communicate()
+                time.sleep(0.1)
+            raise AssertionError("the fleet was not ready")
+
+        s = ready_state(time.monotonic() + 120)
+        before = {e["group"]: e for e in s.engines}
+        lora, pirate = before["demo-fleet-lora"], before["demo-fleet-pirate"]
+        os.killpg(lora["pgid"], signal.SIGKILL)
+        end = time.monotonic() + 60
+        after = before
+        while time.monotonic() < end:
+            s = st.read_state("demo-fleet")
+            after = {e["group"]: e for e in s.engines} if s else after
+            if after["demo-fleet-lora"]["pid"] != lora["pid"]:
+                break
+            assert up.poll() is None, up.communicate()
+            time.sleep(0.2)
+        new = after["demo-fleet-lora"]
+        assert new["pid"] != lora["pid"] and psutil.pid_exists(new["pid"]), "the dead engine was not restarted"
+        assert not psutil.pid_exists(lora["pid"])
+        assert after["demo-fleet-pirate"]["pid"] == pirate["pid"]  # the other group is left alone
+        regs = [tuple(json.loads(x)) for x in calls.read_text().splitlines()]
+        url = f"http://127.0.0.1:{lora['port']}"
+        assert [m for u, m in regs if u == url] == ["demo-fleet", "json", "shout"] * 2  # registered again
+        assert [m for u, m in regs if u != url] == ["pirate"]
+        r = CliRunner().invoke(__import__("peftdeploy.cli", fromlist=["main"]).main, ["status", "demo-fleet", "--json"])
+        eng = {e["group"]: e for e in json.loads(r.output)["deployments"][0]["engines"]}
+        assert eng["demo-fleet-lora"]["alive"] is True and eng["demo-fleet-pirate"]["alive"] is True
+        up.send_signal(signal.SIGTERM)
+        out, err = up.communicate(timeout=60)
+        assert up.returncode == 143, (out, err)
+        assert "engine demo-fleet-lora-0 exited (-9); restarting (1/3)" in err and "Traceback" not in err
+        for e in after.values():
+            assert not psutil.pid_exists(e["pid"]) or psutil.Process(e["pid"]).status() == psutil.STATUS_ZOMBIE
+        assert st.read_state("demo-fleet") is None
+    finally:  # whatever failed: no process of this test is left behind
+        if up.poll() is None:
+            up.kill()
+            up.communicate(timeout=60)
+        s = st.read_state("demo-fleet")
+        for pgid in ([s.pgid] + [e["pgid"] for e in s.engines]) if s else []:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def test_foreground_fleet_router_death_is_a_runtime_failure(tmp_path, demo_model_dir, monkeypatch):
+    """The router of a foreground fleet dies: the engines are stopped, the state removed, exit 1 (a runtime
+    failure in README's exit-code table), no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from peftdeploy.demo import demo_cache_dir
+    from peftdeploy.launch import state as st
+    from tests.conftest import free_e2e_port
+    from tests.test_launch import FAKE
+
+    (tmp_path / "fake.py").write_text(FAKE)
+    (tmp_path / "up.py").write_text(FLEET_UP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PEFTDEPLOY_DEMO_DIR=str(demo_cache_dir()),
+               PEFTDEPLOY_CACHE=str(tmp_path / "cache"))
+    monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
+    up = subprocess.Popen([sys.executable, str(tmp_path / "up.py"), str(tmp_path / "fake.py"),
+                           str(tmp_path / "registered.jsonl"), str(DEMO_FLEET), str(free_e2e_port())], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s = None
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not (s and s.ready_at):
+            s = st.read_state("demo-fleet")
+            assert up.poll() is None, up.communicate()
+            time.sleep(0.1)
+        assert s is not None and s.ready_at, "the fleet was not ready"
+        os.killpg(s.pgid, signal.SIGKILL)  # the router
+        out, err = up.communicate(timeout=90)
+        assert up.returncode == 1, (out, err)
+        assert "vllm-router exited (-9); stopping the fleet" in err and "Traceback" not in err
+        for e in s.engines:
+            assert not psutil.pid_exists(e["pid"]) or psutil.Process(e["pid"]).status() == psutil.STATUS_ZOMBIE
+        assert st.read_state("demo-fleet") is None
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate(timeout=60)
+        for pgid in ([s.pgid] + [e["pgid"] for e in s.engines]) if s else []:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass

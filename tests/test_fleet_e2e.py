@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, cli_env, peftdeploy_cmd, start_detached
+from tests.conftest import E2E_PORTS, ROOT, cli_env, peftdeploy_cmd, start_detached
 from tests.test_up_e2e import REF_SCRIPT
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,8 @@ MAX_TOKENS = 16
 
 def _free_run(n: int = 3) -> int:
     """A port p with p .. p+n-1 free (the router and its engines), in the e2e range."""
-    for p in range(18000 + (os.getpid() % 30) * 3, 18097):
+    slots = max(1, (len(E2E_PORTS) - n + 1) // n)
+    for p in range(E2E_PORTS.start + (os.getpid() % slots) * n, E2E_PORTS.stop - n + 1):
         ok = True
         for q in range(p, p + n):
             with socket.socket() as s:

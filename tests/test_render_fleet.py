@@ -158,3 +158,18 @@ def test_fleet_render_deterministic(fleet_recipe: Path, hub):
     a, _ = _render(fleet_recipe, "--target", "all", "--store", STORE)
     b, _ = _render(fleet_recipe, "--target", "all", "--store", STORE)
     assert a["files"] == b["files"]
+
+
+def test_plugin_image_dockerfile_matches_the_render_default():
+    """docker/vllm-peftdeploy.Dockerfile builds what `render --image auto` names: the stock image render uses
+    otherwise + `pip install` of this peftdeploy, tagged <vLLM tag>-peftdeploy<version> (not built here: no
+    docker; the build command is the file's own)."""
+    import tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "docker" / "vllm-peftdeploy.Dockerfile").read_text()
+    assert f"ARG VLLM_IMAGE={DEFAULT_VLLM_IMAGE}\nFROM ${{VLLM_IMAGE}}" in text
+    assert "pip install --no-cache-dir /tmp/peftdeploy" in text
+    assert f"-t {PLUGIN_VLLM_IMAGE} ." in text
+    version = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    assert PLUGIN_VLLM_IMAGE.endswith(f":{DEFAULT_VLLM_IMAGE.rsplit(':', 1)[1]}-peftdeploy{version}")
+    assert "COPY pyproject.toml README.md /tmp/peftdeploy/\nCOPY peftdeploy /tmp/peftdeploy/peftdeploy\n" in text

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..cli_common import emit_json
-from ..errors import LaunchError
+from ..errors import EXIT_RUNTIME_FAILURE, LaunchError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..recipe.loader import LoadedRecipe
@@ -114,7 +114,7 @@ def fleet_up(loaded: LoadedRecipe, plan: Plan, *, dry_run: bool, detach: bool, a
                 _err(f"vllm-router exited ({router.proc.returncode}); stopping the fleet (log {router.log_path})")
                 stop_fleet(engines, None)
                 st.remove_state(name, pid=router.proc.pid)
-                sys.exit(2)
+                sys.exit(EXIT_RUNTIME_FAILURE)  # a runtime failure (README "Exit codes"), not a user error
             for e in engines:
                 rc = e.sup.proc.poll()
                 if rc is None:
