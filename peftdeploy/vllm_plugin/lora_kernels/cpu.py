@@ -184,15 +184,21 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
                 for kc, yc in blocks[slot]:
                     ys[:, yc].addmm_(t[:, kc], bd[kc, yc])
         if g.dense:
-            a_all_t, parts, layout = ent.dense()
+            a_all_t, parts, layout, b_all_bd = ent.dense()
             xd = x if g.all_rows else x.index_select(0, g.index)
             t = mm(xd, a_all_t)  # every row against every live slot
             t.mul_(g.mask(layout, t.dtype, t.device))  # keep each row's own slot
             if scale != 1.0:
                 t.mul_(scale)
+            few = g.dense_rows < _BLOCK_DIAG_ROWS  # one expand over all slices, else one per slice
             if g.all_rows:
-                for tc, yc, b_all in parts:
-                    y[:, yc].addmm_(t[:, tc], b_all)
+                if few:
+                    y.addmm_(t, b_all_bd)
+                else:
+                    for tc, yc, b_all in parts:
+                        y[:, yc].addmm_(t[:, tc], b_all)
+            elif few:
+                y.index_add_(0, g.index, mm(t, b_all_bd))
             else:
                 yd = torch.empty((xd.shape[0], ent.width), dtype=y.dtype, device=y.device)
                 if len(parts) < ent.nslices:

@@ -37,7 +37,7 @@ class _Layer:
             off += w
         self.cols = tuple(cols)
         self.width = off
-        self._dense: tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int], ...]] | None = None
+        self._dense: Any = None
         self.a_t: dict[int, Any] = {}
         self.b_t: dict[int, Any] = {}
         self.b_bd: dict[int, torch.Tensor] = {}
@@ -74,10 +74,11 @@ class _Layer:
         self.live = frozenset(live)
 
     def dense(self) -> tuple[torch.Tensor, tuple[tuple[slice, slice, torch.Tensor], ...],
-                             tuple[tuple[int, int, int], ...]]:
-        """(A_allᵀ [in, K], ((T columns, y columns, B_all,i [K_i, out_i]) per slice), layout): the live
-        slots' A side by side, slice-major ((slot, c0, c1) per slice and slot: the columns of T that are
-        that slot's), and per slice the matching B rows stacked, so no expand multiplies a zero block."""
+                             tuple[tuple[int, int, int], ...], torch.Tensor]:
+        """(A_allᵀ [in, K], ((T columns, y columns, B_all,i [K_i, out_i]) per slice), layout, B_bd): the
+        live slots' A side by side, slice-major ((slot, c0, c1) per slice and slot: the columns of T that
+        are that slot's), per slice the matching B rows stacked, so no expand multiplies a zero block, and
+        all of them as one block-diagonal [K, width] matrix (one expand for a few rows)."""
         if self._dense is None:
             a_parts, layout, parts = [], [], []
             k = 0
@@ -92,7 +93,11 @@ class _Layer:
                             k += kc.stop - kc.start
                 if b_parts:
                     parts.append((slice(k_i, k), yc, torch.cat(b_parts, dim=0)))
-            self._dense = (torch.cat(a_parts, dim=0).t(), tuple(parts), tuple(layout))
+            a0 = a_parts[0]
+            b_bd = torch.zeros((k, self.width), dtype=a0.dtype, device=a0.device)
+            for tc, yc, b_all in parts:
+                b_bd[tc, yc] = b_all
+            self._dense = (torch.cat(a_parts, dim=0).t(), tuple(parts), tuple(layout), b_bd)
         return self._dense
 
 
