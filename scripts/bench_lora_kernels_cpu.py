@@ -11,6 +11,8 @@ One machine, one run, servers one at a time (port 18400 by default), each from t
   punica ops, eager as vLLM-CPU runs every LoRA model) and with peftdeploy's kernels (the default:
   segment GEMMs), each measured with base-only traffic, 1 adapter, and N adapters Zipf(1.0). Both LoRA
   servers run eagerly (vLLM-CPU 0.32 never compiles a LoRA model); the merged one is compiled.
+  ``--lora-compile`` adds a fourth server: peftdeploy's kernels with ``PEFTDEPLOY_LORA_COMPILE=1``
+  (the LoRA model compiled like the merged one; experimental, lora_kernels/cpu_compile.py).
 
 Same requests for every setup (peftdeploy.bench.workload, concurrency 8), one warm-up, then ``runs``
 measured runs, medians. Prints the table (ratio vs merged) and writes out/bench_lora_kernels_cpu.json
@@ -49,9 +51,11 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--docs", action="store_true", help="copy the JSON/PNG into docs/bench/cpu/")
+    ap.add_argument("--lora-compile", action="store_true",
+                    help="also a peftdeploy-kernels server with PEFTDEPLOY_LORA_COMPILE=1 (compiled, experimental)")
     a = ap.parse_args()
-    if not 18400 <= a.port <= 18499:
-        ap.error("use a port in 18400-18499")
+    if not 18300 <= a.port <= 18499:
+        ap.error("use a port in 18300-18499")
     out = Path(a.out)
     work = out / "bench_lora_kernels_cpu"
     work.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,10 @@ def main() -> int:
                   f"Zipf over {', '.join(adapters)}"),
         ]),
     ]
+    if a.lora_compile:  # the same kernels in a LoRA model compiled like the merged one (cpu_compile.py)
+        servers.append(("peftdeploy-compiled", {ENV: "peftdeploy", "PEFTDEPLOY_LORA_COMPILE": "1"}, [
+            Setup(f"peftdeploy compiled: {s.name.split(': ', 1)[1]}", "peftdeploy-compiled", True, s.adapters, n,
+                  s.description + ", PEFTDEPLOY_LORA_COMPILE=1") for s in servers[-1][2]]))
 
     def wl(setup: Setup, k: int, seed: int) -> WorkloadConfig:
         return WorkloadConfig(adapters=setup.adapters, base_model=base_name, zipf_alpha=a.zipf,

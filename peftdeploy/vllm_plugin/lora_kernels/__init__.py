@@ -55,6 +55,10 @@ def install() -> str:
                            type(e).__name__, e)
         logger.debug("%s [pid %d]", line, os.getpid())
         _state["result"] = result
+        if result == "peftdeploy" and os.environ.get("PEFTDEPLOY_LORA_COMPILE", "0").strip() == "1":
+            from .cpu_compile import install as install_compile
+
+            install_compile(active)  # opt-in, experimental: compile the CPU LoRA model (cpu_compile.py)
         return result
 
 

