@@ -91,6 +91,10 @@ def quant_key(src_dir: str | os.PathLike[str], scheme: str, *, group_size: int =
         from peftdeploy.quantize.llmc import TOOL_VERSION
 
         identity["tool"] = TOOL_VERSION
+        if s == "int8" and method == "gptq":  # its settings are tuned (measured sweep): a change is a new key
+            from peftdeploy.quantize.llmc_worker import INT8_GPTQ
+
+            identity["int8_gptq"] = dict(INT8_GPTQ)
         if method in CALIBRATED:
             if calibration is None:
                 calibration = load_calibration()

@@ -27,6 +27,21 @@ _COPY_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".lock")
 _COPY_SKIP = {"config.json", "model.safetensors.index.json", ".peftdeploy-complete", "recipe.yaml"}
 
 
+# int8 (W8A8) GPTQ settings; a job's "options" overrides them (scripts/sweep_int8.py). Chosen by the
+# measured sweep on the demo (README, "Calibrated quantization", the int8 sweep table): the loss
+# is the activations' (weights alone, 8-bit per channel: -0.9% in a fake-quant check, i.e. noise), and
+# per-token activations after RMSNorm / SiLU are skewed, so a zero point per token (asymmetric; vLLM's
+# int8 kernels take it with an azp term, CPU oneDNN verified) removes most of it: +1.6% -> -0.6%
+# (fake-quant), where SmoothQuant made it worse on this model (alpha 0.8: +2.59% with vLLM, symmetric;
+# alpha 0.5 + asymmetric: +0.5% vs -0.6% without). So: no SmoothQuant, GPTQ, asymmetric activations.
+INT8_GPTQ: dict = {
+    "smoothing_strength": 0.0,  # SmoothQuant alpha before GPTQ; 0 = none (measured worse on the demo)
+    "smooth_mappings": None,  # None = llm-compressor's (q/k/v <- input_layernorm, gate/up <- post_attention_layernorm)
+    "dampening_frac": 0.01, "block_size": 128, "actorder": "static",  # llm-compressor's GPTQ defaults
+    "act_symmetric": False,  # per-token dynamic int8 activations with a zero point per token
+}
+
+
 def say(msg: str) -> None:
     print(f"peftdeploy-progress: {msg}", flush=True)
 
@@ -38,7 +53,8 @@ def _weight_args(bits: int, group_size: int | None, symmetric: bool = True) -> d
     return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "channel", "dynamic": False}
 
 
-def build_recipe(scheme: str, method: str, group_size: int | None, symmetric: bool = True) -> list:
+def build_recipe(scheme: str, method: str, group_size: int | None, symmetric: bool = True,
+                 options: dict | None = None) -> list:
     """The llm-compressor modifiers for (scheme, method). lm_head (and embeddings: not Linear) stay
     in the model dtype, as peftdeploy's RTN checkpoints do."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -49,15 +65,20 @@ def build_recipe(scheme: str, method: str, group_size: int | None, symmetric: bo
             raise ValueError(f"fp8 is data-free (FP8_DYNAMIC): method rtn, not {method}")
         return [QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=ignore)]
     if scheme == "int8":
+        o = {**INT8_GPTQ, **(options or {})}
         cfg = {"group_0": {"targets": ["Linear"], "weights": _weight_args(8, None),
-                           "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                           "input_activations": {"num_bits": 8, "type": "int", "symmetric": bool(o["act_symmetric"]),
                                                  "strategy": "token", "dynamic": True}}}
-        if method == "gptq":  # SmoothQuant moves activation outliers into the weights, then GPTQ
-            from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+        if method == "gptq":  # GPTQ on the weights; SmoothQuant first only when smoothing_strength > 0
+            mods = []
+            if o["smoothing_strength"]:
+                from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
-            return [SmoothQuantModifier(smoothing_strength=0.8),
-                    GPTQModifier(config_groups=cfg, ignore=ignore)]
-        raise ValueError(f"int8 (W8A8) with llm-compressor: method gptq (SmoothQuant + GPTQ), not {method}")
+                mods.append(SmoothQuantModifier(smoothing_strength=float(o["smoothing_strength"]),
+                                                mappings=o["smooth_mappings"]))
+            return mods + [GPTQModifier(config_groups=cfg, ignore=ignore, dampening_frac=float(o["dampening_frac"]),
+                                        block_size=int(o["block_size"]), actorder=o["actorder"])]
+        raise ValueError(f"int8 (W8A8) with llm-compressor: method gptq, not {method}")
     bits = {"w4a16": 4, "w8a16": 8}[scheme]
     gs = group_size if scheme == "w4a16" else None
     # calibrated 4-bit: asymmetric (a zero point per group; llm-compressor's W4A16_ASYM), which vLLM's
@@ -108,7 +129,7 @@ def main(argv: list[str]) -> int:
     say(f"loading {src}")
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)
-    recipe = build_recipe(scheme, method, job.get("group_size"), bool(job.get("symmetric", True)))
+    recipe = build_recipe(scheme, method, job.get("group_size"), bool(job.get("symmetric", True)), job.get("options"))
     kw: dict = {}
     stats: dict = {}
     if method in ("gptq", "awq"):

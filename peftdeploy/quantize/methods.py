@@ -7,7 +7,8 @@ Methods (``quantization.method``):
 * ``rtn``: round-to-nearest, no data. int8 / w8a16 / w4a16 are written by peftdeploy's own streaming
   quantizer (:mod:`.rtn`: one tensor in memory, no extra venv, seconds); fp8 + rtn is llm-compressor's
   data-free ``FP8_DYNAMIC`` (an fp8 checkpoint; vLLM's CPU build cannot make fp8 at load time).
-* ``gptq``: GPTQ on the calibration set (llm-compressor); for int8 (W8A8) SmoothQuant first, then GPTQ.
+* ``gptq``: GPTQ on the calibration set (llm-compressor); int8 (W8A8) with a zero point per token on the
+  dynamic activations (asymmetric; SmoothQuant measured worse on the demo: llmc_worker.INT8_GPTQ).
 * ``awq``: AWQ's activation-aware scale search, then the weight quantization (llm-compressor; w4a16).
 * ``runtime``: vLLM quantizes while loading (fp8, bitsandbytes: ``--quantization``).
 * ``auto`` (default): offline schemes get gptq when the tool venv exists, else rtn (and ``plan``
@@ -34,6 +35,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "gptq": ("rtn", "gptq", "awq"),
 }
 CALIBRATED = ("gptq", "awq")
+INT8_GPTQ_WHAT = "GPTQ, asymmetric per-token activations"  # int8 gptq (llmc_worker.INT8_GPTQ), for plan
 
 
 class ToolMissing(PeftDeployError):
@@ -98,7 +100,7 @@ def resolve_method(scheme: str, method: str = "auto", *, tool_present: bool | No
                                              f"{si.vllm_quantization})")
         if present:
             return Method("gptq", "llmcompressor", "auto: GPTQ on the calibration set (llm-compressor, "
-                          f"{'SmoothQuant + GPTQ' if s == 'int8' else 'GPTQ'}; the quantize tool venv is installed)")
+                          f"{INT8_GPTQ_WHAT if s == 'int8' else 'GPTQ'}; the quantize tool venv is installed)")
         return Method("rtn", "peftdeploy", f"auto: round-to-nearest (no quantize tool venv; `{SETUP_COMMAND}` "
                                            "enables GPTQ)")
     if method not in METHODS.get(s, ()):
@@ -110,5 +112,5 @@ def resolve_method(scheme: str, method: str = "auto", *, tool_present: bool | No
         if s == "fp8":
             return Method("rtn", "llmcompressor", "fp8 dynamic checkpoint (llm-compressor FP8_DYNAMIC, data-free)")
         return Method("rtn", "peftdeploy", "round-to-nearest (peftdeploy's streaming quantizer, no calibration)")
-    what = "SmoothQuant + GPTQ" if (method == "gptq" and s == "int8") else method.upper()
+    what = INT8_GPTQ_WHAT if (method == "gptq" and s == "int8") else method.upper()
     return Method(method, "llmcompressor", f"{what} on the calibration set (llm-compressor)")
