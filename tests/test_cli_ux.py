@@ -215,13 +215,14 @@ def test_numpy_merge_path_is_said_by_plan_and_merge(tmp_path: Path, monkeypatch:
 
 
 def test_package_metadata_and_readme_gpu_path() -> None:
-    """pyproject: the license as an SPDX string, classifiers (Typing :: Typed with py.typed shipped); README: the
+    """pyproject: the license as an SPDX string, classifiers (Typing :: Typed with py.typed shipped), project URLs; README: the
     pip path of a GPU user next to an existing vLLM, with the vLLM releases verified and the gpu extra's range."""
     import tomllib
 
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert proj["license"] == "Apache-2.0"
     assert {"Typing :: Typed", "Operating System :: POSIX :: Linux"} <= set(proj["classifiers"])
+    assert all(u.startswith("https://") for u in proj["urls"].values()) and "Homepage" in proj["urls"]
     assert (ROOT / "peftdeploy" / "py.typed").is_file()
     assert "py.typed" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["peftdeploy"]
