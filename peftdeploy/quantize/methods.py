@@ -7,8 +7,8 @@ Methods (``quantization.method``):
 * ``rtn``: round-to-nearest, no data. int8 / w8a16 / w4a16 are written by peftdeploy's own streaming
   quantizer (:mod:`.rtn`: one tensor in memory, no extra venv, seconds); fp8 + rtn is llm-compressor's
   data-free ``FP8_DYNAMIC`` (an fp8 checkpoint; vLLM's CPU build cannot make fp8 at load time).
-* ``gptq``: GPTQ on the calibration set (llm-compressor); int8 (W8A8) with a zero point per token on the
-  dynamic activations (asymmetric; SmoothQuant measured worse on the demo: llmc_worker.INT8_GPTQ).
+* ``gptq``: GPTQ on the calibration set (llm-compressor); for int8 (W8A8) SmoothQuant first, then GPTQ
+  (settings: llmc_worker.INT8_GPTQ).
 * ``awq``: AWQ's activation-aware scale search, then the weight quantization (llm-compressor; w4a16).
 * ``runtime``: vLLM quantizes while loading (fp8, bitsandbytes: ``--quantization``).
 * ``auto`` (default): offline schemes get gptq when the tool venv exists, else rtn (and ``plan``
@@ -35,7 +35,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "gptq": ("rtn", "gptq", "awq"),
 }
 CALIBRATED = ("gptq", "awq")
-INT8_GPTQ_WHAT = "GPTQ, asymmetric per-token activations"  # int8 gptq (llmc_worker.INT8_GPTQ), for plan
+INT8_GPTQ_WHAT = "SmoothQuant + GPTQ"  # int8 gptq (llmc_worker.INT8_GPTQ), for plan
 
 
 class ToolMissing(PeftDeployError):
