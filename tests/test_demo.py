@@ -267,12 +267,12 @@ def test_base_model_answers(demo_model_dir):
 def test_adapters_change_behaviour_and_keep_style(demo_model_dir):
     tok = fx.tokenizer(str(demo_model_dir))
     base = fx.load_model(demo_model_dir)
-    base_out = [fx.chat(base, tok, p) for p in fx.EVAL_PROMPTS]
+    base_out = fx.chat_batch(base, tok, fx.EVAL_PROMPTS)
     del base
     report = {}
     for name in fx.ADAPTER_NAMES:
         model = fx.load_model(demo_model_dir, adapter=name)
-        outs = [fx.chat(model, tok, p) for p in fx.EVAL_PROMPTS]
+        outs = fx.chat_batch(model, tok, fx.EVAL_PROMPTS)
         check = fx.STYLE_CHECKS[name]
         report[name] = {
             "changed": sum(o != b for o, b in zip(outs, base_out)),
