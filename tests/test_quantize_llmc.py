@@ -224,6 +224,16 @@ def test_up_gate_refuses_rtn_w4a16_on_demo(demo_model_dir, tmp_path):
     r.write_text(f"apiVersion: peftdeploy/v1\nextends: {ROOT / 'recipes' / 'demo-w4a16.yaml'}\nname: demo-bad\n"
                  f"quantization: {{scheme: w4a16, method: rtn, max_ppl_increase: 0.05}}\n"
                  f"serving: {{port: {free_e2e_port()}}}\n")
+    from peftdeploy.quantize.cpu_isa import host_cpu_isa
+
+    isa = host_cpu_isa()
+    if isa is not None and isa.missing_kernel("w4a16"):  # an AVX2 host: refused by plan, before any measurement
+        p = subprocess.run(peftdeploy_cmd("up", str(r), "--detach"), env=cli_env(), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 2 and "cannot run on this machine" in p.stderr and "Traceback" not in p.stderr, \
+            p.stderr[-3000:]
+        assert "perplexity of the full-precision" not in p.stderr  # no vLLM started for a model it cannot run
+        return
     msgs = []
     for _ in range(2):
         t0 = time.perf_counter()

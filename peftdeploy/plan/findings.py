@@ -86,7 +86,7 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                  "the full-precision twin (peftdeploy merges there, then quantizes), or use policy.mode: serve "
                  "to keep the adapters unmerged", "backbone", ctx.loc("policy", "mode"))
     info = scheme_info(scheme)
-    runtime_here = [k for k in RUNTIME_SCHEMES if scheme_info(k).supported_on(ctx.device)[0]]
+    runtime_here = [k for k in RUNTIME_SCHEMES if _runs(ctx, k)[0]]
     if ctx.mode == "serve" and info.kind == "offline":
         if runtime_here:
             alt = (f"or a scheme vLLM quantizes at load time on {ctx.device}: {' / '.join(runtime_here)}")
@@ -98,8 +98,16 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                  f"use policy.mode: merge (peftdeploy quantizes the merged model), {alt}",
                  "backbone", ctx.loc("quantization", "scheme"))
     ok, why = info.supported_on(ctx.device)
-    if not ok and info.kind != "prequantized":
-        offline_here = [k for k in OFFLINE_SCHEMES if scheme_info(k).supported_on(ctx.device)[0]]
+    here, isa_why = _runs(ctx, scheme)
+    if ok and not here:  # vLLM has the kernel for this device class, but not in the build this host's CPU loads
+        offline_here = [k for k in OFFLINE_SCHEMES if _runs(ctx, k)[0]]
+        yield _f("quantization-cpu-isa", E, f"quantization.scheme {scheme} cannot run on this machine: {isa_why}",
+                 (f"use quantization.scheme {' or '.join(offline_here)} with policy.mode: merge here, " if offline_here
+                  else "") + "or run on a CPU with AVX-512 (or a GPU: --device cuda)", "backbone",
+                 ctx.loc("quantization", "scheme"))
+        ok = False
+    elif not ok and info.kind != "prequantized":
+        offline_here = [k for k in OFFLINE_SCHEMES if _runs(ctx, k)[0]]
         fix = (f"use quantization.scheme {' or '.join(offline_here)} with policy.mode: merge (quantized offline "
                f"by peftdeploy after the merge)" if offline_here else "use quantization.scheme none")
         if runtime_here and info.kind != "runtime":
@@ -117,6 +125,16 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                      f"{' / '.join(info.cpu_dtypes)} activations, not {dt}",
                      f"set backbone.dtype: {info.cpu_dtypes[0]}", "backbone",
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
+    if ok and ctx.local and ctx.device == "cpu":
+        from ..quantize.cpu_isa import host_cpu_isa
+
+        isa = host_cpu_isa()
+        note = isa.accuracy_note(scheme) if isa is not None else None
+        if note:
+            yield _f("quantization-cpu-isa-accuracy", W, f"quantization.scheme {scheme} on this machine: {note}",
+                     "set quantization.max_ppl_increase (up then measures the quantized model on this host and "
+                     "refuses it past the bound), or use quantization.method: gptq (calibrated), or serve on a "
+                     "CPU with VNNI", "backbone", ctx.loc("quantization", "scheme"))
     if ok and ctx.served:
         lora_ok, lora_why = info.lora_ok(ctx.device)
         if not lora_ok:
@@ -136,6 +154,12 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
         yield _f("quantization-cpu", W, "kv_cache_dtype fp8 may not be supported by vLLM's CPU backend",
                  "use --device cuda for this recipe, or kv_cache_dtype: auto on CPU", "backbone",
                  ctx.loc("quantization", "kv_cache_dtype") or ctx.loc("quantization", "scheme"))
+
+
+def _runs(ctx: CheckContext, scheme: str) -> tuple[bool, str]:
+    """Does vLLM run `scheme` on the plan's device — on this very host's CPU when the plan is local?"""
+    info = scheme_info(scheme)
+    return info.runs_on_this_host(ctx.device) if ctx.local else info.supported_on(ctx.device)
 
 
 def _quant_method(ctx: CheckContext, info: Any) -> Iterable[Finding]:

@@ -107,7 +107,7 @@ def run_eval(recipe_path: str, schemes: list[str] | None = None, *, methods: lis
             m = resolve_method(si.name, mwant)
             row: dict[str, Any] = {"scheme": name, "method": m.name, "model": None, "quantization": None}
             rows.append(row)
-            ok, why = si.supported_on(device)
+            ok, why = si.runs_on_this_host(device)
             if ok and device == "cpu" and dtype not in si.cpu_dtypes:
                 ok, why = False, (f"vLLM's CPU kernel for {si.name} takes {'/'.join(si.cpu_dtypes)} activations, "
                                   f"not {dtype} (use --dtype bfloat16)")

@@ -86,6 +86,18 @@ class SchemeInfo:
             return True, note
         return False, note or f"vLLM 0.32 has no {self.name} kernel for {d}"
 
+    def runs_on_this_host(self, device: str) -> tuple[bool, str]:
+        """:meth:`supported_on`, plus what this machine's CPU lacks (``cpu_isa``) when `device` is cpu."""
+        ok, why = self.supported_on(device)
+        if ok and device.lower() == "cpu":
+            from .cpu_isa import host_cpu_isa
+
+            isa = host_cpu_isa()
+            missing = isa.missing_kernel(self.name) if isa is not None else None
+            if missing:
+                return False, missing
+        return ok, why
+
     def lora_ok(self, device: str = "cuda") -> tuple[bool, str]:
         """(ok, reason) for serve policy: LoRA adapters (unmerged) on a backbone with this scheme."""
         ok, why = self.supported_on(device)
