@@ -76,13 +76,34 @@ class Deployment:
                               timeout=120)
 
 
+def _log_tail(text: str, n: int = 40) -> str:
+    """The end of the server log a failed `up` names (CI keeps only what the assertion prints), with the
+    memory left on the machine and the vLLM processes still running."""
+    import re
+
+    out = ""
+    m = re.search(r"full log: (\S+\.log)", text)
+    if m and Path(m.group(1)).is_file():
+        lines = Path(m.group(1)).read_text(errors="replace").splitlines()
+        out += f"\n--- last {n} lines of {m.group(1)}\n" + "\n".join(lines[-n:])
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[:3]
+        ps = subprocess.run(["ps", "-eo", "pid,rss,etimes,args"], capture_output=True, text=True).stdout
+        vllm = [ln[:160] for ln in ps.splitlines() if "vllm" in ln.lower() or "VLLM" in ln]
+        out += "\n--- " + " | ".join(x.strip() for x in mem) + "\n--- vLLM processes:\n" + "\n".join(vllm)
+    except OSError:
+        pass
+    return out
+
+
 def start_detached(recipe: Path, *, port: int | None = None, timeout: float = 900) -> Deployment:
     port = port or free_e2e_port()
     proc = subprocess.run(peftdeploy_cmd("up", str(recipe), "--detach", "--json", "--port", str(port),
                                          "--timeout", str(timeout)),
                           env=cli_env(), capture_output=True, text=True, timeout=timeout + 300)
     if proc.returncode != 0:
-        raise AssertionError(f"peftdeploy up {recipe} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"peftdeploy up {recipe} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+                             + _log_tail(proc.stdout + proc.stderr))
     info = json.loads(proc.stdout)
     return Deployment(name=info["name"], recipe=recipe, port=port, info=info, up_stderr=proc.stderr)
 

@@ -126,7 +126,7 @@ def test_adapter_routes_closed_without_key(tmp_path: Path, monkeypatch: pytest.M
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_running_server_every_route_needs_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   e2e_up, demo_model_dir) -> None:
+                                                   e2e_up, demo_model_dir, request) -> None:
     import json as _json
     import socket
     import urllib.error
@@ -140,6 +140,7 @@ def test_running_server_every_route_needs_the_key(tmp_path: Path, monkeypatch: p
                  "serving: {host: 127.0.0.1, api_key: '${PD_E2E_GUARD_KEY}'}\n")
     port = next(pt for pt in range(18500, 18600) if socket.socket().connect_ex(("127.0.0.1", pt)) != 0)
     d = e2e_up(p, port=port)
+    request.addfinalizer(d.down)  # ~4 GiB per vLLM server: not kept for the rest of the session
     root = d.base_url.rsplit("/v1", 1)[0]
 
     def call(method: str, path: str, key: str | None) -> int:

@@ -62,7 +62,9 @@ def serve(e2e_serve):
 
 @pytest.fixture(scope="module")
 def merged(recipes, e2e_up, demo_model_dir):
-    return e2e_up(recipes["merged"])
+    d = e2e_up(recipes["merged"])
+    yield d
+    d.down()  # ~4 GiB per vLLM server: stop it with the module (the shared `serve` stays for the session)
 
 
 @pytest.fixture(scope="module")
