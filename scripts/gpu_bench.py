@@ -392,7 +392,8 @@ EST_S = {"graphs": 140, "agreement": 110, "profile": 170}  # start + measurement
 DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on this (still warm) machine  # start + measurements, for the deadline check
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
            "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
-           "many_auto_pd", "many_auto_vllm", "profile_pd", "kagree", "pd_mix", "pd_ds")
+           "many_auto_pd", "many_auto_vllm", "profile_pd", "profile_vllm", "profile_merged", "kagree", "pd_mix",
+           "pd_ds")
 
 
 def main() -> int:
@@ -585,9 +586,14 @@ def main() -> int:
         "many_auto_vllm": (f"{a.many} adapters, planner auto sizing from policy.traffic, vLLM kernels",
                            lambda: with_env(plans["many_auto"]["spec"], **VK), None,
                            [(f"{zm}, planner auto, vLLM kernels", many_names)], "graphs"),
-        "profile_pd": ("peftdeploy kernels with the torch profiler", lambda: variant(with_env(plain, **PDK),
-                       adapters=names, extra_args=[PROF]), ml,
-                       [("LoRA on (peftdeploy kernels), base traffic only", ())], "profile"),
+        "profile_pd": ("peftdeploy kernels with the torch profiler (Zipf adapters)",
+                       lambda: variant(with_env(plain, **PDK), adapters=names, extra_args=[PROF]), ml, [], "profile"),
+        "profile_vllm": ("vLLM kernels with the torch profiler (Zipf adapters)",
+                         lambda: variant(with_env(plain, **VK), adapters=names, extra_args=[PROF]), ml, [],
+                         "profile"),
+        "profile_merged": ("merged model (no LoRA) with the torch profiler",
+                           lambda: variant(plain, adapters=None, mode="merge", extra_args=[PROF]), None, [],
+                           "profile"),
         "kagree": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: vLLM vs peftdeploy kernels",
                    None, ml, [], "agreement"),
         "pd_mix": (f"multi-LoRA, peftdeploy's kernels, max_loras {ml}: {zl}, then base traffic only on the same server",
@@ -726,7 +732,8 @@ def main() -> int:
                     result["setups"].append(row)
                     save()
                 if kind == "profile":
-                    result["profile"] = run_profile(srv, a, zipf, served, out)
+                    result.setdefault("profiles", {})[tag] = run_profile(
+                        srv, a, () if tag == "profile_merged" else zipf, served, out / tag)
                     save()
                 with open(DONE, "a") as f:
                     f.write(tag + "\n")
@@ -779,9 +786,16 @@ def run_profile(srv: Server, a: argparse.Namespace, zipf: tuple[str, ...], serve
     def post(path: str) -> None:
         urllib.request.urlopen(urllib.request.Request(srv.url + path, data=b"", method="POST"), timeout=300).read()
 
+    import shutil
+
+    shutil.rmtree("/tmp/vllm_prof", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     w = build_workload(WorkloadConfig(adapters=zipf, base_model=served, zipf_alpha=a.zipf, num_requests=128,
                                       concurrency=a.concurrency, input_len=a.input_len, output_len=a.output_len,
                                       seed=77))
+    run_workload_sync(srv.url, build_workload(WorkloadConfig(adapters=zipf, base_model=served, zipf_alpha=a.zipf,
+                                                             num_requests=16, concurrency=16, input_len=a.input_len,
+                                                             output_len=16, seed=78)))  # warm-up
     t0 = time.time()
     post("/start_profile")
     th = threading.Thread(target=run_workload_sync, args=(srv.url, w))
@@ -794,8 +808,95 @@ def run_profile(srv: Server, a: argparse.Namespace, zipf: tuple[str, ...], serve
         text = Path(tables[0]).read_text(errors="replace")
         (out / "profile_table.txt").write_text(text)
         res["summary"] = summarize_profile(text)
+    traces = sorted(glob.glob("/tmp/vllm_prof/**/*.json*", recursive=True), key=lambda t: -os.path.getsize(t))
+    if traces:
+        try:
+            res["timeline"] = trace_timeline(traces[0])
+        except Exception as e:  # noqa: BLE001 - a table without the timeline is still worth keeping
+            res["timeline"] = {"error": f"{type(e).__name__}: {e}"}
+        shutil.copy(traces[0], out / Path(traces[0]).name)
     log(f"  profile: {res.get('summary')}")
+    log(f"  timeline: {res.get('timeline')}")
     return res
+
+
+def trace_timeline(path: str) -> dict:
+    """GPU busy time vs wall time over the profiled steps, from the torch profiler's Chrome trace.
+
+    Steps are vLLM's ``execute_context_*`` GPU annotations; busy = the union of kernel and memcpy
+    intervals. Per step: GPU span, busy time inside it, and the idle gap before the next step (host-bound
+    time: the GPU waits for the next step's launch), plus the LoRA kernels' share of busy time. Host side:
+    the median CPU duration of each of vLLM's ``gpu_model_runner: *`` phases (preprocess, forward, ...),
+    so a host-bound step shows which phase holds the GPU up."""
+    import bisect
+    import gzip
+
+    op = gzip.open if path.endswith(".gz") else open
+    with op(path, "rt") as f:
+        ev = json.load(f)
+    ev = ev.get("traceEvents", ev) if isinstance(ev, dict) else ev
+    kern = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), str(e.get("name", ""))) for e in ev
+                  if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    steps = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), str(e.get("name", ""))) for e in ev
+                   if e.get("ph") == "X" and e.get("cat") == "gpu_user_annotation"
+                   and str(e.get("name", "")).startswith("execute_context"))
+    if not kern:
+        return {"error": "no kernels in the trace"}
+    starts = [k[0] for k in kern]
+    maxdur = max(k[1] - k[0] for k in kern)
+    lora_words = ("lora", "sgmv", "bgmv", "shrink", "expand")
+
+    def busy(lo: float, hi: float) -> tuple[float, float, int]:
+        tot = lora = 0.0
+        n = 0
+        cur_s = cur_e = None
+        for i in range(bisect.bisect_left(starts, lo - maxdur), len(kern)):
+            s0, e0, name = kern[i]
+            if s0 >= hi:
+                break
+            if e0 <= lo:
+                continue
+            n += 1
+            s0, e0 = max(s0, lo), min(e0, hi)
+            if any(x in name.lower() for x in lora_words):
+                lora += e0 - s0
+            if cur_e is None or s0 > cur_e:
+                if cur_e is not None:
+                    tot += cur_e - cur_s
+                cur_s, cur_e = s0, e0
+            else:
+                cur_e = max(cur_e, e0)
+        if cur_e is not None:
+            tot += cur_e - cur_s
+        return tot, lora, n
+
+    rows = []
+    for i, (s0, e0, name) in enumerate(steps):
+        b, lo_, n = busy(s0, e0)
+        gap = steps[i + 1][0] - e0 if i + 1 < len(steps) else None
+        rows.append({"name": name, "span_us": e0 - s0, "busy_us": b, "lora_us": lo_, "kernels": n,
+                     "gap_after_us": gap})
+    lo, hi = kern[0][0], kern[-1][1]
+    b, lo_, n = busy(lo, hi)
+    out: dict = {"window_us": hi - lo, "busy_us": b, "busy_frac": b / (hi - lo) if hi > lo else None,
+                 "lora_kernel_us": lo_, "kernels": n, "steps": len(rows)}
+    med = statistics.median
+    if rows:
+        gaps = [r["gap_after_us"] for r in rows if r["gap_after_us"] is not None]
+        out.update(step_span_us_median=med(r["span_us"] for r in rows),
+                   step_busy_us_median=med(r["busy_us"] for r in rows),
+                   step_lora_us_median=med(r["lora_us"] for r in rows),
+                   step_kernels_median=med(r["kernels"] for r in rows),
+                   gap_us_median=med(gaps) if gaps else None, gap_us_sum=sum(gaps) if gaps else None,
+                   per_step=rows[:80])
+    host: dict[str, list[float]] = {}
+    for e in ev:
+        nm = str(e.get("name", ""))
+        if e.get("ph") == "X" and e.get("cat") == "user_annotation" and nm.startswith("gpu_model_runner: "):
+            host.setdefault(nm.split(": ", 1)[1], []).append(float(e.get("dur", 0)))
+    out["host_phase_us_median"] = {k: round(med(v), 1) for k, v in sorted(host.items())}
+    out["host_phase_count"] = {k: len(v) for k, v in sorted(host.items())}
+    return out
 
 
 def summarize_profile(text: str) -> dict:
