@@ -145,7 +145,8 @@ def make_plan(loaded: LoadedRecipe, *, device: str | None = None, gpu_memory: in
     if budget is not None and inventory.model is not None:
         from dataclasses import replace
 
-        budget = replace(budget, schemes=memory.scheme_table(inventory.model, budget, recipe=r, device=dev, mode=mode))
+        budget = replace(budget, schemes=memory.scheme_table(inventory.model, budget, recipe=r, device=dev, mode=mode,
+                                                              local=server_image is None))
     fs = findings.sort_findings([*fs, *mem_findings])
     launch = command.build_launch(loaded=loaded, resolved=resolved, inventory=inventory, derived=derived, mode=mode,
                                   merge_adapters=merge_adapters, served=served, lora_enabled=lora_enabled, device=dev,

@@ -413,7 +413,8 @@ class SchemeRow:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Recipe, device: str, mode: str) -> tuple[SchemeRow, ...]:
+def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Recipe, device: str, mode: str,
+                 local: bool = False) -> tuple[SchemeRow, ...]:
     """Backbone bytes and KV capacity for each scheme vLLM runs on `device`, next to the chosen one.
 
     Everything but the weights is held fixed: the same GPU memory × gpu_memory_utilization, LoRA
@@ -435,7 +436,8 @@ def scheme_table(model: ModelInfo, budget: MemoryBudget, *, recipe: Recipe, devi
     raw: list[dict[str, Any]] = []
     for name in names:
         info = scheme_info(name)
-        ok_dev, why_dev = info.supported_on(device)
+        # local: this machine's CPU kernel build counts (cpu_isa: no 4-bit kernel on AVX2 hosts)
+        ok_dev, why_dev = info.runs_on_this_host(device) if local else info.supported_on(device)
         if not ok_dev and name != chosen:
             continue  # only what vLLM runs on this device (the chosen one is always shown)
         dtype, notes = budget.dtype, []
