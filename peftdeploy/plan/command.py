@@ -244,6 +244,12 @@ def build_launch(*, loaded: LoadedRecipe, resolved: ResolvedRecipe, inventory: I
     env: list[tuple[str, str]] = []
     if device == "cpu" and "cpu_kvcache_space" in derived:
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(derived["cpu_kvcache_space"].value)))
+    if device == "cpu":  # a 4-bit checkpoint runs as the w4a16 it is, not as vLLM's W4A8 (cpu_isa.W4A8_ENV)
+        from ..quantize.cpu_isa import weight_only_env
+        from ..quantize.support import scheme_info
+
+        qs = offline_quantize_scheme(r) or scheme_info(r.quantization.scheme).name
+        env += sorted(weight_only_env(qs).items())
     env.append(("PEFTDEPLOY_RECIPE", str(loaded.path)))
     env.append((MODEL_NAMES_ENV, ",".join([served_name, *(a.name for a in adapters)])))
     max_n = mns.value if mns is not None else s.max_num_seqs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +37,8 @@ def gate_key(merged_key: str, quantized_key: str, *, dtype: str, window: int, st
     isa = host_cpu_isa()
     ident = {"v": GATE_VERSION, "merged": merged_key, "quantized": quantized_key, "text": eval_text_sha256(),
              "dtype": dtype, "window": window, "stride": stride,
-             "cpu": f"{isa.library}{'+vnni' if isa.vnni else ''}" if isa is not None else None}
+             "cpu": f"{isa.library}{'+vnni' if isa.vnni else ''}{'+amx' if isa.amx else ''}" if isa is not None else None,
+             "w4a8": os.environ.get("VLLM_CPU_INT4_W4A8", "0")}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 

@@ -142,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ensure_vllm_cpu_compat()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")  # as `up` serves 4-bit checkpoints (cpu_isa.W4A8_ENV)
     text = Path(a.text_file).read_text(encoding="utf-8") if a.text_file else eval_text()
     quants = list(a.quantization or [])
     quants += [""] * (len(a.models) - len(quants))
@@ -187,6 +188,7 @@ def measure(models: Sequence[str | os.PathLike[str]], *, quantizations: Sequence
             cmd += ["--quantization", q or ""]
         e = dict(os.environ)
         e.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        e.setdefault("VLLM_CPU_INT4_W4A8", "0")  # 4-bit checkpoints measured weight-only, as `up` serves them (cpu_isa)
         e.update(env or {})
         with open(log, "wb") as lf:
             try:
