@@ -121,3 +121,24 @@ def test_cpu_launch_keeps_4bit_weight_only(monkeypatch: pytest.MonkeyPatch) -> N
     assert W4A8_ENV not in env("demo-w4a16.yaml", "cuda")
     monkeypatch.setenv(W4A8_ENV, "1")  # the user's choice wins
     assert weight_only_env("w4a16") == {} and W4A8_ENV not in env("demo-w4a16.yaml")
+
+
+@pytest.mark.usefixtures("demo_model_dir")
+def test_plan_refuses_float32_int8_on_amx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On AMX hosts vLLM's int8 path is int8_scaled_mm_with_quant (bf16/fp16 activations only): a float32
+    int8 deployment died at start-up on CI; plan says so (demo-int8.yaml now runs in bfloat16)."""
+    from peftdeploy.plan import make_plan
+    from peftdeploy.recipe import load_recipe
+
+    p = tmp_path / "i8.yaml"
+    p.write_text(f"apiVersion: peftdeploy/v1\nextends: {ROOT / 'recipes' / 'demo-int8.yaml'}\nname: i8-fp32\n"
+                 "backbone: {dtype: float32}\n")
+
+    def codes(flags: str) -> set[str]:
+        monkeypatch.setenv(FLAGS_ENV, flags)
+        return {f.code for f in make_plan(load_recipe(p), device="cpu", host_memory="16GiB").findings
+                if f.severity.name == "ERROR"}
+
+    assert "quantization-cpu-dtype" in codes(SAPPHIRE_RAPIDS)
+    assert "quantization-cpu-dtype" not in codes(CASCADE_LAKE) and "quantization-cpu-dtype" not in codes(EPYC_ZEN3)
+    assert "quantization-cpu-dtype" not in _codes("demo-int8.yaml", monkeypatch, SAPPHIRE_RAPIDS)

@@ -127,8 +127,15 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
     if ok and ctx.local and ctx.device == "cpu":
         from ..quantize.cpu_isa import host_cpu_isa
+        from .memory import model_dtype
 
         isa = host_cpu_isa()
+        dt = model_dtype(m, r.backbone.dtype) if m is not None else None
+        if isa is not None and isa.amx and scheme == "int8" and dt not in (None, "bfloat16", "float16"):
+            yield _f("quantization-cpu-dtype", E, f"quantization.scheme int8 on this AMX CPU runs vLLM's "
+                     f"int8_scaled_mm_with_quant, which takes bfloat16 / float16 activations, not {dt} (the engine "
+                     "would die at start-up)", "set backbone.dtype: bfloat16", "backbone",
+                     ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
         note = isa.accuracy_note(scheme) if isa is not None else None
         if note:
             yield _f("quantization-cpu-isa-accuracy", W, f"quantization.scheme {scheme} on this machine: {note}",
