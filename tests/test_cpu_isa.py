@@ -126,7 +126,8 @@ def test_cpu_launch_keeps_4bit_weight_only(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.usefixtures("demo_model_dir")
 def test_plan_refuses_float32_int8_on_amx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On AMX hosts vLLM's int8 path is int8_scaled_mm_with_quant (bf16/fp16 activations only): a float32
-    int8 deployment died at start-up on CI; plan says so (demo-int8.yaml now runs in bfloat16)."""
+    int8 deployment died at start-up on CI. A recipe that sets float32 is refused; dtype auto serves in
+    bfloat16 there while the merge stays full precision (shared with the unquantized merge)."""
     from peftdeploy.plan import make_plan
     from peftdeploy.recipe import load_recipe
 
@@ -142,3 +143,15 @@ def test_plan_refuses_float32_int8_on_amx(tmp_path: Path, monkeypatch: pytest.Mo
     assert "quantization-cpu-dtype" in codes(SAPPHIRE_RAPIDS)
     assert "quantization-cpu-dtype" not in codes(CASCADE_LAKE) and "quantization-cpu-dtype" not in codes(EPYC_ZEN3)
     assert "quantization-cpu-dtype" not in _codes("demo-int8.yaml", monkeypatch, SAPPHIRE_RAPIDS)
+
+    def served(recipe: str, flags: str) -> tuple[str, str, str]:
+        monkeypatch.setenv(FLAGS_ENV, flags)
+        plan = make_plan(load_recipe(ROOT / "recipes" / recipe), device="cpu", host_memory="16GiB")
+        argv = plan.launch.argv()
+        return argv[argv.index("--dtype") + 1], plan.derived["dtype"].reason, plan.launch.merge.output_dir
+
+    dt, why, merge_dir = served("demo-int8.yaml", SAPPHIRE_RAPIDS)  # the demo checkpoint is float32
+    assert dt == "bfloat16" and "int8_scaled_mm_with_quant" in why
+    assert merge_dir == served("demo-merged.yaml", SAPPHIRE_RAPIDS)[2]  # one full-precision merge for both
+    assert served("demo-merged.yaml", SAPPHIRE_RAPIDS)[0] == "float32"
+    assert served("demo-int8.yaml", CASCADE_LAKE)[0] == "float32"  # oneDNN int8 takes float32 there

@@ -39,8 +39,8 @@ def _recipe(tmp: Path, tiny: dict[str, Path], body: str) -> Path:
     return p
 
 
-def _merge(recipe: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**cli_env(), "PEFTDEPLOY_CACHE": str(cache)}
+def _merge(recipe: Path, cache: Path, *extra: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**cli_env(), "PEFTDEPLOY_CACHE": str(cache), **env_extra}
     return subprocess.run(peftdeploy_cmd("merge", str(recipe), "--device", "cpu", *extra), env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -81,8 +81,13 @@ def test_merge_quantized_scheme_serves_the_quantized_dir(tiny, tmp_path):
     pytest.importorskip("compressed_tensors")
     out_dir = tmp_path / "out" / "merged"
     rec = _recipe(tmp_path, tiny, f"quantization: {{scheme: int8}}\npolicy: {{mode: merge, merge: {{adapters: [a, b], output: {out_dir}}}}}\n")
-    p = _merge(rec, tmp_path / "cache", "--json")
+    # planned for an AMX CPU, where `up` would refuse float32 int8 (vLLM's kernel there takes bf16/fp16):
+    # merge still builds the float32-merged checkpoint (it may be served elsewhere) and says so
+    amx = ("fpu sse sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16 "
+           "amx_bf16 amx_tile amx_int8")
+    p = _merge(rec, tmp_path / "cache", "--json", PEFTDEPLOY_CPU_FLAGS=amx)
     assert p.returncode == 0, p.stderr
+    assert "`peftdeploy up` on this host would refuse" in p.stderr and "quantization-cpu-dtype" in p.stderr
     info = json.loads(p.stdout)
     # the full-precision merge at the recipe's output, the int8 checkpoint next to it (what vLLM serves)
     assert info["merged_dir"] == str(out_dir) and info["served_dir"] == f"{out_dir}-int8"

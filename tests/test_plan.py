@@ -356,16 +356,25 @@ def test_scheme_table_bytes_and_kv(tmp_path: Path) -> None:
     assert [x["scheme"] for x in d] == [r.scheme for r in b.schemes] and d[0]["chosen"] is True
 
 
-def test_scheme_table_cpu_and_chosen_quantized(tmp_path: Path) -> None:
+CASCADE_LAKE = "avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni"  # AVX-512, no bf16 / AMX
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+def test_scheme_table_cpu_and_chosen_quantized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, amx: bool) -> None:
+    # the table lists what this host's vLLM build runs: plan for a named CPU, not the one the suite runs on
+    monkeypatch.setenv("PEFTDEPLOY_CPU_FLAGS", CASCADE_LAKE + (" avx512_bf16 amx_tile amx_int8" if amx else ""))
     p = _multi(tmp_path, [8], "policy: {mode: merge}\nquantization: {scheme: int8}\n")
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")
+    # dtype auto on a float32 checkpoint: int8 on AMX runs int8_scaled_mm_with_quant (bf16 / fp16 only)
+    assert plan.derived["dtype"].value == ("bfloat16" if amx else "float32")
     b = plan.memory
     assert b is not None
     rows = {r.scheme: r for r in b.schemes}
     # only what vLLM 0.32 runs on CPU: no fp8 (online fp8 quantization has no CPU op), w8a16, bitsandbytes
     assert set(rows) == {"none", "int8", "w4a16"} and rows["int8"].chosen
     assert rows["int8"].weight_bytes == b.weight_bytes and rows["none"].weight_delta > 0
-    assert rows["w4a16"].dtype == "bfloat16" and "bfloat16" in rows["w4a16"].note  # cpu_gemm_wna16: no fp32
+    assert rows["w4a16"].dtype == "bfloat16"  # cpu_gemm_wna16: no fp32
+    assert ("bfloat16" in rows["w4a16"].note) is not amx  # the note names a dtype other than the plan's
     serve = make_plan(load_recipe(_multi(tmp_path / "s", [8])), device="cpu", host_memory="16GiB")
     assert not {r.scheme: r for r in serve.memory.schemes}["int8"].usable  # offline step: merge mode only
 

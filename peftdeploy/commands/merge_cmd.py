@@ -29,11 +29,12 @@ def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     """
     from ..launch.materialize import materialize
     from ..plan import make_plan
+    from ..plan.findings import ENGINE_START_CODES
     from ..recipe import load_recipe
 
     loaded = load_recipe(recipe)
     plan = make_plan(loaded, device=device)
-    plan.raise_for_errors()
+    plan.raise_for_errors(ignore=ENGINE_START_CODES)
     spec = plan.launch
     if spec.merge is None:
         raise PlanError(f"{loaded.path}: nothing to merge: the plan's mode is {plan.mode} ({plan.mode_reason})",
@@ -43,6 +44,8 @@ def merge_cmd(recipe: str, device: str, as_json: bool, verify: bool) -> None:
     def say(msg: str) -> None:
         click.echo(msg, err=True)
 
+    for e in plan.errors:  # only ENGINE_START_CODES are left
+        say(f"note: `peftdeploy up` on this host would refuse this plan: {e.message} ({e.code}; fix: {e.fix})")
     from ..merge.kernels import load as load_kernel
 
     if load_kernel() is None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, PlanError, Severity
 from ..inventory import Inventory
+from ..quantize.cpu_isa import host_cpu_isa
 from .derive import Derived
 from .kernels import KernelChoice
 from .memory import MemoryBudget
@@ -50,10 +51,12 @@ class Plan:
     def ok(self) -> bool:
         return not self.errors
 
-    def raise_for_errors(self) -> None:
-        if self.errors:
-            e = self.errors[0]
-            raise PlanError(f"plan found {len(self.errors)} error(s); first: {e.message}", self.errors,
+    def raise_for_errors(self, *, ignore: frozenset[str] = frozenset()) -> None:
+        """PlanError for the plan's errors, but those whose code is in `ignore`."""
+        errors = [e for e in self.errors if e.code not in ignore]
+        if errors:
+            e = errors[0]
+            raise PlanError(f"plan found {len(errors)} error(s); first: {e.message}", errors,
                             fix=e.fix, location=e.location)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +125,8 @@ def make_plan(loaded: LoadedRecipe, *, device: str | None = None, gpu_memory: in
     derived, budget, mem_findings = derive.derive(
         r, inventory, device=dev, served=served, lora_enabled=lora_enabled,
         gpu_memory=memory.parse_bytes(gpu_memory), host_memory=memory.parse_bytes(host_memory), loc=ctx.loc,
-        slot_shares=slots.served_shares(r, [a.name for a in served], mode), traffic_source=traffic_source)
+        slot_shares=slots.served_shares(r, [a.name for a in served], mode), traffic_source=traffic_source,
+        host_isa=host_cpu_isa() if dev == "cpu" and ctx.local else None)
     if gpu_memory is not None and dev == "cpu":
         fs.append(Finding("gpu-memory-ignored", Severity.WARNING,
                           f"--gpu-memory {gpu_memory} is ignored: the plan is for the CPU (KV cache and LoRA slots "

@@ -18,6 +18,7 @@ from ..quantize.support import SCHEMES
 from ..util import cache_root
 from .engine_args import vllm_engine_args
 from .kernels import ENV as LORA_KERNELS_ENV
+from .memory import model_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..inventory import Inventory
@@ -36,7 +37,7 @@ def merge_output_for(recipe: Recipe, resolved: ResolvedRecipe, inventory: Invent
     """(output_dir, plan_key) of the full-precision merge of `adapters`.
 
     The plan key is a name, computed without torch and without reading weights: the backbone as
-    written (commit when known), dtype, and each adapter's sha256 (or source + revision) and weight.
+    written (commit when known), the merge dtype (auto resolved), and each adapter's sha256 (or source + revision) and weight.
     The quantization scheme is *not* part of it: the merge is always full precision, and a quantized
     checkpoint is derived from it (see :func:`quantized_output_for`), so recipes that differ only in
     the scheme share one merge. What the directory holds is decided by content: `up` merges with
@@ -49,7 +50,9 @@ def merge_output_for(recipe: Recipe, resolved: ResolvedRecipe, inventory: Invent
         "backbone": recipe.backbone.merge_base or recipe.backbone.model,
         "revision": (bb.commit if bb is not None and bb.commit else None)
         or recipe.backbone.merge_base_revision or recipe.backbone.revision,
-        "dtype": recipe.backbone.dtype,
+        # as the merge resolves it (auto: the checkpoint's), so `auto` and the dtype it means share one merge
+        "dtype": (model_dtype(inventory.model, recipe.backbone.dtype)
+                  if inventory is not None and inventory.model is not None else recipe.backbone.dtype),
         "adapters": [],
     }
     for i, name in enumerate(adapters):

@@ -36,6 +36,7 @@ from . import memory as M
 from . import slots as S
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..quantize.cpu_isa import CpuIsa
     from ..recipe.schema import Recipe
 
 LORA_SHARE = 0.25
@@ -65,10 +66,11 @@ def _round8(n: int) -> int:
 def derive(recipe: Recipe, inventory: Inventory, *, device: str, served: list[AdapterInfo], lora_enabled: bool,
            gpu_memory: int | None = None, host_memory: int | None = None,
            loc: Any = lambda *p: None, slot_shares: dict[str, float] | None = None,
-           traffic_source: str | None = "policy.traffic",
+           traffic_source: str | None = "policy.traffic", host_isa: CpuIsa | None = None,
            ) -> tuple[dict[str, Derived], M.MemoryBudget | None, list[Finding]]:
     """`slot_shares`: per served adapter name, its share of all requests (None: uniform over the served
-    adapters); `traffic_source` names where the shares came from in findings and reasons (None: none given)."""
+    adapters); `traffic_source` names where the shares came from in findings and reasons (None: none given);
+    `host_isa`: the CPU a local CPU plan runs on (None: not known, e.g. a render for another host)."""
     s = recipe.serving
     out: dict[str, Derived] = {}
     findings: list[Finding] = []
@@ -104,8 +106,13 @@ def derive(recipe: Recipe, inventory: Inventory, *, device: str, served: list[Ad
 
     tp = s.tensor_parallel_size
     dtype = M.model_dtype(model, recipe.backbone.dtype)
-    out["dtype"] = Derived("dtype", dtype, "set in the recipe" if recipe.backbone.dtype != "auto" else
-                           f"auto: the checkpoint's dtype ({model.torch_dtype or model.weight_dtype})",
+    why = f"auto: the checkpoint's dtype ({model.torch_dtype or model.weight_dtype})"
+    takes = host_isa.activation_dtypes(recipe.quantization.scheme) if host_isa is not None else None
+    if recipe.backbone.dtype == "auto" and takes and dtype not in takes:
+        dtype, why = takes[0], (f"auto: {recipe.quantization.scheme} on this AMX CPU runs vLLM's "
+                                f"int8_scaled_mm_with_quant, which takes {' / '.join(takes)} activations (the "
+                                f"checkpoint is {dtype}; the merge stays full precision)")
+    out["dtype"] = Derived("dtype", dtype, "set in the recipe" if recipe.backbone.dtype != "auto" else why,
                            "recipe" if recipe.backbone.dtype != "auto" else "auto")
     elt = M.DTYPE_BYTES[dtype]
     kv_fp8 = recipe.quantization.kv_cache_dtype == "fp8"

@@ -29,6 +29,10 @@ E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
 RecipeCheck = Callable[[CheckContext], Iterable[Finding]]
 RECIPE_CHECKS: list[tuple[str, RecipeCheck]] = []
 
+# errors about the engine this host would start (its CPU's kernels), not about the weights: `peftdeploy merge`
+# still builds the checkpoint (it may be served elsewhere) and says what `up` here would refuse
+ENGINE_START_CODES = frozenset({"quantization-cpu-isa", "quantization-cpu-dtype"})
+
 
 def recipe_check(code: str) -> Callable[[RecipeCheck], RecipeCheck]:
     def deco(fn: RecipeCheck) -> RecipeCheck:
@@ -127,14 +131,15 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
     if ok and ctx.local and ctx.device == "cpu":
         from ..quantize.cpu_isa import host_cpu_isa
-        from .memory import model_dtype
 
         isa = host_cpu_isa()
-        dt = model_dtype(m, r.backbone.dtype) if m is not None else None
-        if isa is not None and isa.amx and scheme == "int8" and dt not in (None, "bfloat16", "float16"):
-            yield _f("quantization-cpu-dtype", E, f"quantization.scheme int8 on this AMX CPU runs vLLM's "
-                     f"int8_scaled_mm_with_quant, which takes bfloat16 / float16 activations, not {dt} (the engine "
-                     "would die at start-up)", "set backbone.dtype: bfloat16", "backbone",
+        takes = isa.activation_dtypes(scheme) if isa is not None else None
+        # backbone.dtype auto picks one of `takes` (plan/derive.py); a dtype the recipe sets is refused
+        if takes and r.backbone.dtype != "auto" and r.backbone.dtype not in takes:
+            yield _f("quantization-cpu-dtype", E, f"quantization.scheme {scheme} on this AMX CPU runs vLLM's "
+                     f"int8_scaled_mm_with_quant, which takes {' / '.join(takes)} activations, not "
+                     f"{r.backbone.dtype} (the engine would die at start-up)",
+                     f"set backbone.dtype: {takes[0]} (or auto)", "backbone",
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
         note = isa.accuracy_note(scheme) if isa is not None else None
         if note:

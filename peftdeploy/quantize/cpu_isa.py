@@ -73,6 +73,15 @@ class CpuIsa:
                     "+2.8% on an AVX-512 VNNI CPU")
         return None
 
+    def activation_dtypes(self, scheme: str) -> tuple[str, ...] | None:
+        """The activation dtypes vLLM's kernel for `scheme` takes on this CPU (None: any).
+
+        On AMX hosts vLLM 0.32 runs int8 (W8A8) with ``int8_scaled_mm_with_quant``, which has no float32
+        path: a float32 engine dies at start-up (``expect A to be bfloat16 or half``)."""
+        if scheme == "int8" and self.amx:
+            return ("bfloat16", "float16")
+        return None
+
     def missing_kernel(self, scheme: str) -> str | None:
         """Why vLLM on this CPU cannot run `scheme` (None: it can, as far as the ISA goes)."""
         if scheme in NEEDS_WNA16 and not self.avx512:
