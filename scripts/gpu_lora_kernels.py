@@ -181,7 +181,12 @@ def main() -> int:
     ap.add_argument("--best-out", default=None)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--deadline-s", type=float, default=470)
+    ap.add_argument("--gemm", action="store_true", help="the shrink inside the base GEMM (lora_gemm) against "
+                    "base GEMM + split kernels and the base GEMM alone; checks it, sweeps its expand, writes "
+                    "the best as 'gemm:' entries of --best-out")
     a = ap.parse_args()
+    if a.gemm:
+        return gemm_main(a)
     t0 = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,6 +294,122 @@ def main() -> int:
         for r in res["bench"]:
             print(f"| {r['shape']} | {r['T']} | {r['peftdeploy_us']:.1f} | {r.get('vllm_us', float('nan')):.1f} | "
                   f"{r.get('speedup', float('nan')):.2f} | {r['floor_us']:.1f} |")
+    res["total_s"] = time.time() - t0
+    save()
+    log(f"total {res['total_s']:.0f} s")
+    return 0
+
+
+class GemmLayer(Layer):
+    """A base layer (W) with its LoRA: `ext` = [W; A_0; ...] as gemm_fused.convert stores it."""
+
+    def __init__(self, K: int, widths: tuple[int, ...], dtype: torch.dtype, dev: str, seed: int):
+        super().__init__(K, widths, dtype, dev, seed)
+        g = torch.Generator(device=dev).manual_seed(seed + 1000)
+        n = sum(widths)
+        self.ext = torch.cat([(torch.randn(n, K, generator=g, device=dev) / K ** 0.5).to(dtype)]
+                             + [a.reshape(L * R, K) for a in self.A])
+        self.W = self.ext[:n]
+        self.n = n
+
+
+def gemm_candidates(T: int) -> list[O.Config]:
+    bms = (16, 32) if T <= 64 else ((32, 64) if T <= 256 else (64, 128))
+    return [O.Config(fused=True, bm=bm, bn=bn, bk=16, n_iters=it, warps=w)
+            for bm in bms for bn, it in ((64, 1), (128, 1), (128, 2)) for w in (4,)]
+
+
+def gemm_main(a: argparse.Namespace) -> int:
+    t0 = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cpu" if SMOKE else "cuda"
+    dtype = torch.float16 if SMOKE else torch.bfloat16
+    res: dict = {"gpu": None if SMOKE else torch.cuda.get_device_name(), "triton": triton.__version__,
+                 "check": [], "rows": [], "best": {}}
+    tokens = [int(t) for t in a.tokens.split(",")]
+    best: dict[str, dict] = {}
+    if a.best_out and Path(a.best_out).exists():
+        best = json.loads(Path(a.best_out).read_text())
+
+    def save():
+        (out / "lora_gemm.json").write_text(json.dumps(res, indent=1, default=str))
+
+    for name, (K, widths) in SHAPES.items():  # check: bf16 against float64, padding rows included
+        ly = GemmLayer(K, widths, dtype, dev, seed=7)
+        for T in ((5, 300) if SMOKE else (1, 64, 1000)):
+            slots = zipf_slots(T, T, dev)
+            slots[torch.rand(T, device=dev) < 0.2] = -1
+            mapped = max(1, T - 3)
+            x = torch.randn(T, K, device=dev).to(dtype)
+            tiles, nl = O.make_tiles(slots[:mapped].to(torch.int32), L, max_tokens=8192)
+            y = O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0)
+            base = x.double() @ ly.W.double().T
+            full = slots.clone()
+            full[mapped:] = -1
+            ref = reference(base, x, ly, full)
+            no = full < 0
+            d = (ref - base)[~no].norm()
+            row = {"shape": name, "T": T, "rel_err": float(((y.double() - base) - (ref - base))[~no].norm() / d),
+                   "base_rows_max_abs": float((y.double()[no] - base[no]).abs().max()) if no.any() else 0.0,
+                   "finite": bool(torch.isfinite(y).all())}
+            res["check"].append(row)
+            log(f"check {row}")
+    bad = [r for r in res["check"] if r["rel_err"] > 1e-2 or r["base_rows_max_abs"] > 0.1 or not r["finite"]]
+    log(f"check: {len(res['check'])} cases, {len(bad)} bad")
+    save()
+    if bad:
+        return 3
+    layer_sets = {name: [GemmLayer(K, widths, dtype, dev, seed=i) for i in range(LAYERS)]
+                  for name, (K, widths) in SHAPES.items()}
+    for T in tokens:
+        for name, (K, widths) in SHAPES.items():
+            if time.time() - t0 > a.deadline_s:
+                log(f"deadline: skip {name} T={T}")
+                continue
+            layers = layer_sets[name]
+            slots = zipf_slots(T, 1, dev)
+            tiles, nl = O.make_tiles(slots.to(torch.int32), L, max_tokens=8192)
+            x = torch.randn(T, K, device=dev).to(dtype)
+            y = torch.empty(T, sum(widths), device=dev, dtype=dtype)
+
+            def base_run(y, x, ly):
+                torch.nn.functional.linear(x, ly.W)
+
+            def split_run(y, x, ly):
+                yy = torch.nn.functional.linear(x, ly.W)
+                O.lora_linear(yy, x, ly.A, ly.B, tiles, nl, scale=1.0)
+
+            def fused(cfg):
+                def run(y, x, ly):
+                    O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0, config=cfg)
+                return run
+
+            row = {"shape": name, "T": T, "base_us": time_layers(base_run, y, x, layers),
+                   "split_us": time_layers(split_run, y, x, layers)}
+            times = []
+            for cfg in gemm_candidates(T):
+                try:
+                    times.append((time_layers(fused(cfg), y, x, layers), cfg))
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:200]}")
+            times.sort(key=lambda t: t[0])
+            row["default_us"] = time_layers(fused(None), y, x, layers)
+            if times:
+                row["fused_us"], row["config"] = times[0][0], times[0][1].__dict__
+                best["gemm:" + O.config_key(T, K, widths, R)] = times[0][1].__dict__
+            res["rows"].append(row)
+            log(f"{name} T={T}: base {row['base_us']:.1f} µs, +split {row['split_us'] - row['base_us']:.1f}, "
+                f"+fused {row.get('fused_us', float('nan')) - row['base_us']:.1f} (default config "
+                f"{row['default_us'] - row['base_us']:.1f}) {row.get('config')}")
+            save()
+    if a.best_out and best:
+        Path(a.best_out).write_text(json.dumps(best, indent=1))
+    print("\n| layer | tokens | base GEMM µs | + split LoRA µs | + GEMM-fused LoRA µs | LoRA cost ratio fused/split |")
+    print("|---|---|---|---|---|---|")
+    for r in res["rows"]:
+        ds, df = r["split_us"] - r["base_us"], r.get("fused_us", float("nan")) - r["base_us"]
+        print(f"| {r['shape']} | {r['T']} | {r['base_us']:.1f} | {ds:.1f} | {df:.1f} | {df / ds if ds else float('nan'):.2f} |")
     res["total_s"] = time.time() - t0
     save()
     log(f"total {res['total_s']:.0f} s")

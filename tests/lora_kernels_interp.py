@@ -263,15 +263,22 @@ def test_tile_tables_cover_each_adapter_token_once(O):
     for bm, (off, cap) in lay.tiles.items():
         slot_t, rows_t = buf[off:off + cap], buf[off + cap:off + 2 * cap]
         tok_t = buf[off + 2 * cap:off + cap * (2 + bm)].reshape(cap, bm)
-        seen = []
+        seen, seen_base, base_started = [], [], False
         for i in range(cap):
-            if slot_t[i] < 0:
+            if slot_t[i] == -1:
                 continue
             assert 1 <= rows_t[i] <= bm
             toks = tok_t[i, :rows_t[i]]
-            assert (slots[toks] == slot_t[i]).all()
+            if slot_t[i] == M.BASE_TILE:  # tokens without an adapter, after every adapter's tiles
+                base_started = True
+                assert (slots[toks] == -1).all()
+                seen_base += list(toks)
+                continue
+            assert not base_started and (slots[toks] == slot_t[i]).all()
             seen += list(toks)
         assert sorted(seen) == sorted(np.nonzero(slots >= 0)[0].tolist()), bm
+        assert sorted(seen_base) == sorted(np.nonzero(slots < 0)[0].tolist()), bm
+        assert buf[off + cap * (2 + bm)] == slots.size  # the tokens the step maps
 
 
 def test_wrapper_dual_stream_add_inputs_false(O, wrapper_cls):
@@ -290,3 +297,147 @@ def test_wrapper_dual_stream_add_inputs_false(O, wrapper_cls):
     w.add_lora_linear(out, x, tuple(A), tuple(B), 1.0, widths, add_inputs=False)
     ref = O.reference(torch.zeros_like(out), x, A, B, slots)
     assert float((out.double() - ref).norm() / ref.norm()) < 3e-3
+
+
+# ------------------------------------------------------------------ the shrink inside the base GEMM
+def _gemm_case(O, *, T, K, widths, R, L, mapped=None, bias=True, seed=0):
+    x, A, B, slots, _ = _case(O, T=T, K=K, widths=widths, R=R, L=L, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    n = sum(widths)
+    W = (torch.randn(n, K, generator=g) / K ** 0.5).to(x.dtype)
+    b = torch.randn(n, generator=g).to(x.dtype) if bias else None
+    ext = torch.cat([W] + [a.reshape(L * R, K) for a in A])
+    bias_ext = torch.cat([b, b.new_zeros(len(A) * L * R)]) if bias else None
+    mapped = T if mapped is None else mapped  # rows past `mapped`: CUDA-graph padding, not in the mapping
+    return x, W, b, ext, bias_ext, A, B, slots[:mapped]
+
+
+@pytest.mark.parametrize("bm", [16, 32, 64])
+@pytest.mark.parametrize("shape", [(37, 96, (64, 32, 32), 16, 4, 37), (23, 64, (40, 72), 32, 8, 17),
+                                   (5, 48, (24,), 8, 2, 5), (70, 64, (48,), 16, 3, 61)],
+                         ids=["qkv", "gate_up-padded", "rank8", "o-padded"])
+def test_gemm_fused_matches_reference(O, shape, bm):
+    """y = x·Wᵀ + b + each token's LoRA, with h taken from the extended GEMM: every row written (adapter
+    tokens, base tokens, and padding rows past the step's mapping, which get the base output)."""
+    T, K, widths, R, L, mapped = shape
+    x, W, b, ext, bias_ext, A, B, slots = _gemm_case(O, T=T, K=K, widths=widths, R=R, L=L, mapped=mapped,
+                                                      seed=hash(shape) % 997)
+    tiles, nl = O.make_tiles(slots, L, max_tokens=T + 40)
+    y = O.lora_gemm(x, ext, bias_ext, sum(widths), B, tiles, nl, L, R, 0.5,
+                    config=O.Config(fused=True, bm=bm, bn=32, bk=16))
+    base = torch.nn.functional.linear(x.double(), W.double(), b.double())
+    full = torch.cat([slots, torch.full((T - mapped,), -1)])
+    ref = O.reference(base, x, A, B, full, 0.5)
+    assert torch.isfinite(y).all() and y.shape == (T, sum(widths)) and y.is_contiguous()
+    no = full < 0
+    assert float((y.double()[no] - base[no]).abs().max()) < 1e-2, "rows without an adapter: the base output"
+    delta = (ref - base)[~no]
+    err = float(((y.double()[~no] - base[~no]) - delta).norm() / delta.norm())
+    assert err < 5e-3, err
+
+
+def test_gemm_fused_is_exact_against_the_split_path_rounding(O):
+    """The same numbers as GEMM + vLLM-style split kernels (h rounded to the weights' dtype, then scale 1)."""
+    T, K, widths, R, L = 29, 64, (32, 16, 16), 16, 4
+    x, W, _, ext, _, A, B, slots = _gemm_case(O, T=T, K=K, widths=widths, R=R, L=L, bias=False, seed=4)
+    tiles, nl = O.make_tiles(slots, L)
+    y = O.lora_gemm(x, ext, None, sum(widths), B, tiles, nl, L, R, 1.0)
+    split = torch.nn.functional.linear(x, W)
+    O.lora_linear(split, x, A, B, tiles, nl, 1.0)
+    assert float((y.float() - split.float()).abs().max()) <= 2e-3 * float(split.float().abs().max())
+
+
+@pytest.fixture(scope="module")
+def vllm_tp1():
+    """vLLM's model-parallel state for one CPU process (its linear layers need it)."""
+    import socket
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                     local_rank=0, backend="gloo")
+        initialize_model_parallel(1, 1)
+        yield
+
+
+def _vllm_lora_layer(kind: str, L: int, R: int, bias: bool):
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora import layers as LL
+    from vllm.model_executor.layers import linear as LN
+
+    dt = torch.float16
+    if kind == "qkv":
+        layer = LL.MergedQKVParallelLinearWithLoRA(LN.QKVParallelLinear(64, 16, 4, 2, bias=bias, params_dtype=dt))
+    elif kind == "gate_up":
+        layer = LL.MergedColumnParallelLinearWithLoRA(LN.MergedColumnParallelLinear(64, [96, 96], bias=bias,
+                                                                                    params_dtype=dt))
+    else:
+        layer = LL.RowParallelLinearWithLoRA(LN.RowParallelLinear(96, 64, bias=bias, params_dtype=dt))
+    with torch.no_grad():
+        layer.base_layer.weight.normal_(0, 0.1)
+        if bias:
+            layer.base_layer.bias.normal_(0, 1)
+    layer.create_lora_weights(L, LoRAConfig(max_loras=L, max_lora_rank=R, lora_dtype=dt))
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["qkv", "gate_up", "down"])
+def test_vllm_layers_run_the_shrink_inside_their_gemm(O, wrapper_cls, vllm_tp1, kind, monkeypatch):
+    """Real vLLM LoRA layers handed peftdeploy's wrapper: their weight and A stacks become one matrix (same
+    parameter, same shapes, set_lora writes into it), and forward gives base + each token's own adapter."""
+    from vllm.lora.layers import LoRAMapping
+
+    from peftdeploy.vllm_plugin.lora_kernels import gemm_fused
+
+    cls, _ = wrapper_cls
+    L, R, T = 4, 16, 21
+    monkeypatch.setattr(O, "GEMM_MAX_SHARE", 4.0)  # tiny layers: 4 x 16 LoRA rows per slice vs 64-192 outputs
+    layer = _vllm_lora_layer(kind, L, R, bias=kind == "qkv")
+    w0, param = layer.base_layer.weight.detach().clone(), layer.base_layer.weight
+    w = _wrapper(cls, L, 64)
+    assert gemm_fused.why_not(layer) is None
+    layer.set_mapping(w)
+    assert layer.base_layer.weight is param and torch.equal(param, w0) and layer._pd_ext is not None
+    assert param.data_ptr() == layer._pd_ext.data_ptr()  # W is the first rows of the extended matrix
+    g = torch.Generator().manual_seed(3)
+    K, outs = layer.input_size, layer.output_slices
+    adapters = {}
+    for slot in (1, 2, 3):  # slot 0 stays empty
+        a = [(torch.randn(R, K, generator=g) / K ** 0.5).half() for _ in outs]
+        b = [(torch.randn(n, R, generator=g) / R ** 0.5).half() for n in outs]
+        layer.set_lora(slot, a if len(outs) > 1 else a[0], b if len(outs) > 1 else b[0])
+        adapters[slot] = (a, b)
+    ids = [None, 11, 12, 13]
+    index = [[11, 12, 0, 13, 11][t % 5] for t in range(T)]
+    w.update_metadata(LoRAMapping(tuple(index), tuple(index)), ids, L, 32000)
+    x = torch.randn(T, K, generator=g).half()
+    w.add_lora_linear = lambda *a, **k: pytest.fail("the converted layer took the two-launch path")
+    y = layer.forward(x)
+    y = y[0] if isinstance(y, tuple) else y
+    base = torch.nn.functional.linear(x.double(), w0.double(),
+                                      layer.base_layer.bias.double() if layer.base_layer.bias is not None else None)
+    ref = base.clone()
+    for t, i in enumerate(index):
+        if i:
+            a, b = adapters[ids.index(i)]
+            ref[t] += torch.cat([(x[t].double() @ ai.double().T) @ bi.double().T for ai, bi in zip(a, b)])
+    assert y.shape == ref.shape and y.is_contiguous()
+    err = float((y.double() - ref).norm() / (ref - base).norm())
+    assert err < 1e-2, err
+    layer.reset_lora(2)  # vLLM's reset writes zeros through the views
+    assert float(layer._pd_ext[w0.shape[0]:].abs().sum()) > 0 and float(layer.lora_a_stacked[0][2].abs().sum()) == 0
+
+
+def test_layers_that_keep_the_split_kernels_say_why(O, vllm_tp1):
+    from peftdeploy.vllm_plugin.lora_kernels import gemm_fused
+
+    layer = _vllm_lora_layer("down", 64, 64, bias=False)  # 64 x 64 LoRA rows > a quarter of 64 outputs
+    assert "LoRA rows 4096" in gemm_fused.why_not(layer)
+    small = _vllm_lora_layer("down", 2, 8, bias=False)
+    small.base_layer.quant_method = object()
+    assert "quantized base layer" in gemm_fused.why_not(small)

@@ -17,7 +17,7 @@ token of the step uses an adapter (vLLM's ``no_lora_flag_cpu``, read outside the
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -56,17 +56,37 @@ def _fake(y: torch.Tensor, x: torch.Tensor, lora_a: list[torch.Tensor], lora_b: 
     return None
 
 
+def _gemm_impl(x: torch.Tensor, ext: torch.Tensor, bias: Optional[torch.Tensor], lora_b: list[torch.Tensor],
+               tiles: list[torch.Tensor], nl: int, no_lora: torch.Tensor, n: int, max_loras: int, rank: int,
+               scale: float) -> torch.Tensor:
+    if bool(no_lora.item()):  # no token uses an adapter: the base GEMM alone, on W (the first n rows)
+        return torch.nn.functional.linear(x, ext[:n], None if bias is None else bias[:n])
+    from .triton_ops import lora_gemm
+
+    return lora_gemm(x, ext, bias, n, lora_b, tiles, nl, max_loras, rank, scale)
+
+
+def _gemm_fake(x: torch.Tensor, ext: torch.Tensor, bias: Optional[torch.Tensor], lora_b: list[torch.Tensor],
+               tiles: list[torch.Tensor], nl: int, no_lora: torch.Tensor, n: int, max_loras: int, rank: int,
+               scale: float) -> torch.Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
 def register_op() -> Any:
-    """Define ``torch.ops.peftdeploy.lora_linear`` once per process (CUDA and, for tests, CPU)."""
+    """Define ``torch.ops.peftdeploy.lora_linear`` (split kernels, in place) and ``lora_gemm`` (the shrink in
+    the base GEMM, see gemm_fused.py) once per process (CUDA and, for tests, CPU)."""
     global _LIB
     if _LIB is None:
         from torch.library import Library, infer_schema
 
         lib = Library("peftdeploy", "FRAGMENT")
         lib.define("lora_linear" + infer_schema(_impl, mutates_args=["y"]))
-        lib.impl("lora_linear", _impl, "CUDA")
-        lib.impl("lora_linear", _impl, "CPU")
+        lib.define("lora_gemm" + infer_schema(_gemm_impl, mutates_args=()))
+        for dev in ("CUDA", "CPU"):
+            lib.impl("lora_linear", _impl, dev)
+            lib.impl("lora_gemm", _gemm_impl, dev)
         torch.library.register_fake("peftdeploy::lora_linear", _fake, lib=lib)
+        torch.library.register_fake("peftdeploy::lora_gemm", _gemm_fake, lib=lib)
         _LIB = lib
     return torch.ops.peftdeploy.lora_linear
 
@@ -90,6 +110,10 @@ def _make_class() -> type:
                      **kwargs: Any):
             super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
             self._pd_op = register_op()
+            from . import gemm_fused
+
+            # vLLM's linear LoRA layers convert themselves when handed this wrapper (gemm_fused.py)
+            self._pd_fuse_gemm = gemm_fused.enabled() and gemm_fused.install()
             self._pd_meta = StepMetadata(max_num_batched_tokens, self.max_loras, device,
                                          {"token": self.token_mapping_meta, "prompt": self.prompt_mapping_meta})
 
@@ -117,6 +141,13 @@ def _make_class() -> type:
                         self._pd_meta.layout.nl, self.token_mapping_meta.no_lora_flag_cpu, float(scale),
                         bool(kwargs.get("add_inputs", True)))
             return None
+
+        def add_lora_gemm(self, x: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None, n: int,
+                          lora_b_stacked: tuple[torch.Tensor, ...], max_loras: int, rank: int) -> torch.Tensor:
+            """A converted layer's whole output: base GEMM with the shrink inside, then one expand launch."""
+            return torch.ops.peftdeploy.lora_gemm(x, ext, bias, list(lora_b_stacked), self._pd_meta.tiles,
+                                                  self._pd_meta.layout.nl, self.token_mapping_meta.no_lora_flag_cpu,
+                                                  n, max_loras, rank, 1.0)
 
     PunicaWrapperPeftdeployGPU.__module__ = __name__
     PunicaWrapperPeftdeployGPU.__qualname__ = "PunicaWrapperPeftdeployGPU"

@@ -47,6 +47,14 @@ def tile_capacity(max_tokens: int, nl: int, bm: int) -> int:
     return -(-max_tokens // bm) + nl
 
 
+BASE_TILE = -2  # slot of a tile of tokens without an adapter (-1: an unused entry)
+
+
+def table_size(cap: int, bm: int) -> int:
+    """int32 elements of one tile table of `cap` tiles of height `bm`."""
+    return cap * (2 + bm) + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Offsets (in int32 elements) of every field in the one metadata buffer."""
@@ -54,7 +62,8 @@ class Layout:
     max_tokens: int
     nl: int  # slot groups: max_loras + 1 (the no-adapter group)
     fields: dict[str, tuple[int, int]]  # name -> (offset, length)
-    tiles: dict[int, tuple[int, int]]  # bm -> (offset, capacity); table = [slot(cap) | rows(cap) | tok(cap*bm)]
+    # bm -> (offset, capacity); table = [slot(cap) | rows(cap) | tok(cap*bm) | tokens mapped this step (1)]
+    tiles: dict[int, tuple[int, int]]
     size: int
 
     @staticmethod
@@ -72,7 +81,7 @@ class Layout:
         for bm in bms:
             cap = tile_capacity(max_tokens, nl, bm)
             tiles[bm] = (off, cap)
-            off += cap * (2 + bm)
+            off += table_size(cap, bm)
         return Layout(max_tokens, nl, fields, tiles, off)
 
 
@@ -107,20 +116,25 @@ def fill_meta(buf: np.ndarray, lay: Layout, prefix: str, slots: np.ndarray,
 
 
 def fill_tiles(buf: np.ndarray, lay: Layout, grouped: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-    """Tile tables of every height: tile i = up to bm tokens of one adapter slot (base tokens: no tile)."""
+    """Tile tables of every height: tile i = up to bm tokens of one adapter slot; after the adapters' tiles,
+    the tiles of the tokens without an adapter (slot BASE_TILE: only the GEMM-fused kernel, which writes
+    every row, reads them); last, how many tokens the step maps (rows past it are CUDA-graph padding)."""
     order, ids, counts = grouped
     starts = np.concatenate(([0], np.cumsum(counts)))
+    base_last = [(i, c, s) for i, c, s in zip(ids, counts, starts[:-1]) if i < 0]
+    groups = [(i, c, s) for i, c, s in zip(ids, counts, starts[:-1]) if i >= 0] + base_last
     for bm, (off, cap) in lay.tiles.items():
         slot_t = buf[off:off + cap]
         rows_t = buf[off + cap:off + 2 * cap]
         tok_t = buf[off + 2 * cap:off + cap * (2 + bm)].reshape(cap, bm)
         slot_t[:] = -1
+        buf[off + cap * (2 + bm)] = int(order.size)
         i = 0
-        for lid, c, s in zip(ids, counts, starts[:-1]):
-            if lid < 0 or c == 0:
+        for lid, c, s in groups:
+            if c == 0:
                 continue
             nt = -(-int(c) // bm)
-            slot_t[i:i + nt] = lid
+            slot_t[i:i + nt] = lid if lid >= 0 else BASE_TILE
             rows_t[i:i + nt] = np.minimum(bm, c - bm * np.arange(nt))
             seg = np.zeros(nt * bm, dtype=np.int32)
             seg[:c] = order[s:s + c]
@@ -152,7 +166,7 @@ class StepMetadata:
                     raise ValueError(f"vLLM's LoRAKernelMeta.{attr} is {tuple(old.shape)} {old.dtype}, "
                                      f"expected ({n},) int32")
                 setattr(meta, attr, self.dev[o:o + n])
-        self.tiles = [self.dev[o:o + cap * (2 + bm)] for bm, (o, cap) in self.layout.tiles.items()]
+        self.tiles = [self.dev[o:o + table_size(cap, bm)] for bm, (o, cap) in self.layout.tiles.items()]
 
     def update(self, slots: dict[str, np.ndarray]) -> None:
         """Fill every meta (and the tile tables from the "token" mapping) for this step; one H2D copy."""

@@ -171,6 +171,66 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tile
             tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
+@triton.jit
+def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M, T, stride_om, stride_ym, scale,
+                        N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
+                        BLOCK_R: tl.constexpr, LR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        N_ITERS: tl.constexpr):
+    """y[t, chunk of slice s] = out[t, chunk] (+ (h_s[t] * scale) @ B_s[slot t][chunk]^T when t has an adapter),
+    where out = x @ [W; A_0; A_1; A_2]^T came from the base GEMM and h_s[t] is its rank-R block of slot t:
+    columns N + s*LR + slot*R (LR = max_loras * R). Every row of y is written: the adapters' tiles, then the
+    tiles of tokens without one (BASE_TILE), then, past the tokens the step maps, CUDA-graph padding rows."""
+    pid_m = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    if pid_m < GRID_M:
+        lora = tl.load(tiles_ptr + pid_m)
+        n_rows = tl.load(tiles_ptr + CAP + pid_m)
+        rows = tl.load(tiles_ptr + 2 * CAP + pid_m.to(tl.int64) * BM + offs_m).to(tl.int64)
+        m_ok = offs_m < n_rows
+        live = lora != -1
+    else:  # padding rows (not in the step's mapping): copied
+        mapped = tl.load(tiles_ptr + CAP * (2 + BM))
+        r0 = mapped + (pid_m - GRID_M) * BM
+        rows = (r0 + offs_m).to(tl.int64)
+        m_ok = rows < T
+        lora = -2
+        live = r0 < T
+    if live:
+        pid_c = tl.program_id(1)
+        CH: tl.constexpr = BN * N_ITERS
+        C0: tl.constexpr = (N0 + CH - 1) // CH
+        C1: tl.constexpr = (N1 + CH - 1) // CH
+        s = (pid_c >= C0).to(tl.int32) + (pid_c >= C0 + C1).to(tl.int32)
+        first = tl.where(s == 0, 0, tl.where(s == 1, C0, C0 + C1))
+        n_s = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
+        col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
+        n_lo = (pid_c - first) * CH
+        if lora >= 0:
+            offs_r = tl.arange(0, BLOCK_R)
+            r_ok = offs_r < R
+            hcol = (N0 + N1 + N2) + s * LR + lora * R + offs_r
+            h = tl.load(out_ptr + rows[:, None] * stride_om + hcol[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            h = (h.to(tl.float32) * scale).to(y_ptr.dtype.element_ty)
+            b_s = b_ptr + tl.load(b_off_ptr + s) + lora.to(tl.int64) * n_s * R
+            for it in tl.static_range(N_ITERS):
+                offs_n = n_lo + it * BN + tl.arange(0, BN)
+                n_ok = offs_n < n_s
+                om = m_ok[:, None] & n_ok[None, :]
+                base = tl.load(out_ptr + rows[:, None] * stride_om + (col0 + offs_n)[None, :], mask=om, other=0.0)
+                bt = tl.load(b_s + offs_n[None, :] * R + offs_r[:, None], mask=n_ok[None, :] & r_ok[:, None],
+                             other=0.0)
+                acc = tl.dot(h, bt) + base.to(tl.float32)
+                tl.store(y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :], acc.to(y_ptr.dtype.element_ty),
+                         mask=om)
+        else:
+            for it in tl.static_range(N_ITERS):
+                offs_n = n_lo + it * BN + tl.arange(0, BN)
+                om = m_ok[:, None] & (offs_n < n_s)[None, :]
+                base = tl.load(out_ptr + rows[:, None] * stride_om + (col0 + offs_n)[None, :], mask=om, other=0.0)
+                tl.store(y_ptr + rows[:, None] * stride_ym + (col0 + offs_n)[None, :], base, mask=om)
+
+
 # ------------------------------------------------------------------------------------------ host side
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -380,6 +440,54 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
         BN=cfg.bn, BK=cfg.bk, N_ITERS=cfg.n_iters, ADD=add_inputs, num_warps=cfg.warps, num_stages=cfg.stages)
 
 
+GEMM_MAX_SHARE = 0.25  # fuse the shrink into the base GEMM while the LoRA rows are at most this share of N
+
+
+def gemm_config(tokens: int, k: int = 0, widths: Sequence[int] = (), rank: int = 16) -> Config:
+    """Launch configuration of the GEMM-fused expand (`lora_gemm`): a tuned or overridden entry under
+    ``"gemm:" + config_key`` (PEFTDEPLOY_LORA_KERNEL_CONFIG, `TUNED`), else by the step's token count."""
+    global _OVERRIDES
+    if _OVERRIDES is None:
+        _OVERRIDES = _overrides()
+    key = "gemm:" + config_key(tokens, k, widths, rank)
+    hit = _OVERRIDES.get(key) or TUNED.get(key)
+    if hit is not None and hit.bm in TILE_BMS:
+        return hit
+    return Config(fused=True, bm=16 if tokens <= 64 else (32 if tokens <= 256 else 64), bn=128, bk=16)
+
+
+def lora_gemm(x: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None, n: int, lora_b: Sequence[torch.Tensor],
+              tiles: Sequence[torch.Tensor], nl: int, max_loras: int, rank: int, scale: float = 1.0,
+              config: Config | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) + per-token LoRA, with the LoRA shrink done by the base GEMM itself.
+
+    `ext` is ``[W; A_0; ...; A_{S-1}]``: the layer's weight W (n rows) followed by each slice's A stack
+    (``max_loras * rank`` rows each; vLLM's ``lora_a_stacked`` are views of those rows, see gemm_fused.py),
+    so one cuBLAS GEMM yields the base output and every adapter's rank-R intermediate for every token;
+    one Triton launch then adds each token's own ``h @ B^T`` and writes y (contiguous, every row). The
+    intermediate is rounded to the weights' dtype by the GEMM, then scaled, like vLLM's shrink output."""
+    out = torch.nn.functional.linear(x, ext, bias)
+    T = x.shape[0]
+    y = torch.empty((T, n), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return y
+    S = len(lora_b)
+    widths = [int(t.shape[-2]) for t in lora_b]
+    assert sum(widths) == n and ext.shape[0] == n + S * max_loras * rank, (ext.shape, widths, max_loras, rank)
+    cfg = config or gemm_config(T, x.shape[1], widths, rank)
+    table = tiles[TILE_BMS.index(cfg.bm)]
+    cap = table.numel() // (2 + cfg.bm)
+    grid_m = min(cap, -(-T // cfg.bm) + nl)
+    nw = widths + [0] * (MAX_SLICES - S)
+    ch = cfg.bn * cfg.n_iters
+    chunks = sum(-(-w // ch) for w in widths)
+    _gemm_expand_kernel[(grid_m + -(-T // cfg.bm), chunks)](
+        y, out, lora_b[0], _offsets(lora_b), table, cap, grid_m, T, out.stride(0), y.stride(0), scale,
+        N0=nw[0], N1=nw[1], N2=nw[2], R=rank, BLOCK_R=max(16, _pow2(rank)), LR=max_loras * rank, BM=cfg.bm,
+        BN=cfg.bn, N_ITERS=cfg.n_iters, num_warps=cfg.warps, num_stages=cfg.stages)
+    return y
+
+
 def make_tiles(slots: torch.Tensor, max_loras: int, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
     """(tile tables, nl) for a token->slot mapping, as the wrapper builds them per step (tests, benchmarks)."""
     import numpy as np
@@ -389,7 +497,7 @@ def make_tiles(slots: torch.Tensor, max_loras: int, max_tokens: int | None = Non
     buf = np.zeros(lay.size, dtype=np.int32)
     step_meta.fill_tiles(buf, lay, step_meta.group(s))
     dev = torch.from_numpy(buf).to(slots.device)
-    return [dev[o:o + cap * (2 + bm)] for bm, (o, cap) in lay.tiles.items()], lay.nl
+    return [dev[o:o + step_meta.table_size(cap, bm)] for bm, (o, cap) in lay.tiles.items()], lay.nl
 
 
 def reference(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
