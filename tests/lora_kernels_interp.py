@@ -441,3 +441,25 @@ def test_layers_that_keep_the_split_kernels_say_why(O, vllm_tp1):
     small = _vllm_lora_layer("down", 2, 8, bias=False)
     small.base_layer.quant_method = object()
     assert "quantized base layer" in gemm_fused.why_not(small)
+
+
+def test_wrapper_skips_logits_lora_while_no_adapter_has_lm_head_weights(O, wrapper_cls, monkeypatch):
+    """vLLM wraps the logits of every LoRA model; with all-zero logits B stacks the delta is zero, so
+    vLLM's two launches over the vocabulary are skipped until an adapter writes lm_head weights."""
+    from vllm.lora.layers import LoRAMapping
+
+    cls, base_cls = wrapper_cls
+    calls = []
+    monkeypatch.setattr(base_cls, "add_lora_logits", lambda self, *a, **k: calls.append(a))
+    w = _wrapper(cls, 2, 16)
+    w.update_metadata(LoRAMapping((1, 1), (1, 1)), [None, 1], 2, 32000)
+    a, b = torch.zeros(2, 1, 16, 32, dtype=torch.float16), torch.zeros(2, 1, 100, 16, dtype=torch.float16)
+    y, x = torch.zeros(2, 100, dtype=torch.float16), torch.randn(2, 32).half()
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert calls == []
+    b[1, 0, :5].fill_(0.5)  # an adapter with lm_head weights lands in slot 1 (in place, as set_lora does)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert len(calls) == 1
+    b[1].zero_()  # ... and is removed (reset_lora)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert len(calls) == 1
