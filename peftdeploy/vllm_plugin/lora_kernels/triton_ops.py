@@ -193,7 +193,7 @@ def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M
         r0 = mapped + (pid_m - GRID_M) * BM
         rows = (r0 + offs_m).to(tl.int64)
         m_ok = rows < T
-        lora = -2
+        lora = mapped * 0 - 2  # BASE_TILE, as an int32 value like the other branch's
         live = r0 < T
     if live:
         pid_c = tl.program_id(1)
