@@ -60,6 +60,19 @@ def _tile(pid, tiles_ptr, CAP, BM: tl.constexpr):
 
 
 @triton.jit
+def _chunk(pid_c, N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, CH: tl.constexpr):
+    """Column chunk `pid_c` (CH columns each, slices one after the other) -> (slice, its width, its first
+    column in y, the chunk's first column within the slice)."""
+    C0: tl.constexpr = (N0 + CH - 1) // CH
+    C1: tl.constexpr = (N1 + CH - 1) // CH
+    s = (pid_c >= C0).to(tl.int32) + (pid_c >= C0 + C1).to(tl.int32)
+    first = tl.where(s == 0, 0, tl.where(s == 1, C0, C0 + C1))
+    n_s = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
+    col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
+    return s, n_s, col0, (pid_c - first) * CH
+
+
+@triton.jit
 def _shrink_acc(acc, x_ptr, a_ptr, rows, m_ok, offs_r, r_ok, k_lo, k_hi, K, stride_xm, R: tl.constexpr,
                 BK: tl.constexpr):
     """acc[BM, BLOCK_R] += x[rows, k_lo:k_hi] @ A[:, k_lo:k_hi]^T (A: [R, K] rows of one adapter slice)."""
@@ -131,15 +144,7 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tile
     (ADD=False: y is written, not read — vLLM's add_inputs=False for its dual-stream LoRA)."""
     valid, lora, m_ok, rows = _tile(tl.program_id(0), tiles_ptr, CAP, BM)
     if valid:
-        pid_c = tl.program_id(1)
-        CH: tl.constexpr = BN * N_ITERS
-        C0: tl.constexpr = (N0 + CH - 1) // CH
-        C1: tl.constexpr = (N1 + CH - 1) // CH
-        s = (pid_c >= C0).to(tl.int32) + (pid_c >= C0 + C1).to(tl.int32)
-        first = tl.where(s == 0, 0, tl.where(s == 1, C0, C0 + C1))
-        n_s = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
-        col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
-        n_lo = (pid_c - first) * CH
+        s, n_s, col0, n_lo = _chunk(tl.program_id(1), N0, N1, N2, BN * N_ITERS)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
         if FUSED:
@@ -196,15 +201,7 @@ def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M
         lora = mapped * 0 - 2  # BASE_TILE, as an int32 value like the other branch's
         live = r0 < T
     if live:
-        pid_c = tl.program_id(1)
-        CH: tl.constexpr = BN * N_ITERS
-        C0: tl.constexpr = (N0 + CH - 1) // CH
-        C1: tl.constexpr = (N1 + CH - 1) // CH
-        s = (pid_c >= C0).to(tl.int32) + (pid_c >= C0 + C1).to(tl.int32)
-        first = tl.where(s == 0, 0, tl.where(s == 1, C0, C0 + C1))
-        n_s = tl.where(s == 0, N0, tl.where(s == 1, N1, N2))
-        col0 = tl.where(s == 0, 0, tl.where(s == 1, N0, N0 + N1))
-        n_lo = (pid_c - first) * CH
+        s, n_s, col0, n_lo = _chunk(tl.program_id(1), N0, N1, N2, BN * N_ITERS)
         if lora >= 0:
             offs_r = tl.arange(0, BLOCK_R)
             r_ok = offs_r < R
