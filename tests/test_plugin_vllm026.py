@@ -77,3 +77,27 @@ def test_plugin_registers_and_resolves_on_vllm_026(vllm026: Path, tmp_path: Path
     for name in ("nope", "BAD NAME"):
         mod, cls, msg = res[name]
         assert mod == "vllm.exceptions" and cls.startswith("VLLM"), res[name]
+
+
+def test_gemm_fusion_hooks_exist_in_vllm_026(vllm026: Path) -> None:
+    """gemm_fused.py converts vLLM's linear LoRA layers by name and routes them through `_apply_sync`, hooked
+    at `set_mapping`; read from vLLM 0.26's source (the release the GPU runs use) that those are the names and
+    that the plain layers' apply() reaches `_apply_sync` (a subclass with its own forward does not: it is not
+    in gemm_fused.BASE_LAYERS)."""
+    from peftdeploy.vllm_plugin.lora_kernels import gemm_fused as G
+
+    layers = vllm026 / "vllm" / "lora" / "layers"
+    src = {p.name: p.read_text() for p in layers.glob("*.py")}
+    every = "\n".join(src.values())
+    for cls in G.LORA_LAYERS:
+        assert f"class {cls}(" in every, cls
+    base_linear = src["base_linear.py"]
+    assert "def _apply_sync(" in base_linear and "return self._apply_sync(x, bias)" in base_linear
+    assert "def set_mapping(" in src["base.py"] and "def create_lora_weights(" in base_linear
+    col = src["column_parallel_linear.py"]
+    merged_apply = col[col.index("class MergedColumnParallelLinearWithLoRA("):]
+    merged_apply = merged_apply[merged_apply.index("    def apply("):][:1200]
+    assert "return super().apply(x, bias)" in merged_apply and "_apply_base_forward" in merged_apply
+    linear = (vllm026 / "vllm" / "model_executor" / "layers" / "linear.py").read_text()
+    for cls in G.BASE_LAYERS:
+        assert f"class {cls}(" in linear, cls
