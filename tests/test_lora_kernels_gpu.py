@@ -67,3 +67,23 @@ def test_prefill_steps_keep_their_shrink_parallelism():
     assert O.step_split(cfg, 300, 2048) == 8  # never a K chunk under 256
     assert O.step_split(cfg, 64, 14336) == 8  # decode (CUDA graphs): as tuned
     assert O.step_split(O.Config(fused=True, bm=64, bn=128, bk=64), 2048, 4096) == 1
+
+
+def test_gemm_fused_configs_one_per_prefill_and_overridable(monkeypatch):
+    """The GEMM-fused expand compiles a handful of configurations only: one per decode tile height and one
+    for every prefill size (vLLM's profile run compiles it before serving: the H200 server log showed Triton
+    compiling during inference when per-bucket configurations were used); a 'gemm:' entry overrides."""
+    import json
+
+    from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O
+
+    qkv, gate_up = (4096, 1024, 1024), (14336, 14336)
+    prefill = {O.gemm_config(t, 4096, qkv, 16) for t in (257, 1000, 1028, 2956, 8192)}
+    assert len(prefill) == 1 and next(iter(prefill)).bm == 64
+    assert [O.gemm_config(t, 4096, qkv, 16).bm for t in (1, 64, 65, 256)] == [16, 16, 32, 32]
+    assert O.gemm_config(64, 4096, qkv, 16).bn == 64 and O.gemm_config(64, 4096, gate_up, 16).n_iters == 2
+    cfg = {"fused": True, "bm": 32, "bn": 128, "bk": 16, "n_iters": 1}
+    monkeypatch.setenv("PEFTDEPLOY_LORA_KERNEL_CONFIG", json.dumps({"gemm:" + O.config_key(64, 4096, qkv, 16): cfg}))
+    monkeypatch.setattr(O, "_OVERRIDES", None)
+    assert O.gemm_config(64, 4096, qkv, 16) == O.Config(**cfg)
+    assert O.gemm_config(64, 4096, gate_up, 16).bm == 16  # other keys keep the default
