@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import Finding, Severity
 from ..inventory import AdapterInfo, Inventory
+from ..quantize.cpu_isa import AMX_INT8_KERNEL
 from . import memory as M
 from . import slots as S
 
@@ -110,7 +111,7 @@ def derive(recipe: Recipe, inventory: Inventory, *, device: str, served: list[Ad
     takes = host_isa.activation_dtypes(recipe.quantization.scheme) if host_isa is not None else None
     if recipe.backbone.dtype == "auto" and takes and dtype not in takes:
         dtype, why = takes[0], (f"auto: {recipe.quantization.scheme} on this AMX CPU runs vLLM's "
-                                f"int8_scaled_mm_with_quant, which takes {' / '.join(takes)} activations (the "
+                                f"{AMX_INT8_KERNEL}, which takes {' / '.join(takes)} activations (the "
                                 f"checkpoint is {dtype}; the merge stays full precision)")
     out["dtype"] = Derived("dtype", dtype, "set in the recipe" if recipe.backbone.dtype != "auto" else why,
                            "recipe" if recipe.backbone.dtype != "auto" else "auto")

@@ -130,14 +130,14 @@ def _quant(ctx: CheckContext) -> Iterable[Finding]:
                      f"set backbone.dtype: {info.cpu_dtypes[0]}", "backbone",
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))
     if ok and ctx.local and ctx.device == "cpu":
-        from ..quantize.cpu_isa import host_cpu_isa
+        from ..quantize.cpu_isa import AMX_INT8_KERNEL, host_cpu_isa
 
         isa = host_cpu_isa()
         takes = isa.activation_dtypes(scheme) if isa is not None else None
         # backbone.dtype auto picks one of `takes` (plan/derive.py); a dtype the recipe sets is refused
         if takes and r.backbone.dtype != "auto" and r.backbone.dtype not in takes:
             yield _f("quantization-cpu-dtype", E, f"quantization.scheme {scheme} on this AMX CPU runs vLLM's "
-                     f"int8_scaled_mm_with_quant, which takes {' / '.join(takes)} activations, not "
+                     f"{AMX_INT8_KERNEL}, which takes {' / '.join(takes)} activations, not "
                      f"{r.backbone.dtype} (the engine would die at start-up)",
                      f"set backbone.dtype: {takes[0]} (or auto)", "backbone",
                      ctx.loc("backbone", "dtype") or ctx.loc("quantization", "scheme"))

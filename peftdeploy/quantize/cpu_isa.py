@@ -36,7 +36,8 @@ from pathlib import Path
 W4A8_ENV = "VLLM_CPU_INT4_W4A8"
 FLAGS_ENV = "PEFTDEPLOY_CPU_FLAGS"  # plan for another CPU host: its /proc/cpuinfo flags, space separated
 AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
-NEEDS_WNA16 = ("w4a16", "awq", "gptq")  # schemes vLLM runs on CPU with cpu_gemm_wna16
+NEEDS_WNA16 = ("w4a16", "awq", "gptq")
+AMX_INT8_KERNEL = "int8_scaled_mm_with_quant"  # vLLM 0.32's int8 (W8A8) kernel on AMX hosts: bf16 / fp16 only  # schemes vLLM runs on CPU with cpu_gemm_wna16
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,18 @@ def host_cpu_isa(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuIsa | None:
         return CpuIsa(frozenset(env.split()), f"${FLAGS_ENV}")
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return None
+    if str(cpuinfo) == PROC_CPUINFO:  # read once per process: a plan asks several times (checks, derive, table)
+        if PROC_CPUINFO not in _READ:
+            _READ[PROC_CPUINFO] = _read_flags(PROC_CPUINFO)
+        return _READ[PROC_CPUINFO]
+    return _read_flags(cpuinfo)
+
+
+PROC_CPUINFO = "/proc/cpuinfo"
+_READ: dict[str, CpuIsa | None] = {}
+
+
+def _read_flags(cpuinfo: str | Path) -> CpuIsa | None:
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:

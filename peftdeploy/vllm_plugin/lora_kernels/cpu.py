@@ -45,7 +45,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from .cpu_groups import _BLOCK_DIAG_ROWS, _Grouping, _Step
-from .cpu_weights import _Layer, _versions
+from .cpu_weights import _Layer, _versions, live_slots
 
 logger = logging.getLogger("vllm.peftdeploy")
 
@@ -111,7 +111,7 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
         self._tok = _Step((), [], device)
         self._smp = self._tok
         self._layers: dict[int, _Layer] = {}
-        self._emb_live: dict[int, tuple[tuple[int, ...] | None, frozenset[int] | None]] = {}
+        self._emb_live: dict[int, tuple[tuple[int, ...], frozenset[int]]] = {}
         self._logged: set[str] = set()
         self._key = len(_WRAPPERS)
         _WRAPPERS[self._key] = self
@@ -305,7 +305,7 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
         ok_add = add_inputs and kwargs.get("add_input", True)
         if not step.runs and ok_add and not extra:
             return
-        g = step.group(self._live_b(lora_b_stacked) if lora_b_stacked.dim() == 4 else None, False)
+        g = step.group(live_slots(lora_b_stacked, self._emb_live) if lora_b_stacked.dim() == 4 else None, False)
         why = ""
         if extra or not ok_add:
             why = f"add_lora_embedding arguments add_inputs={add_inputs} {sorted(kwargs)}"
@@ -331,19 +331,6 @@ class PunicaWrapperPeftdeployCPU(PunicaWrapperCPU):
                 torch.mm(xg[s:e], b[slot, 0].t(), out=dg[s:e])
             y[:, :width].index_add_(0, g.index, dg)
         return None
-
-    def _live_b(self, b: torch.Tensor) -> frozenset[int] | None:
-        """The slots of an embedding B stack that are not all zero (None: no version counter to cache by)."""
-        v = _versions((b,))
-        if v is None:
-            return None
-        ent = self._emb_live.get(b.data_ptr())
-        if ent is None or ent[0] != v:
-            with torch.no_grad():
-                live = frozenset(i for i, nz in enumerate((b.reshape(b.shape[0], -1) != 0).any(dim=1).tolist())
-                                 if nz)
-            ent = self._emb_live[b.data_ptr()] = (v, live)
-        return ent[1]
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale: Any, *, buffer: torch.Tensor | None = None,

@@ -106,3 +106,18 @@ def _versions(ts: tuple[torch.Tensor, ...]) -> tuple[int, ...] | None:
         return tuple(t._version for t in ts)
     except RuntimeError:  # inference tensors have no version counter
         return None
+
+
+def live_slots(b: torch.Tensor, cache: dict[int, tuple[tuple[int, ...], frozenset[int]]]) -> frozenset[int] | None:
+    """The slots of a stacked LoRA weight ``[slots, ...]`` that are not all zero, recomputed only when the stack
+    was written (version counter; `cache` is the caller's, keyed by data pointer). None: no version counter
+    to cache by (inference tensors) — the caller assumes every slot may hold weights."""
+    v = _versions((b,))
+    if v is None:
+        return None
+    ent = cache.get(b.data_ptr())
+    if ent is None or ent[0] != v:  # one pass over the stack (one device read on a GPU) per load / unload
+        with torch.no_grad():
+            live = frozenset(i for i, nz in enumerate((b.reshape(b.shape[0], -1) != 0).any(dim=1).tolist()) if nz)
+        ent = cache[b.data_ptr()] = (v, live)
+    return ent[1]

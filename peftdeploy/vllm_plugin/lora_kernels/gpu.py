@@ -100,7 +100,7 @@ def _fallback(why: str) -> None:
 def _make_class() -> type:
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    from .cpu_weights import _versions
+    from .cpu_weights import live_slots
     from .step_meta import StepMetadata, slots_of
     from .triton_ops import unsupported
 
@@ -111,7 +111,7 @@ def _make_class() -> type:
                      **kwargs: Any):
             super().__init__(max_num_batched_tokens, max_batches, device, **kwargs)
             self._pd_op = register_op()
-            self._pd_live: dict[int, tuple[tuple[int, ...], bool]] = {}
+            self._pd_live: dict[int, tuple[tuple[int, ...], frozenset[int]]] = {}
             from . import gemm_fused
 
             # vLLM's linear LoRA layers convert themselves when handed this wrapper (gemm_fused.py)
@@ -156,14 +156,8 @@ def _make_class() -> type:
             return None
 
         def _pd_logits_live(self, b: torch.Tensor) -> bool:
-            v = _versions((b,))
-            if v is None:  # no version counter to cache by: assume weights
-                return True
-            ent = self._pd_live.get(b.data_ptr())
-            if ent is None or ent[0] != v:  # one device read, when an adapter was (un)loaded
-                with torch.no_grad():
-                    ent = self._pd_live[b.data_ptr()] = (v, bool((b != 0).any()))
-            return ent[1]
+            live = live_slots(b, self._pd_live)
+            return live is None or bool(live)
 
         def add_lora_gemm(self, x: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None, n: int,
                           lora_b_stacked: tuple[torch.Tensor, ...], max_loras: int, rank: int) -> torch.Tensor:
