@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("--docs", action="store_true", help="copy the JSON/PNG into docs/bench/cpu/")
     ap.add_argument("--lora-compile", action="store_true",
                     help="also a peftdeploy-kernels server with PEFTDEPLOY_LORA_COMPILE=1 (compiled, experimental)")
+    ap.add_argument("--servers", default="",
+                    help="comma-separated subset of merged,vllm,peftdeploy,peftdeploy-compiled (merged is always run: "
+                         "it is the baseline); default all")
     a = ap.parse_args()
     if not 18300 <= a.port <= 18499:
         ap.error("use a port in 18300-18499")
@@ -86,6 +89,13 @@ def main() -> int:
         servers.append(("peftdeploy-compiled", {ENV: "peftdeploy", "PEFTDEPLOY_LORA_COMPILE": "1"}, [
             Setup(f"peftdeploy compiled: {s.name.split(': ', 1)[1]}", "peftdeploy-compiled", True, s.adapters, n,
                   s.description + ", PEFTDEPLOY_LORA_COMPILE=1") for s in servers[-1][2]]))
+
+    if a.servers:
+        keep = {"merged", *a.servers.split(",")}
+        unknown = keep - {k for k, _, _ in servers}
+        if unknown:
+            ap.error(f"--servers: unknown {sorted(unknown)} (known: {[k for k, _, _ in servers]})")
+        servers = [x for x in servers if x[0] in keep]
 
     def wl(setup: Setup, k: int, seed: int) -> WorkloadConfig:
         return WorkloadConfig(adapters=setup.adapters, base_model=base_name, zipf_alpha=a.zipf,
