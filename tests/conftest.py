@@ -18,6 +18,53 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+# ------------------------------------------------------------------ parallel sessions (pytest-xdist)
+# scripts/test.sh runs the suite on two workers (`-n 2 --dist loadgroup`). Each worker keeps to its own
+# slice of the e2e port range and its own CPU cores for vLLM's OpenMP threads, so two CPU engines never
+# share a core (vLLM's auto binding would put both on core 0); a value the caller set wins.
+def _worker() -> tuple[int, int]:
+    """(index, count) of this xdist worker; (0, 1) without xdist."""
+    wid = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return (int(wid[2:]), max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))) \
+        if wid.startswith("gw") else (0, 1)
+
+
+def _split(items: list, k: int, n: int) -> list:
+    """The k-th of n contiguous, near-equal runs of items (empty when there are fewer items than n)."""
+    q, r = divmod(len(items), n)
+    lo = k * q + min(k, r)
+    return items[lo:lo + q + (k < r)]
+
+
+WORKER, WORKERS = _worker()
+if WORKERS > 1:
+    _lo, _, _hi = os.environ.get("PEFTDEPLOY_E2E_PORTS", "18000-18099").partition("-")
+    _mine = _split(list(range(int(_lo), int(_hi) + 1)), WORKER, WORKERS)
+    os.environ["PEFTDEPLOY_E2E_PORTS"] = f"{_mine[0]}-{_mine[-1]}"
+    _cores = _split(sorted(os.sched_getaffinity(0)), WORKER, WORKERS)
+    if _cores:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _cores)))
+
+# Tests of one module run on one worker (module fixtures start their servers once); modules that share a
+# session server are one group. Heaviest groups first, so the two workers finish together (measured
+# durations, CI 2026-12-03); the rest keep their collection order.
+SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve"}
+HEAVY_FIRST = ("e2e-serve", "test_fleet_e2e", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_quantize",
+               "test_plugin_e2e", "test_demo", "test_install", "test_bench", "test_guard")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> str:
+        mod = Path(str(item.fspath)).stem
+        return SHARED_GROUPS.get(mod, mod)
+
+    rank = {g: i for i, g in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda it: rank.get(group(it), len(rank)))  # stable: collection order within a rank
+    for it in items:
+        it.add_marker(pytest.mark.xdist_group(group(it)))
+
+
 def _e2e_ports() -> range:
     """18000-18099, or PEFTDEPLOY_E2E_PORTS=LO-HI (inclusive) so parallel sessions keep to their own range."""
     lo, _, hi = os.environ.get("PEFTDEPLOY_E2E_PORTS", "18000-18099").partition("-")

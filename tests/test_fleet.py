@@ -144,6 +144,46 @@ def test_assign_devices(tmp_path):
         fl.assign_devices(f, ["0"], 1)
 
 
+def test_assign_cpu_cores():
+    # one core each when there are just enough; with more, the last core stays free (vLLM keeps one too)
+    assert fl.assign_cpu_cores(2, [1, 0]) == ["0", "1"]
+    assert fl.assign_cpu_cores(2, [0, 1, 2]) == ["0", "1"]
+    assert fl.assign_cpu_cores(2, list(range(8))) == ["0,1,2,3", "4,5,6"]
+    assert fl.assign_cpu_cores(1, [4, 5, 6, 7]) == ["4,5,6"]
+    assert fl.assign_cpu_cores(3, [0, 1]) is None and fl.assign_cpu_cores(0, [0]) is None
+
+
+def test_cpu_fleet_engines_get_their_own_cores(monkeypatch):
+    import os
+
+    from peftdeploy.launch import fleet as lf
+    from peftdeploy.plan.spec import LaunchSpec
+
+    def engines(env=()):
+        spec = LaunchSpec(recipe_name="r", recipe_hash="-", mode="serve", model="/m", model_source="/m",
+                          served_model_name="r", host="127.0.0.1", port=8000, device="cpu", env=tuple(env))
+        return [lf.Engine("g", "lora", i, spec, None, ["r"]) for i in range(2)]
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    monkeypatch.setattr(lf, "_one_per_core", lambda cpus: cpus)
+    es = engines()
+    assert lf._bind_cpu_cores(es) is None
+    assert [dict(e.spec.env)["VLLM_CPU_OMP_THREADS_BIND"] for e in es] == ["0,1", "2,3"]
+    assert [e.devices for e in es] == ["0,1", "2,3"]
+    # the user's own binding (environment or recipe env) is left alone
+    es = engines([("VLLM_CPU_OMP_THREADS_BIND", "0-3")])
+    assert lf._bind_cpu_cores(es) is None and [e.devices for e in es] == [None, None]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    es = engines()
+    assert lf._bind_cpu_cores(es) is None and "VLLM_CPU_OMP_THREADS_BIND" not in dict(es[0].spec.env)
+    # too few cores: vLLM's binding, and a note that says so
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    note = lf._bind_cpu_cores(engines())
+    assert note and "2 CPU engines on 1 core" in note and "fleet.replicas" in note
+
+
 # --------------------------------------------------------------------------------------- plan / up CLI
 def test_plan_prints_and_json_carries_the_fleet(demo_model_dir):
     from peftdeploy.cli import main

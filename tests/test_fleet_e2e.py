@@ -71,7 +71,9 @@ def reference(demo_model_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def fleet(demo_model_dir):
     t0 = time.monotonic()
-    d = start_detached(FLEET, port=_free_run(), timeout=1200)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # a test worker's own: the fleet binds its engines
+        d = start_detached(FLEET, port=_free_run(), timeout=1200)
     d.extra["up_seconds"] = time.monotonic() - t0
     yield d
     d.down()
@@ -107,6 +109,9 @@ def test_fleet_routes_by_model(fleet, reference, demo_model_dir):
     assert set(eng) == {"demo-fleet-pirate", "demo-fleet-lora"}
     assert eng["demo-fleet-pirate"]["models"] == ["pirate"] and eng["demo-fleet-pirate"]["kind"] == "merged"
     assert eng["demo-fleet-lora"]["models"] == ["demo-fleet", "json", "shout"]
+    if len(os.sched_getaffinity(0)) >= 2:  # each CPU engine on cores of its own (plan.fleet.assign_cpu_cores)
+        cores = [set(e["devices"].split(",")) for e in eng.values()]
+        assert all(cores) and not cores[0] & cores[1], cores
     # the router lists every model of every group (vllm-router's multi-model /v1/models: {"models": [...]})
     listed = httpx.get(fleet.base_url + "/models", timeout=10).json()
     assert set(listed.get("models") or [m["id"] for m in listed["data"]]) == set(info["models"])

@@ -29,8 +29,9 @@ def fleet_up(loaded: LoadedRecipe, plan: Plan, *, dry_run: bool, detach: bool, a
     from ..launch.materialize import materialize
     from ..launch.supervisor import ProgressDisplay, default_log_path
     from ..plan.report import render_fleet
+    from ..plan.fleet import CPU_BIND_ENV
 
-    engines, rhost, rport = plan_engines(loaded, plan, device=device, port=port, host=host)
+    engines, rhost, rport = plan_engines(loaded, plan, device=device, port=port, host=host, log=_err)
     f = plan.fleet
     if dry_run:
         if as_json:
@@ -100,7 +101,8 @@ def fleet_up(loaded: LoadedRecipe, plan: Plan, *, dry_run: bool, detach: bool, a
             click.echo(f"ready in {seconds:.1f} s: {base}/v1   (fleet of {len(engines)} engines behind vllm-router)")
             for e in engines:
                 click.echo(f"  {e.name}: {', '.join(e.models)} -> {e.sup.base_url}"
-                           + (f" (CUDA_VISIBLE_DEVICES={e.devices})" if e.devices else "") + f"  log {e.sup.log_path}")
+                           + (f" ({'CUDA_VISIBLE_DEVICES' if plan.device == 'cuda' else CPU_BIND_ENV}={e.devices})"
+                              if e.devices else "") + f"  log {e.sup.log_path}")
             click.echo(f"router log: {router.log_path}")
         sys.stdout.flush()
         if detach:

@@ -10,7 +10,8 @@ adapter, resolved on first request) goes to it. Note: in this mode the router's 
 ``{"models": [ids]}`` rather than OpenAI's list shape.
 
 Engines listen on loopback at serving.port + 1, + 2, ...; the router on serving.host:serving.port. On a
-machine with several GPUs each engine gets its own ``CUDA_VISIBLE_DEVICES`` (``assign_devices``).
+machine with several GPUs each engine gets its own ``CUDA_VISIBLE_DEVICES`` (``assign_devices``); on CPU its
+own cores (``VLLM_CPU_OMP_THREADS_BIND``, ``assign_cpu_cores``).
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import LaunchError
+from ..plan.fleet import CPU_BIND_ENV, assign_cpu_cores
 from ..plan.spec import MODEL_NAMES_ENV, LaunchSpec
 from .supervisor import Supervisor, check_port_free, default_log_path, stop_process_group
 
@@ -85,8 +87,8 @@ def visible_gpus() -> list[str]:
 
 
 def plan_engines(loaded: LoadedRecipe, plan: Plan, *, device: str, port: int | None, host: str | None,
-                 gpu_memory: Any = None) -> tuple[list[Engine], str, int]:
-    """(engines, router host, router port): one planned LaunchSpec per engine of every group."""
+                 gpu_memory: Any = None, log: Callable[[str], None] | None = None) -> tuple[list[Engine], str, int]:
+    """(engines, router host, router port): one planned LaunchSpec per engine of every group; `log` gets notes."""
     from ..plan import make_plan
     from ..plan.fleet import MERGED, assign_devices, group_recipe
 
@@ -117,7 +119,41 @@ def plan_engines(loaded: LoadedRecipe, plan: Plan, *, device: str, port: int | N
         for e, (_, _, d) in zip(engines, devs):
             e.devices = d
             e.spec = dataclasses.replace(e.spec, env=(*e.spec.env, ("CUDA_VISIBLE_DEVICES", d)))
+    elif plan.device == "cpu":
+        note = _bind_cpu_cores(engines)
+        if note and log:
+            log(note)
     return engines, rhost, rport
+
+
+def _one_per_core(cpus: list[int]) -> list[int]:
+    """One logical CPU per physical core (the first of its SMT siblings), as vLLM's own x86 binding uses."""
+    out, seen = [], set()
+    for c in cpus:
+        try:
+            sib = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            sib = str(c)
+        if sib not in seen:
+            seen.add(sib)
+            out.append(c)
+    return out
+
+
+def _bind_cpu_cores(engines: list[Engine]) -> str | None:
+    """Give each CPU engine its own cores (plan.fleet.assign_cpu_cores); a VLLM_CPU_OMP_THREADS_BIND the user
+    set (environment or the recipe's env) is left to them, and too few cores leave vLLM's binding, with a note."""
+    if CPU_BIND_ENV in os.environ or any(k == CPU_BIND_ENV for e in engines for k, _ in e.spec.env):
+        return None
+    usable = _one_per_core(sorted(os.sched_getaffinity(0)))
+    cores = assign_cpu_cores(len(engines), usable)
+    if cores is None:
+        return (f"note: {len(engines)} CPU engines on {len(usable)} core(s) share cores (vLLM's own binding); "
+                f"lower fleet.replicas, or set {CPU_BIND_ENV} yourself")
+    for e, c in zip(engines, cores):
+        e.devices = c
+        e.spec = dataclasses.replace(e.spec, env=(*e.spec.env, (CPU_BIND_ENV, c)))
+    return None
 
 
 def _free_port() -> int:

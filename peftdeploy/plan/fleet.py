@@ -241,3 +241,26 @@ def assign_devices(fleet: FleetPlan, gpus: list[str], per_engine: int) -> list[t
             out.append((g.name, i, ",".join(gpus[k * per_engine:(k + 1) * per_engine])))
             k += 1
     return out
+
+
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU OpenMP core list for an engine ("0-3", "4,5", "auto")
+
+
+def assign_cpu_cores(engines: int, cpus: list[int]) -> list[str] | None:
+    """vLLM CPU core list per engine, or None when `cpus` cannot give every engine a core of its own.
+
+    vLLM's automatic binding puts every engine of a host on the same cores (its OpenMP threads on core 0 .. n-2,
+    the last core kept for the scheduler), so N engines started side by side would share them. Here engine k
+    gets the k-th contiguous run of the usable cores; with more cores than engines the last one is kept free
+    for the API servers and schedulers, as vLLM's own binding does."""
+    cpus = sorted(cpus)
+    if engines < 1 or len(cpus) < engines:
+        return None
+    pool = cpus[:-1] if len(cpus) > engines else cpus
+    q, r = divmod(len(pool), engines)
+    out, lo = [], 0
+    for k in range(engines):
+        n = q + (k < r)
+        out.append(",".join(map(str, pool[lo:lo + n])))
+        lo += n
+    return out
