@@ -550,7 +550,7 @@ def test_ratios_fall_back_to_vllm_until_measured(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("active,n,traffic,mode", [
-    # today's numbers (peftdeploy's kernels 0.90 on cuda, docs/bench/gpu-kernels.md): the same decisions as with 0.71
+    # today's numbers (peftdeploy's kernels 0.89 on cuda, docs/bench/gpu-kernels.md): the same decisions as with 0.71
     (None, 1, None, "merge"),
     (None, 3, "{a0: 0.998, a1: 0.001, a2: 0.001}", "hybrid"),
     # fast kernels: serving within 5% of merged keeps a lone adapter swappable ...
