@@ -8,5 +8,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRAC
 # and its own e2e ports (tests/conftest.py); tests of one module stay on one worker. PEFTDEPLOY_TEST_WORKERS=0
 # runs in one process.
 workers=${PEFTDEPLOY_TEST_WORKERS:-$(( $(nproc) >= 2 ? 2 : 0 ))}
-par=(); [ "$workers" -gt 1 ] && par=(-n "$workers" --dist loadgroup)
+par=(); [ "$workers" -gt 1 ] && par=(-n "$workers" --dist loadscope --no-loadscope-reorder)
 exec .venv/bin/python -m pytest "${par[@]}" "$@"

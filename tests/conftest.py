@@ -48,21 +48,37 @@ if WORKERS > 1:
 
 # Tests of one module run on one worker (module fixtures start their servers once); modules that share a
 # session server are one group. Heaviest groups first, so the two workers finish together (measured
-# durations, CI 2026-12-03); the rest keep their collection order.
+# durations, CI 2026-12-03); the rest keep their collection order (scripts/test.sh passes
+# --no-loadscope-reorder, else xdist orders groups by their number of tests). The groups are made by our
+# own scheduler, not by xdist_group marks: xdist 3.8 writes the group into `item._nodeid`, which pytest 9
+# no longer reads, so with pytest 9 `--dist loadgroup` spreads one module over both workers.
 SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve"}
 HEAVY_FIRST = ("e2e-serve", "test_fleet_e2e", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_quantize",
                "test_plugin_e2e", "test_demo", "test_install", "test_bench", "test_guard")
 
 
-def pytest_collection_modifyitems(config, items):
-    def group(item) -> str:
-        mod = Path(str(item.fspath)).stem
-        return SHARED_GROUPS.get(mod, mod)
+def _group(nodeid: str) -> str:
+    """The work unit of a test: its module, or the shared group its module is in."""
+    mod = Path(nodeid.split("::", 1)[0]).stem
+    return SHARED_GROUPS.get(mod, mod)
 
+
+def pytest_collection_modifyitems(config, items):
     rank = {g: i for i, g in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda it: rank.get(group(it), len(rank)))  # stable: collection order within a rank
-    for it in items:
-        it.add_marker(pytest.mark.xdist_group(group(it)))
+    items.sort(key=lambda it: rank.get(_group(it.nodeid), len(rank)))  # stable: collection order within a rank
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` with our groups (module, or SHARED_GROUPS) as the scopes."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def _e2e_ports() -> range:

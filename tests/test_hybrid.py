@@ -254,7 +254,9 @@ def test_plan_demo_hybrid(demo_model_dir):
 
 
 @pytest.mark.parametrize("recipe,scheme", [("demo-int8", "int8"), ("demo-w4a16", "w4a16")])
-def test_plan_offline_quantized_serves_quantized_dir(demo_model_dir, recipe, scheme):
+def test_plan_offline_quantized_serves_quantized_dir(demo_model_dir, monkeypatch, recipe, scheme):
+    # the plan's layout, not this host's ISA: plan for an AVX-512 host, which runs both (AVX2: test_cpu_isa)
+    monkeypatch.setenv("PEFTDEPLOY_CPU_FLAGS", "avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni")
     plan = make_plan(load_recipe(ROOT / "recipes" / f"{recipe}.yaml"), device="cpu", host_memory="16GiB")
     step = plan.launch.merge
     assert step.quantize_scheme == scheme and step.quantized_dir and step.quantized_dir != step.output_dir

@@ -82,7 +82,8 @@ def hub(installed: dict[str, Path]) -> Path:
 def _run(installed: dict[str, Path], hub: Path, *args: str) -> subprocess.CompletedProcess:
     outside = installed["base"] / "elsewhere"
     outside.mkdir(exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # a user's pipe: no COLUMNS (an xdist worker has COLUMNS=80, and rich then wraps the tables to it)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "COLUMNS")}
     env.update(HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", PEFTDEPLOY_CACHE=str(installed["base"] / "pd"),
                PEFTDEPLOY_DEMO_DIR=str(installed["base"] / "demo"))
     return subprocess.run([str(installed["venv"] / "bin" / "peftdeploy"), *args], cwd=outside, capture_output=True,
@@ -116,7 +117,7 @@ def test_help_validate_plan_bare_and_at_rev(installed: dict[str, Path], hub: Pat
         assert r.returncode == 0, r.stdout + r.stderr
         r = _run(installed, hub, "plan", str(p), "--device", "cuda", "--gpu-memory", "80GiB")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        assert "peftdeploy-vllm serve" in r.stdout and needle in r.stdout and "Traceback" not in r.stderr
+        assert "peftdeploy-vllm serve" in r.stdout and needle in r.stdout and "Traceback" not in r.stderr, r.stdout + "\n---\n" + r.stderr
     assert "read as the hub id" in _run(installed, hub, "validate", str(bare)).stderr
 
 

@@ -387,8 +387,9 @@ def test_scheme_table_cpu_and_chosen_quantized(tmp_path: Path, monkeypatch: pyte
     ("int8", "serve", "cuda", "quantization-needs-merge", E, "fp8 / bitsandbytes"),
     ("int8", "serve", "cpu", "quantization-needs-merge", E, "keep scheme none"),
 ])
-def test_quantization_findings_per_device(tmp_path: Path, scheme: str, mode: str, device: str, code: str,
-                                          sev: Severity, fix_has: str) -> None:
+def test_quantization_findings_per_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, mode: str,
+                                          device: str, code: str, sev: Severity, fix_has: str) -> None:
+    monkeypatch.setenv("PEFTDEPLOY_CPU_FLAGS", CASCADE_LAKE)  # an AVX-512 host runs w4a16 (AVX2: test_cpu_isa)
     p = _multi(tmp_path, [8], f"policy: {{mode: {mode}}}\nquantization: {{scheme: {scheme}}}\n")
     plan = make_plan(load_recipe(p), device=device, gpu_memory="1GiB", host_memory="16GiB")
     f = {x.code: x for x in plan.findings}
@@ -398,7 +399,8 @@ def test_quantization_findings_per_device(tmp_path: Path, scheme: str, mode: str
         assert "fp8 /" not in f[code].fix
 
 
-def test_cpu_w4a16_needs_bf16(tmp_path: Path) -> None:
+def test_cpu_w4a16_needs_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEFTDEPLOY_CPU_FLAGS", CASCADE_LAKE)  # an AVX-512 host runs w4a16 (AVX2: test_cpu_isa)
     p = _multi(tmp_path, [8], "policy: {mode: merge}\nquantization: {scheme: w4a16}\n")
     plan = make_plan(load_recipe(p), device="cpu", host_memory="16GiB")  # tiny model is float32
     assert "quantization-cpu-dtype" in {x.code for x in plan.errors}
