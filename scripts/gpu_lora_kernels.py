@@ -40,6 +40,7 @@ TOKENS = (64, 1028, 8192, 2956, 16, 256, 1024)  # the measured workload's decode
 # (each is its bucket's O.BUCKET_TOKENS: 1028 = 64 running decode tokens + one 964-token prompt)
 L, R, LAYERS, PROMPT, DECODE = 8, 16, 8, 964, 64
 SMOKE = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # CPU dry run of this script's code paths
+PDL = not SMOKE and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 if SMOKE:
     SHAPES = {"qkv": (64, (64, 32, 32)), "down": (96, (32,))}
     TOKENS = (5, 300)
@@ -184,7 +185,10 @@ def main() -> int:
     ap.add_argument("--gemm", action="store_true", help="the shrink inside the base GEMM (lora_gemm) against "
                     "base GEMM + split kernels and the base GEMM alone; checks it, sweeps its expand, writes "
                     "the best as 'gemm:' entries of --best-out")
+    ap.add_argument("--slots", type=int, default=L, help="adapter slots (max_loras); Zipf(1.0) over them")
+    ap.add_argument("--no-sweep-gemm", action="store_true", help="--gemm: time the default configuration only")
     a = ap.parse_args()
+    globals()["L"] = a.slots
     if a.gemm:
         return gemm_main(a)
     t0 = time.time()
@@ -313,6 +317,11 @@ class GemmLayer(Layer):
         self.n = n
 
 
+def _least(*v: float | None) -> float:
+    v = [x for x in v if x is not None and x == x]
+    return min(v) if v else float("nan")
+
+
 def gemm_candidates(T: int) -> list[O.Config]:
     bms = (16, 32) if T <= 64 else ((32, 64) if T <= 256 else (64, 128))
     return [O.Config(fused=True, bm=bm, bn=bn, bk=16, n_iters=it, warps=w)
@@ -343,19 +352,20 @@ def gemm_main(a: argparse.Namespace) -> int:
             mapped = max(1, T - 3)
             x = torch.randn(T, K, device=dev).to(dtype)
             tiles, nl = O.make_tiles(slots[:mapped].to(torch.int32), L, max_tokens=8192)
-            y = O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0)
             base = x.double() @ ly.W.double().T
             full = slots.clone()
             full[mapped:] = -1
             ref = reference(base, x, ly, full)
             no = full < 0
             d = (ref - base)[~no].norm()
-            row = {"shape": name, "T": T,
-                   "rel_err": float(((y.double() - base) - (ref - base))[~no].norm() / d) if d > 0 else 0.0,
-                   "base_rows_max_abs": float((y.double()[no] - base[no]).abs().max()) if no.any() else 0.0,
-                   "finite": bool(torch.isfinite(y).all())}
-            res["check"].append(row)
-            log(f"check {row}")
+            for pdl in ((False, True) if PDL else (False,)):
+                y = O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0, pdl=pdl)
+                row = {"shape": name, "T": T, "pdl": pdl,
+                       "rel_err": float(((y.double() - base) - (ref - base))[~no].norm() / d) if d > 0 else 0.0,
+                       "base_rows_max_abs": float((y.double()[no] - base[no]).abs().max()) if no.any() else 0.0,
+                       "finite": bool(torch.isfinite(y).all())}
+                res["check"].append(row)
+                log(f"check {row}")
     bad = [r for r in res["check"] if r["rel_err"] > 1e-2 or r["base_rows_max_abs"] > 0.1 or not r["finite"]]
     log(f"check: {len(res['check'])} cases, {len(bad)} bad")
     save()
@@ -381,36 +391,55 @@ def gemm_main(a: argparse.Namespace) -> int:
                 yy = torch.nn.functional.linear(x, ly.W)
                 O.lora_linear(yy, x, ly.A, ly.B, tiles, nl, scale=1.0)
 
-            def fused(cfg):
+            def ext_run(y, x, ly):  # the base GEMM with the A rows, no expand
+                torch.nn.functional.linear(x, ly.ext)
+
+            def copy_run(y, x, ly):  # ... + a second launch that only copies y out (the floor of any expand)
+                y.copy_(torch.nn.functional.linear(x, ly.ext)[:, :ly.n])
+
+            def fused(cfg, pdl=False):
                 def run(y, x, ly):
-                    O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0, config=cfg)
+                    O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0, config=cfg, pdl=pdl)
                 return run
 
-            row = {"shape": name, "T": T, "base_us": time_layers(base_run, y, x, layers),
-                   "split_us": time_layers(split_run, y, x, layers)}
+            row = {"shape": name, "T": T, "slots": L, "base_us": time_layers(base_run, y, x, layers),
+                   "split_us": time_layers(split_run, y, x, layers), "ext_us": time_layers(ext_run, y, x, layers),
+                   "copy_us": time_layers(copy_run, y, x, layers)}
+            if PDL:
+                row["pdl_us"] = time_layers(fused(None, True), y, x, layers)
             times = []
-            for cfg in gemm_candidates(T):
+            for cfg in ([] if a.no_sweep_gemm else gemm_candidates(T)):
                 try:
                     times.append((time_layers(fused(cfg), y, x, layers), cfg))
                 except Exception as e:  # noqa: BLE001
                     log(f"  {name} T={T} {cfg}: {type(e).__name__}: {str(e)[:200]}")
             times.sort(key=lambda t: t[0])
             row["default_us"] = time_layers(fused(None), y, x, layers)
+            if PDL:  # twice, interleaved: the spread of one setting is the noise of this comparison
+                row["pdl2_us"] = time_layers(fused(None, True), y, x, layers)
+                row["default2_us"] = time_layers(fused(None), y, x, layers)
             if times:
                 row["fused_us"], row["config"] = times[0][0], times[0][1].__dict__
                 best["gemm:" + O.config_key(T, K, widths, R)] = times[0][1].__dict__
             res["rows"].append(row)
-            log(f"{name} T={T}: base {row['base_us']:.1f} µs, +split {row['split_us'] - row['base_us']:.1f}, "
+            log(f"{name} T={T} slots={L}: base {row['base_us']:.1f} µs, +split {row['split_us'] - row['base_us']:.1f}, "
                 f"+fused {row.get('fused_us', float('nan')) - row['base_us']:.1f} (default config "
-                f"{row['default_us'] - row['base_us']:.1f}) {row.get('config')}")
+                f"{row['default_us'] - row['base_us']:.1f}, PDL {row.get('pdl_us', float('nan')) - row['base_us']:.1f}; "
+                f"A rows {row['ext_us'] - row['base_us']:.1f}, + a copy launch {row['copy_us'] - row['base_us']:.1f}) "
+                f"{row.get('config')}")
             save()
     if a.best_out and best:
         Path(a.best_out).write_text(json.dumps(best, indent=1))
-    print("\n| layer | tokens | base GEMM µs | + split LoRA µs | + GEMM-fused LoRA µs | LoRA cost ratio fused/split |")
-    print("|---|---|---|---|---|---|")
+    print("\n| layer | tokens | slots | base GEMM µs | + split LoRA | + GEMM-fused (default) | + fused, PDL | "
+          "+ A rows only | + A rows and a copy launch | fused / split |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in res["rows"]:
-        ds, df = r["split_us"] - r["base_us"], r.get("fused_us", float("nan")) - r["base_us"]
-        print(f"| {r['shape']} | {r['T']} | {r['base_us']:.1f} | {ds:.1f} | {df:.1f} | {df / ds if ds else float('nan'):.2f} |")
+        b = r["base_us"]
+        ds, df = r["split_us"] - b, _least(r["default_us"], r.get("default2_us"), r.get("fused_us")) - b
+        dp = _least(r.get("pdl_us"), r.get("pdl2_us")) - b
+        print(f"| {r['shape']} | {r['T']} | {r['slots']} | {b:.1f} | {ds:.1f} | {df:.1f} | {dp:.1f} | "
+              f"{r['ext_us'] - b:.1f} | {r['copy_us'] - b:.1f} | {df / ds if ds else nan:.2f} |")
     res["total_s"] = time.time() - t0
     save()
     log(f"total {res['total_s']:.0f} s")

@@ -87,3 +87,22 @@ def test_gemm_fused_configs_one_per_prefill_and_overridable(monkeypatch):
     monkeypatch.setattr(O, "_OVERRIDES", None)
     assert O.gemm_config(64, 4096, qkv, 16) == O.Config(**cfg)
     assert O.gemm_config(64, 4096, gate_up, 16).bm == 16  # other keys keep the default
+
+
+@pytest.mark.parametrize("env,interp", [(None, None), ("1", None), ("1", "1"), ("0", None)])
+def test_pdl_only_when_asked_on_cuda(monkeypatch, env, interp):
+    """Programmatic dependent launch of the GEMM-fused expand is opt-in (PEFTDEPLOY_LORA_PDL=1, not yet measured
+    on a GPU), never on a CPU tensor or under the interpreter, where Triton has no grid dependency control."""
+    import torch
+
+    from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O
+
+    for k, v in ((O.PDL_ENV, env), ("TRITON_INTERPRET", interp)):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    assert O.use_pdl(torch.device("cpu")) is False
+    if torch.cuda.is_available():
+        want = env == "1" and interp is None and torch.cuda.get_device_capability()[0] >= 9
+        assert O.use_pdl(torch.device("cuda")) is want

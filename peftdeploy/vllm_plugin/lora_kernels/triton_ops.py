@@ -182,11 +182,13 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tile
 def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M, T, stride_om, stride_ym, scale,
                         N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R: tl.constexpr,
                         BLOCK_R: tl.constexpr, LR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        N_ITERS: tl.constexpr):
+                        N_ITERS: tl.constexpr, USE_GDC: tl.constexpr):
     """y[t, chunk of slice s] = out[t, chunk] (+ (h_s[t] * scale) @ B_s[slot t][chunk]^T when t has an adapter),
     where out = x @ [W; A_0; A_1; A_2]^T came from the base GEMM and h_s[t] is its rank-R block of slot t:
     columns N + s*LR + slot*R (LR = max_loras * R). Every row of y is written: the adapters' tiles, then the
-    tiles of tokens without one (BASE_TILE), then, past the tokens the step maps, CUDA-graph padding rows."""
+    tiles of tokens without one (BASE_TILE), then, past the tokens the step maps, CUDA-graph padding rows.
+    USE_GDC (programmatic dependent launch, Hopper): the launch may begin while the GEMM finishes; the tile
+    table (copied before the GEMM was queued) is read first, `out` only after the grid dependency wait."""
     pid_m = tl.program_id(0)
     offs_m = tl.arange(0, BM)
     if pid_m < GRID_M:
@@ -202,6 +204,8 @@ def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M
         m_ok = rows < T
         lora = mapped * 0 - 2  # BASE_TILE, as an int32 value like the other branch's
         live = r0 < T
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()  # everything below reads the GEMM's output
     if live:
         s, n_s, col0, n_lo = _chunk(tl.program_id(1), N0, N1, N2, BN * N_ITERS)
         if lora >= 0:
@@ -440,6 +444,19 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor]
 
 
 GEMM_MAX_SHARE = 0.25  # fuse the shrink into the base GEMM while the LoRA rows are at most this share of N
+PDL_ENV = "PEFTDEPLOY_LORA_PDL"
+_PDL: dict[int, bool] = {}
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Launch the GEMM-fused expand with programmatic dependent launch (PEFTDEPLOY_LORA_PDL=1; compute
+    capability 9.0+, not under the Triton interpreter), so its launch overlaps the base GEMM's tail."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get(PDL_ENV, "0") != "1":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _PDL:
+        _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return _PDL[idx]
 
 
 def gemm_config(tokens: int, k: int = 0, widths: Sequence[int] = (), rank: int = 16) -> Config:
@@ -461,7 +478,7 @@ def gemm_config(tokens: int, k: int = 0, widths: Sequence[int] = (), rank: int =
 
 def lora_gemm(x: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None, n: int, lora_b: Sequence[torch.Tensor],
               tiles: Sequence[torch.Tensor], nl: int, max_loras: int, rank: int, scale: float = 1.0,
-              config: Config | None = None) -> torch.Tensor:
+              config: Config | None = None, pdl: bool | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) + per-token LoRA, with the LoRA shrink done by the base GEMM itself.
 
     `ext` is ``[W; A_0; ...; A_{S-1}]``: the layer's weight W (n rows) followed by each slice's A stack
@@ -484,10 +501,12 @@ def lora_gemm(x: torch.Tensor, ext: torch.Tensor, bias: torch.Tensor | None, n: 
     nw = widths + [0] * (MAX_SLICES - S)
     ch = cfg.bn * cfg.n_iters
     chunks = sum(-(-w // ch) for w in widths)
+    gdc = use_pdl(x.device) if pdl is None else pdl
     _gemm_expand_kernel[(grid_m + -(-T // cfg.bm), chunks)](
         y, out, lora_b[0], _offsets(lora_b), table, cap, grid_m, T, out.stride(0), y.stride(0), scale,
         N0=nw[0], N1=nw[1], N2=nw[2], R=rank, BLOCK_R=max(16, _pow2(rank)), LR=max_loras * rank, BM=cfg.bm,
-        BN=cfg.bn, N_ITERS=cfg.n_iters, num_warps=cfg.warps, num_stages=cfg.stages)
+        BN=cfg.bn, N_ITERS=cfg.n_iters, USE_GDC=gdc, num_warps=cfg.warps, num_stages=cfg.stages,
+        **({"launch_pdl": True} if gdc else {}))
     return y
 
 
