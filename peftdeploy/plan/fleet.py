@@ -156,6 +156,7 @@ def plan_fleet(recipe: Recipe, *, device: str = "cuda", kernels: str = "vllm",
     prequant = recipe.quantization.prequantized and not recipe.backbone.merge_base
 
     why: dict[str, str] = {}
+    tried: tuple[str, float] | None = None  # auto: the hottest adapter's merged group, when one was weighed
     if isinstance(f.dedicated, list):
         dedicated = list(f.dedicated)
         for a in dedicated:
@@ -173,6 +174,8 @@ def plan_fleet(recipe: Recipe, *, device: str = "cuda", kernels: str = "vllm",
             if len(cand) + (1 if rest else 0) > n:
                 break
             g2, r2, p2 = _layout(n, cand, shares, base, names, need_lora, device, kernels)
+            if k == 1:
+                tried = (cand[0], p2)
             if p2 > pred + 1e-9:
                 dedicated, groups, reps, pred = cand, g2, r2, p2
         for a in dedicated:
@@ -196,6 +199,10 @@ def plan_fleet(recipe: Recipe, *, device: str = "cuda", kernels: str = "vllm",
         reason = (f"{', '.join(g.adapters[0] for g in merged)} on merged engines, the rest on multi-LoRA: predicted "
                   f"{pred:.2f}× of {n} merged engines vs {baseline:.2f}× with every engine serving every adapter "
                   f"({pred / baseline if baseline else 0:.2f}×)")
+    elif tried is not None:
+        a, p2 = tried
+        reason = (f"a merged engine for {a} ({shares[a]:.0%} of the traffic) is predicted {p2:.2f}× of {n} merged "
+                  f"engines, every engine serving all adapters with multi-LoRA {pred:.2f}×: multi-LoRA everywhere")
     else:
         reason = (f"no adapter's share fills one of {n} engines ({traffic}), so every engine serves all adapters with "
                   f"multi-LoRA: predicted {pred:.2f}× of {n} merged engines")
