@@ -81,6 +81,14 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
+# Tests whose subject is not the served LoRA model's numerics or speed (the API-key guard, `bench`'s client, the
+# plugin's resolver, fleet routing, the demo's styles in vLLM) run it eagerly: with peftdeploy's CPU kernels the
+# LoRA model is compiled by default (lora_kernels/cpu_compile.py), about a minute per cold engine start on a loaded
+# CI core. The compiled path is what test_lora_kernels_cpu's e2e (against vLLM's kernels and PEFT), test_up_e2e's
+# e2e-serve (against PEFT) and test_hybrid (hybrid against e2e-serve) serve and check.
+EAGER_LORA = {"PEFTDEPLOY_LORA_COMPILE": "0"}
+
+
 def _e2e_ports() -> range:
     """18000-18099, or PEFTDEPLOY_E2E_PORTS=LO-HI (inclusive) so parallel sessions keep to their own range."""
     lo, _, hi = os.environ.get("PEFTDEPLOY_E2E_PORTS", "18000-18099").partition("-")

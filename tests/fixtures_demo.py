@@ -160,6 +160,7 @@ def run_vllm(model_dir: Path, adapters: dict[str, str], prompts: list[str], work
     script = workdir / "vllm_check.py"
     script.write_text(VLLM_SCRIPT)
     env = dict(os.environ)
+    env.setdefault("PEFTDEPLOY_LORA_COMPILE", "0")  # the demo's styles are the subject (conftest.EAGER_LORA)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from peftdeploy.bench import report
+from tests.conftest import EAGER_LORA
 from peftdeploy.bench.client import RequestResult, RunResult, _Timer, completions_url
 from peftdeploy.bench.workload import (
     BASE,
@@ -228,7 +229,7 @@ def test_bench_cli_against_demo_server(tmp_path):
     proc = subprocess.run(
         [exe, "bench", str(recipe), "--port", str(port), "--concurrency", "4", "-n", "8", "--input-len", "16",
          "--output-len", "8", "--warmup", "2", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=880, env={**os.environ},
+        capture_output=True, text=True, timeout=880, env={**os.environ, **EAGER_LORA},  # the client is the subject
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)

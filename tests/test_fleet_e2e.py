@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import E2E_PORTS, ROOT, cli_env, peftdeploy_cmd, start_detached
+from tests.conftest import E2E_PORTS, EAGER_LORA, ROOT, cli_env, peftdeploy_cmd, start_detached
 from tests.test_up_e2e import REF_SCRIPT
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,8 @@ def fleet(demo_model_dir):
     t0 = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # a test worker's own: the fleet binds its engines
+        for k, v in EAGER_LORA.items():  # routing is the subject, not the LoRA model (conftest.EAGER_LORA)
+            mp.setenv(k, v)
         d = start_detached(FLEET, port=_free_run(), timeout=1200)
     d.extra["up_seconds"] = time.monotonic() - t0
     yield d

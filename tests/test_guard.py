@@ -132,9 +132,11 @@ def test_running_server_every_route_needs_the_key(tmp_path: Path, monkeypatch: p
     import urllib.error
     import urllib.request
 
-    from conftest import E2E_DEMO_RECIPE
+    from conftest import E2E_DEMO_RECIPE, EAGER_LORA
 
     monkeypatch.setenv("PD_E2E_GUARD_KEY", KEY)
+    for k, v in EAGER_LORA.items():  # the guard is the subject, not the LoRA model (conftest.EAGER_LORA)
+        monkeypatch.setenv(k, v)
     p = tmp_path / "guard.yaml"
     p.write_text(f"apiVersion: peftdeploy/v1\nextends: {E2E_DEMO_RECIPE}\nname: e2e-guard\n"
                  "serving: {host: 127.0.0.1, api_key: '${PD_E2E_GUARD_KEY}'}\n")

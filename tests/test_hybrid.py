@@ -324,8 +324,10 @@ def test_materialize_merge_int8_serves_quantized(tiny, tmp_path, isolated_cache)
     pytest.importorskip("compressed_tensors")
     from peftdeploy.launch.materialize import materialize
 
-    rec = _tiny_recipe(tmp_path, tiny, "quantization: {scheme: int8}\npolicy: {mode: merge, merge: {adapters: [hot]}}\n",
-                       "tq")
+    # rtn: this test is about the planned paths and the caches; GPTQ through the tool venv is test_quantize_llmc's
+    # (auto picks it when .venv-quantize exists: ~75 s of calibration here for nothing this test asserts)
+    rec = _tiny_recipe(tmp_path, tiny, "quantization: {scheme: int8, method: rtn}\n"
+                       "policy: {mode: merge, merge: {adapters: [hot]}}\n", "tq")
     plan = make_plan(load_recipe(rec), device="cpu", host_memory="16GiB")
     spec = plan.launch
     assert spec.model == spec.merge.quantized_dir

@@ -80,7 +80,9 @@ def test_merge_writes_the_planned_dir_then_hits_cache(tiny, tmp_path):
 def test_merge_quantized_scheme_serves_the_quantized_dir(tiny, tmp_path):
     pytest.importorskip("compressed_tensors")
     out_dir = tmp_path / "out" / "merged"
-    rec = _recipe(tmp_path, tiny, f"quantization: {{scheme: int8}}\npolicy: {{mode: merge, merge: {{adapters: [a, b], output: {out_dir}}}}}\n")
+    # rtn: the layout is the subject; GPTQ (auto's choice when .venv-quantize exists) is test_quantize_llmc's
+    rec = _recipe(tmp_path, tiny, f"quantization: {{scheme: int8, method: rtn}}\n"
+                                  f"policy: {{mode: merge, merge: {{adapters: [a, b], output: {out_dir}}}}}\n")
     # planned for an AMX CPU, where `up` would refuse float32 int8 (vLLM's kernel there takes bf16/fp16):
     # merge still builds the float32-merged checkpoint (it may be served elsewhere) and says so
     amx = ("fpu sse sse2 avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl avx512_vnni avx512_bf16 "

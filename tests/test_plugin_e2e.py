@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import EAGER_LORA
 from tests.hubcache import TINY_LLAMA, module_dims, write_adapter
 
 pytestmark = pytest.mark.slow
@@ -108,6 +109,7 @@ def server(tmp_path_factory):
                 "PEFTDEPLOY_CACHE": str(tmp / "pdcache"), "VLLM_CPU_KVCACHE_SPACE": "1",
                 "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                 "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")})
+    env.update(EAGER_LORA)  # the resolver is the subject, not the LoRA model (conftest.EAGER_LORA)
     env.pop("VLLM_PLUGINS", None)
     cmd = [sys.executable, "-m", "peftdeploy.launch.entry", "serve", str(model_dir),
            "--served-model-name", "base", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",

@@ -55,11 +55,10 @@ def install() -> str:
                            type(e).__name__, e)
         logger.debug("%s [pid %d]", line, os.getpid())
         _state["result"] = result
-        if result == "peftdeploy":
-            from .cpu_compile import install as install_compile, wanted
+        if result == "peftdeploy":  # CPU: compile the LoRA model like the model without LoRA (cpu_compile.py); the
+            from .cpu_compile import install as install_compile  # hook asks PEFTDEPLOY_LORA_COMPILE per engine
 
-            if wanted():
-                install_compile(active_now)  # CPU: compile the LoRA model like the model without LoRA (cpu_compile.py)
+            install_compile(active_now)
         return result
 
 
