@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ parallel sessions (pytest-xdist)
-# scripts/test.sh runs the suite on two workers (`-n 2 --dist loadgroup`). Each worker keeps to its own
+# scripts/test.sh runs the suite on two workers (`-n 2 --dist loadscope`, grouped below). Each worker keeps to its own
 # slice of the e2e port range and its own CPU cores for vLLM's OpenMP threads, so two CPU engines never
 # share a core (vLLM's auto binding would put both on core 0); a value the caller set wins.
 def _worker() -> tuple[int, int]:

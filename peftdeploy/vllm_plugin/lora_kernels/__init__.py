@@ -65,7 +65,7 @@ def install() -> str:
 def _choose() -> tuple[str, int, str]:
     from ...plan.kernels import ENV, is_verified, verified_versions
 
-    choice = os.environ.get(ENV, "").strip().lower() or "peftdeploy"
+    choice = _env_choice()
     if choice == "vllm":
         return "vllm", logging.INFO, f"peftdeploy: LoRA kernels: vllm ({ENV}=vllm)"
     if choice not in ("peftdeploy", "auto"):
@@ -132,13 +132,17 @@ def active() -> str | None:
     return _state["result"]
 
 
+def _env_choice() -> str:
+    """``PEFTDEPLOY_LORA_KERNELS`` as it reads now (unset: ``peftdeploy``)."""
+    from ...plan.kernels import ENV
+
+    return os.environ.get(ENV, "").strip().lower() or "peftdeploy"
+
+
 def active_now() -> str | None:
     """`active()`, unless ``PEFTDEPLOY_LORA_KERNELS`` now asks for vLLM's: the engine processes vLLM starts
     from here read the variable afresh (a script may build one engine per kernel choice in one process)."""
-    from ...plan.kernels import ENV
-
-    choice = os.environ.get(ENV, "").strip().lower() or "peftdeploy"
-    return active() if choice in ("peftdeploy", "auto") else "vllm"
+    return active() if _env_choice() in ("peftdeploy", "auto") else "vllm"
 
 
 __all__ = ["CPU_WRAPPER", "GPU_WRAPPER", "active", "active_now", "install"]

