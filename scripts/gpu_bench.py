@@ -393,7 +393,7 @@ DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
            "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
            "many_auto_pd", "many_auto_vllm", "profile_pd", "profile_vllm", "profile_merged", "kagree", "pd_mix",
-           "pd_ds")
+           "pd_ds", "plain_pd_pdl", "many_ml16_pd", "many_ml24_pd", "many_ml32_pd")
 
 
 def main() -> int:
@@ -568,7 +568,20 @@ def main() -> int:
         sp = with_env(sp, **env)
         return dataclasses.replace(sp, args=tuple((k, "16" if k == "--max-cpu-loras" else v) for k, v in sp.args))
 
+    def many_slots(n: int, env: dict) -> LaunchSpec:
+        # all adapters listed, the planner's max_cpu_loras, max_loras n (fewer distinct adapters per step)
+        sp = with_env(plans["many_auto"]["spec"], **env)
+        return dataclasses.replace(sp, args=tuple((k, str(n) if k == "--max-loras" else v) for k, v in sp.args))
+
+    PDL = {"PEFTDEPLOY_LORA_PDL": "1"}
     catalog.update({
+        **{f"many_ml{n}_pd": (f"{a.many} adapters, planner's max_cpu_loras, max_loras {n}, peftdeploy kernels",
+                              (lambda n=n: many_slots(n, PDK)), n,
+                              [(f"{zm}, max_loras {n}, peftdeploy kernels", many_names)], "graphs")
+           for n in (16, 24, 32)},
+        "plain_pd_pdl": (f"multi-LoRA, peftdeploy's kernels with PEFTDEPLOY_LORA_PDL=1, max_loras {ml}",
+                         lambda: with_env(plain, **PDK, **PDL), ml,
+                         [(f"multi-LoRA, peftdeploy kernels + PDL, {zl}", zipf)], "graphs"),
         "plain_vllm": (f"multi-LoRA, vLLM's kernels (PEFTDEPLOY_LORA_KERNELS=vllm), max_loras {ml}",
                        lambda: with_env(plain, **VK), ml, [(f"multi-LoRA, vLLM kernels, {zl}", zipf)], "graphs"),
         "plain_pd": (f"multi-LoRA, peftdeploy's kernels (PEFTDEPLOY_LORA_KERNELS=peftdeploy), max_loras {ml}",
