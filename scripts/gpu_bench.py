@@ -393,7 +393,7 @@ DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
            "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
            "many_auto_pd", "many_auto_vllm", "profile_pd", "profile_vllm", "profile_merged", "kagree", "pd_mix",
-           "pd_ds", "plain_pd_pdl", "many_ml16_pd", "many_ml24_pd", "many_ml32_pd")
+           "pd_ds", "plain_pd_pdl", "plain_pd_act", "many_ml16_pd", "many_ml24_pd", "many_ml32_pd")
 
 
 def main() -> int:
@@ -582,6 +582,10 @@ def main() -> int:
         "plain_pd_pdl": (f"multi-LoRA, peftdeploy's kernels with PEFTDEPLOY_LORA_PDL=1, max_loras {ml}",
                          lambda: with_env(plain, **PDK, **PDL), ml,
                          [(f"multi-LoRA, peftdeploy kernels + PDL, {zl}", zipf)], "graphs"),
+        "plain_pd_act": (f"multi-LoRA, peftdeploy's kernels with PEFTDEPLOY_LORA_ACT_FUSE=1, max_loras {ml}",
+                         lambda: with_env(plain, **PDK, PEFTDEPLOY_LORA_ACT_FUSE="1"), ml,
+                         [(f"multi-LoRA, peftdeploy kernels + gate_up expand in the activation, {zl}", zipf)],
+                         "graphs"),
         "plain_vllm": (f"multi-LoRA, vLLM's kernels (PEFTDEPLOY_LORA_KERNELS=vllm), max_loras {ml}",
                        lambda: with_env(plain, **VK), ml, [(f"multi-LoRA, vLLM kernels, {zl}", zipf)], "graphs"),
         "plain_pd": (f"multi-LoRA, peftdeploy's kernels (PEFTDEPLOY_LORA_KERNELS=peftdeploy), max_loras {ml}",

@@ -32,6 +32,7 @@ from triton.testing import do_bench_cudagraph
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from peftdeploy.vllm_plugin.lora_kernels import act_fused as AF  # noqa: E402
 from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O  # noqa: E402
 
 SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
@@ -42,7 +43,7 @@ L, R, LAYERS, PROMPT, DECODE = 8, 16, 8, 964, 64
 SMOKE = __import__("os").environ.get("TRITON_INTERPRET") == "1"  # CPU dry run of this script's code paths
 PDL = not SMOKE and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 if SMOKE:
-    SHAPES = {"qkv": (64, (64, 32, 32)), "down": (96, (32,))}
+    SHAPES = {"qkv": (64, (64, 32, 32)), "gate_up": (64, (48, 48)), "down": (96, (32,))}
     TOKENS = (5, 300)
     LAYERS = 2
 
@@ -366,6 +367,17 @@ def gemm_main(a: argparse.Namespace) -> int:
                        "finite": bool(torch.isfinite(y).all())}
                 res["check"].append(row)
                 log(f"check {row}")
+            if name == "gate_up":  # the expand inside the activation: silu(gate)·up against float64
+                act = AF.lora_silu_mul(torch.nn.functional.linear(x, ly.ext), ly.B, tiles, nl, widths[0], L, R)
+                aref = AF.reference(x, ly.W, ly.A, ly.B, full)
+                aplain = AF.reference(x, ly.W, ly.A, ly.B, torch.full_like(full, -1))
+                ad = (aref - aplain)[~no].norm()
+                row = {"shape": "gate_up+silu", "T": T, "pdl": False,
+                       "rel_err": float((act.double() - aref)[~no].norm() / ad) if ad > 0 else 0.0,
+                       "base_rows_max_abs": float((act.double()[no] - aref[no]).abs().max()) if no.any() else 0.0,
+                       "finite": bool(torch.isfinite(act).all())}
+                res["check"].append(row)
+                log(f"check {row}")
     bad = [r for r in res["check"] if r["rel_err"] > 1e-2 or r["base_rows_max_abs"] > 0.1 or not r["finite"]]
     log(f"check: {len(res['check'])} cases, {len(bad)} bad")
     save()
@@ -421,6 +433,28 @@ def gemm_main(a: argparse.Namespace) -> int:
             if times:
                 row["fused_us"], row["config"] = times[0][0], times[0][1].__dict__
                 best["gemm:" + O.config_key(T, K, widths, R)] = times[0][1].__dict__
+            if name == "gate_up":  # gate_up's expand inside the MLP's activation (act_fused.py), act included
+                inter = widths[0]
+
+                def act_base(y, x, ly):  # the merged model: GEMM, then silu·mul
+                    AF.lora_silu_mul(torch.nn.functional.linear(x, ly.W), ly.B, tiles, nl, inter, L, R, no_lora=True)
+
+                def act_unfused(y, x, ly):  # GEMM-fused LoRA, then silu·mul
+                    yy = O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0)
+                    AF.lora_silu_mul(yy, ly.B, tiles, nl, inter, L, R, no_lora=True)
+
+                def act_fused(y, x, ly):  # the wide GEMM output straight into the fused activation
+                    AF.lora_silu_mul(torch.nn.functional.linear(x, ly.ext), ly.B, tiles, nl, inter, L, R)
+
+                row["act_base_us"] = time_layers(act_base, y, x, layers)
+                row["act_unfused_us"] = time_layers(act_unfused, y, x, layers)
+                row["act_fused_us"] = time_layers(act_fused, y, x, layers)
+                row["act_fused2_us"] = time_layers(act_fused, y, x, layers)
+                row["act_unfused2_us"] = time_layers(act_unfused, y, x, layers)
+                log(f"  gate_up + silu·mul T={T}: merged {row['act_base_us']:.1f} µs; LoRA GEMM-fused + "
+                    f"{_least(row['act_unfused_us'], row['act_unfused2_us']) - row['act_base_us']:.1f}, "
+                    f"expand in the activation + "
+                    f"{_least(row['act_fused_us'], row['act_fused2_us']) - row['act_base_us']:.1f}")
             res["rows"].append(row)
             log(f"{name} T={T} slots={L}: base {row['base_us']:.1f} µs, +split {row['split_us'] - row['base_us']:.1f}, "
                 f"+fused {row.get('fused_us', float('nan')) - row['base_us']:.1f} (default config "

@@ -463,3 +463,161 @@ def test_wrapper_skips_logits_lora_while_no_adapter_has_lm_head_weights(O, wrapp
     b[1].zero_()  # ... and is removed (reset_lora)
     w.add_lora_logits(y, x, a, b, 1.0)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------------ gate_up's expand inside the activation
+@pytest.fixture(scope="module")
+def AF(O):
+    from peftdeploy.vllm_plugin.lora_kernels import act_fused
+
+    return act_fused
+
+
+@pytest.mark.parametrize("shape", [(37, 64, 48, 16, 4, 33), (100, 48, 40, 32, 8, 100), (300, 32, 24, 8, 2, 290),
+                                   (3, 40, 72, 16, 1, 3)],
+                         ids=["bm16-padded", "bm32-r32", "bm64-r8-padded", "one-slot"])
+def test_silu_mul_fused_matches_reference(O, AF, shape):
+    """silu(gate)·up with each token's LoRA added to gate and up inside the activation's launch, from the base
+    GEMM's wide output: adapter tokens, base tokens and CUDA-graph padding rows past the step's mapping."""
+    T, K, inter, R, L, mapped = shape
+    x, W, _, ext, _, A, B, slots = _gemm_case(O, T=T, K=K, widths=(inter, inter), R=R, L=L, mapped=mapped,
+                                              bias=False, seed=T)
+    tiles, nl = O.make_tiles(slots, L, max_tokens=T + 40)
+    wide = torch.nn.functional.linear(x, ext)
+    out = AF.lora_silu_mul(wide, B, tiles, nl, inter, L, R, 0.5)
+    full = torch.cat([slots, torch.full((T - mapped,), -1)])
+    ref = AF.reference(x, W, A, B, full, 0.5)
+    plain = AF.reference(x, W, A, B, torch.full((T,), -1), 0.5)
+    assert out.shape == (T, inter) and out.is_contiguous() and torch.isfinite(out).all()
+    no = full < 0
+    assert float((out.double()[no] - ref[no]).abs().max()) < 1e-2
+    delta = (ref - plain)[~no]
+    err = float((out.double()[~no] - ref[~no]).norm() / delta.norm())
+    assert err < 1e-2, err
+
+
+def test_silu_mul_fused_equals_the_unfused_layer_then_silu(O, AF):
+    """The same rounding as lora_gemm's output (gate and up rounded to the dtype) followed by silu·mul; a step
+    without adapter tokens is a plain silu·mul of the wide output's first 2I columns."""
+    T, K, inter, R, L = 29, 64, 40, 16, 4
+    x, W, _, ext, _, A, B, slots = _gemm_case(O, T=T, K=K, widths=(inter, inter), R=R, L=L, bias=False, seed=5)
+    tiles, nl = O.make_tiles(slots, L)
+    wide = torch.nn.functional.linear(x, ext)
+
+    def silu_mul(y):
+        y = y.float()
+        return (torch.nn.functional.silu(y[:, :inter]) * y[:, inter:2 * inter]).to(x.dtype)
+
+    y = O.lora_gemm(x, ext, None, 2 * inter, B, tiles, nl, L, R, 1.0)
+    out = AF.lora_silu_mul(wide, B, tiles, nl, inter, L, R, 1.0)
+    ref = silu_mul(y).float()
+    assert float((out.float() - ref).abs().max()) <= 2e-3 * float(ref.abs().max())
+    base = AF.lora_silu_mul(wide, B, tiles, nl, inter, L, R, 1.0, no_lora=True)
+    assert torch.equal(base, silu_mul(wide))
+
+
+@pytest.mark.parametrize("attach", [True, False], ids=["act-fused", "gemm-fused"])
+def test_vllm_mlp_runs_gate_up_expand_in_its_activation(O, AF, wrapper_cls, vllm_tp1, attach, monkeypatch):
+    """vLLM's LlamaMLP with LoRA gate_up / down layers on peftdeploy's wrapper: attach() gives its act_fn the
+    fused launch (gate_up then returns its GEMM's wide output) and forward equals the float64 reference of
+    base + each token's adapters; other MLPs keep their path and say why."""
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora import layers as LL
+    from vllm.lora.layers import LoRAMapping
+    from vllm.model_executor.models.llama import LlamaMLP
+
+    cls, _ = wrapper_cls
+    L, R, T, H, I = 4, 16, 21, 64, 96
+    monkeypatch.setattr(O, "GEMM_MAX_SHARE", 4.0)  # tiny layers
+    dt = torch.float16
+    torch.set_default_dtype(dt)
+    try:
+        mlp = LlamaMLP(H, I, "silu")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    w_gu, w_down = mlp.gate_up_proj.weight.detach().clone(), mlp.down_proj.weight.detach().clone()
+    mlp.gate_up_proj = LL.MergedColumnParallelLinearWithLoRA(mlp.gate_up_proj)
+    mlp.down_proj = LL.RowParallelLinearWithLoRA(mlp.down_proj)
+    w = _wrapper(cls, L, 64)
+    adapters = {}
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        layer.create_lora_weights(L, LoRAConfig(max_loras=L, max_lora_rank=R, lora_dtype=dt))
+        layer.set_mapping(w)
+        assert layer._pd_ext is not None
+    for slot in (1, 2):
+        a = [(torch.randn(R, H, generator=g) / H ** 0.5).half() for _ in range(2)]
+        b = [(torch.randn(I, R, generator=g) / R ** 0.5).half() for _ in range(2)]
+        ad, bd = (torch.randn(R, I, generator=g) / I ** 0.5).half(), (torch.randn(H, R, generator=g) / R ** 0.5).half()
+        mlp.gate_up_proj.set_lora(slot, a, b)
+        mlp.down_proj.set_lora(slot, ad, bd)
+        adapters[slot] = (a, b, ad, bd)
+    if attach:
+        assert AF.attach(mlp) == 1 and isinstance(mlp.act_fn, AF.LoRASiluAndMul) and mlp.gate_up_proj._pd_wide
+        assert "gate_up_proj" in dict(mlp.named_children()) and "act" in dict(mlp.act_fn.named_children())
+        assert not any(n.startswith("act_fn._gate_up") for n, _ in mlp.named_modules())
+    ids = [None, 11, 12, None]
+    index = [[11, 0, 12, 12, 11][t % 5] for t in range(T)]
+    w.update_metadata(LoRAMapping(tuple(index), tuple(index)), ids, L, 32000)
+    x = (torch.randn(T, H, generator=g)).half()
+    calls, orig = [], w.add_lora_silu_mul
+    w.add_lora_silu_mul = lambda *a, **k: calls.append(a[0].shape) or orig(*a, **k)
+    out = mlp(x)
+    assert calls == ([(T, 2 * I + 2 * L * R)] if attach else [])
+    gu = x.double() @ w_gu.double().T
+    for t, i in enumerate(index):
+        if i:
+            a, b, _, _ = adapters[ids.index(i)]
+            gu[t] += torch.cat([(x[t].double() @ ai.double().T) @ bi.double().T for ai, bi in zip(a, b)])
+    h = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]
+    ref = h @ w_down.double().T
+    for t, i in enumerate(index):
+        if i:
+            _, _, ad, bd = adapters[ids.index(i)]
+            ref[t] += (h[t] @ ad.double().T) @ bd.double().T
+    assert out.shape == (T, H)
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, err
+    w.update_metadata(LoRAMapping((0,) * T, (0,) * T), ids, L, 32000)  # a step without adapter tokens
+    w.token_mapping_meta.no_lora_flag_cpu.fill_(True)
+    base = mlp(x)
+    ref0 = (torch.nn.functional.silu((x.double() @ w_gu.double().T)[:, :I]) * (x.double() @ w_gu.double().T)[:, I:]) \
+        @ w_down.double().T
+    assert float((base.double() - ref0).norm() / ref0.norm()) < 1e-2
+
+
+def test_mlps_that_keep_gate_ups_expand_say_why(AF):
+    class OtherMLP(torch.nn.Module):
+        pass
+
+    assert "OtherMLP is not one of" in AF.why_not(OtherMLP())
+
+    class LlamaMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj, self.act_fn = torch.nn.Linear(2, 4), torch.nn.GELU()
+
+    assert "activation GELU" in AF.why_not(LlamaMLP())
+
+
+def test_act_fusion_attaches_after_vllm_made_the_lora_layers_when_asked(AF, monkeypatch):
+    from vllm.lora.model_manager import LoRAModelManager
+
+    made, attached = [], []
+    monkeypatch.setattr(LoRAModelManager, "_create_lora_modules", lambda self: made.append(self), raising=False)
+    monkeypatch.delattr(LoRAModelManager, "_pd_act_fused", raising=False)
+    monkeypatch.setattr(AF, "attach", lambda model: attached.append(model))
+    assert AF.install() and AF.install()  # idempotent
+
+    class Manager:
+        model = object()
+
+    for env, want in (("0", []), ("1", [Manager.model])):
+        monkeypatch.setenv(AF.ENV, env)
+        attached.clear()
+        LoRAModelManager._create_lora_modules(Manager())
+        assert attached == want
+    assert len(made) == 2  # vLLM's own method ran first, each time

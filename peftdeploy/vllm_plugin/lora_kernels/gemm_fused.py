@@ -101,6 +101,8 @@ def apply_fused(layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch
         if bias is not getattr(layer.base_layer, "bias", None) or layer._pd_bias_ext is None:
             return None
         bias = layer._pd_bias_ext
+    if getattr(layer, "_pd_wide", False):  # the MLP's act_fn applies the LoRA expand (act_fused.py)
+        return torch.nn.functional.linear(x, ext, bias)
     n, max_loras, rank = layer._pd_gemm
     return layer.punica_wrapper.add_lora_gemm(x, ext, bias, n, layer.lora_b_stacked, max_loras, rank)
 

@@ -72,9 +72,22 @@ def _gemm_fake(x: torch.Tensor, ext: torch.Tensor, bias: Optional[torch.Tensor],
     return x.new_empty((x.shape[0], n))
 
 
+def _silu_impl(wide: torch.Tensor, lora_b: list[torch.Tensor], tiles: list[torch.Tensor], nl: int,
+               no_lora: torch.Tensor, inter: int, max_loras: int, rank: int, scale: float) -> torch.Tensor:
+    from .act_fused import lora_silu_mul
+
+    return lora_silu_mul(wide, lora_b, tiles, nl, inter, max_loras, rank, scale, no_lora=bool(no_lora.item()))
+
+
+def _silu_fake(wide: torch.Tensor, lora_b: list[torch.Tensor], tiles: list[torch.Tensor], nl: int,
+               no_lora: torch.Tensor, inter: int, max_loras: int, rank: int, scale: float) -> torch.Tensor:
+    return wide.new_empty((wide.shape[0], inter))
+
+
 def register_op() -> Any:
-    """Define ``torch.ops.peftdeploy.lora_linear`` (split kernels, in place) and ``lora_gemm`` (the shrink in
-    the base GEMM, see gemm_fused.py) once per process (CUDA and, for tests, CPU)."""
+    """Define ``torch.ops.peftdeploy.lora_linear`` (split kernels, in place), ``lora_gemm`` (the shrink in
+    the base GEMM, see gemm_fused.py) and ``lora_silu_mul`` (gate_up's expand in the activation, see
+    act_fused.py) once per process (CUDA and, for tests, CPU)."""
     global _LIB
     if _LIB is None:
         from torch.library import Library, infer_schema
@@ -82,11 +95,14 @@ def register_op() -> Any:
         lib = Library("peftdeploy", "FRAGMENT")
         lib.define("lora_linear" + infer_schema(_impl, mutates_args=["y"]))
         lib.define("lora_gemm" + infer_schema(_gemm_impl, mutates_args=()))
+        lib.define("lora_silu_mul" + infer_schema(_silu_impl, mutates_args=()))
         for dev in ("CUDA", "CPU"):
             lib.impl("lora_linear", _impl, dev)
             lib.impl("lora_gemm", _gemm_impl, dev)
+            lib.impl("lora_silu_mul", _silu_impl, dev)
         torch.library.register_fake("peftdeploy::lora_linear", _fake, lib=lib)
         torch.library.register_fake("peftdeploy::lora_gemm", _gemm_fake, lib=lib)
+        torch.library.register_fake("peftdeploy::lora_silu_mul", _silu_fake, lib=lib)
         _LIB = lib
     return torch.ops.peftdeploy.lora_linear
 
@@ -116,6 +132,10 @@ def _make_class() -> type:
 
             # vLLM's linear LoRA layers convert themselves when handed this wrapper (gemm_fused.py)
             self._pd_fuse_gemm = gemm_fused.enabled() and gemm_fused.install()
+            if self._pd_fuse_gemm:
+                from . import act_fused
+
+                act_fused.install()  # its MLPs are patched when PEFTDEPLOY_LORA_ACT_FUSE=1
             self._pd_meta = StepMetadata(max_num_batched_tokens, self.max_loras, device,
                                          {"token": self.token_mapping_meta, "prompt": self.prompt_mapping_meta})
 
@@ -165,6 +185,14 @@ def _make_class() -> type:
             return torch.ops.peftdeploy.lora_gemm(x, ext, bias, list(lora_b_stacked), self._pd_meta.tiles,
                                                   self._pd_meta.layout.nl, self.token_mapping_meta.no_lora_flag_cpu,
                                                   n, max_loras, rank, 1.0)
+
+        def add_lora_silu_mul(self, wide: torch.Tensor, lora_b_stacked: tuple[torch.Tensor, ...], inter: int,
+                              max_loras: int, rank: int) -> torch.Tensor:
+            """silu(gate)·up of a gate_up layer that returned its GEMM's wide output (act_fused.py)."""
+            return torch.ops.peftdeploy.lora_silu_mul(wide, list(lora_b_stacked), self._pd_meta.tiles,
+                                                      self._pd_meta.layout.nl,
+                                                      self.token_mapping_meta.no_lora_flag_cpu, inter, max_loras,
+                                                      rank, 1.0)
 
     PunicaWrapperPeftdeployGPU.__module__ = __name__
     PunicaWrapperPeftdeployGPU.__qualname__ = "PunicaWrapperPeftdeployGPU"

@@ -176,6 +176,31 @@ def _expand_kernel(y_ptr, x_ptr, a_ptr, a_off_ptr, b_ptr, b_off_ptr, p_ptr, tile
             tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
+@triton.jit
+def _gemm_rows(pid_m, tiles_ptr, CAP, GRID_M, T, BM: tl.constexpr):
+    """Rows of program `pid_m` of a kernel that writes every row of its output -> (adapter slot, or -2 for rows
+    without one; token index per row; row mask; live). The step's tiles first (GRID_M of them: adapters' and
+    BASE_TILE ones), then the rows past the tokens the step maps (CUDA-graph padding), BM at a time;
+    GRID_M = 0: every row from row 0 is a row without an adapter."""
+    offs_m = tl.arange(0, BM)
+    if pid_m < GRID_M:
+        lora = tl.load(tiles_ptr + pid_m)
+        n_rows = tl.load(tiles_ptr + CAP + pid_m)
+        rows = tl.load(tiles_ptr + 2 * CAP + pid_m.to(tl.int64) * BM + offs_m).to(tl.int64)
+        m_ok = offs_m < n_rows
+        live = lora != -1
+    else:  # padding rows (not in the step's mapping)
+        mapped = pid_m * 0
+        if GRID_M > 0:
+            mapped = tl.load(tiles_ptr + CAP * (2 + BM))
+        r0 = mapped + (pid_m - GRID_M) * BM
+        rows = (r0 + offs_m).to(tl.int64)
+        m_ok = rows < T
+        lora = mapped * 0 - 2  # BASE_TILE, as an int32 value like the other branch's
+        live = r0 < T
+    return lora, rows, m_ok, live
+
+
 # T (the step's rows) and GRID_M vary with every step: not specialized (Triton would compile a variant per
 # divisibility class while serving — seen on the H200 as "JIT compilation during inference")
 @triton.jit(do_not_specialize=["GRID_M", "T"])
@@ -189,21 +214,7 @@ def _gemm_expand_kernel(y_ptr, out_ptr, b_ptr, b_off_ptr, tiles_ptr, CAP, GRID_M
     tiles of tokens without one (BASE_TILE), then, past the tokens the step maps, CUDA-graph padding rows.
     USE_GDC (programmatic dependent launch, Hopper): the launch may begin while the GEMM finishes; the tile
     table (copied before the GEMM was queued) is read first, `out` only after the grid dependency wait."""
-    pid_m = tl.program_id(0)
-    offs_m = tl.arange(0, BM)
-    if pid_m < GRID_M:
-        lora = tl.load(tiles_ptr + pid_m)
-        n_rows = tl.load(tiles_ptr + CAP + pid_m)
-        rows = tl.load(tiles_ptr + 2 * CAP + pid_m.to(tl.int64) * BM + offs_m).to(tl.int64)
-        m_ok = offs_m < n_rows
-        live = lora != -1
-    else:  # padding rows (not in the step's mapping): copied
-        mapped = tl.load(tiles_ptr + CAP * (2 + BM))
-        r0 = mapped + (pid_m - GRID_M) * BM
-        rows = (r0 + offs_m).to(tl.int64)
-        m_ok = rows < T
-        lora = mapped * 0 - 2  # BASE_TILE, as an int32 value like the other branch's
-        live = r0 < T
+    lora, rows, m_ok, live = _gemm_rows(tl.program_id(0), tiles_ptr, CAP, GRID_M, T, BM)
     if USE_GDC:
         tl.extra.cuda.gdc_wait()  # everything below reads the GEMM's output
     if live:
