@@ -14,8 +14,9 @@ Evidence (same run, same machine; ratios to the merged model's output tokens/s):
   per-step metadata built on the host (no device read-back): peftdeploy's kernels 0.85, base traffic on
   the same server 0.99; vLLM's kernels 0.72 (merged 3285 out tok/s). Lease 5 (2026-12-03), the LoRA shrink
   inside the base GEMM (vllm_plugin/lora_kernels/gemm_fused.py): 0.91 (3 runs 0.90-0.91), base traffic 0.99;
-  lease 6 the same day 0.89 (0.92 / 0.89 / 0.89), vLLM's kernels 0.71; lease 7 0.88 (0.885 / 0.877 / 0.874).
-  The model uses 0.89, the median of the nine runs: a lone adapter is still merged (serving costs more than `MERGE_MARGIN`) and hybrid still wins
+  lease 6 the same day 0.89 (0.92 / 0.89 / 0.89), vLLM's kernels 0.71; lease 7 0.88 (0.885 / 0.877 / 0.874);
+  lease 8 (2026-12-07, an H100) 0.896 and 0.898 (six runs 0.895-0.899).
+  The model uses 0.89, the median of the H200's nine runs: a lone adapter is still merged (serving costs more than `MERGE_MARGIN`) and hybrid still wins
   only for nearly-all-one-adapter traffic: auto decides as with 0.85.
 * CPU, ``docs/bench/cpu/bench_lora_kernels_cpu.json`` (2026-12-02, the demo recipe, 8 streams, medians of 3):
   peftdeploy's kernels base traffic 0.99, 1 adapter 0.77, 3 adapters Zipf(1.0) 0.66; vLLM's in the same run
@@ -79,7 +80,8 @@ RATIOS: dict[str, dict[str, dict[str, Any]]] = {
     "cuda": {
         "vllm": {"idle": 0.99, "active": 0.71, "source": "docs/bench/gpu-h200.md (0.71 again in docs/bench/gpu-kernels.md)"},
         # leases 5-7 of 2026-12-03 (docs/bench/gpu-kernels.md): GEMM-fused LoRA, 8 adapters 0.91 / 0.89 / 0.88 (nine
-        # runs 0.87-0.92, median 0.89), base traffic 0.98-0.99; the split Triton kernels were 0.85 (lease 2), 0.84 (3)
+        # runs 0.87-0.92, median 0.89), base traffic 0.98-0.99; the split Triton kernels were 0.85 (lease 2), 0.84 (3);
+        # lease 8 (2026-12-07, H100) 0.896 / 0.898
         "peftdeploy": {"idle": 0.99, "active": 0.89, "source": "docs/bench/gpu-kernels.md"},
     },
     "cpu": {
