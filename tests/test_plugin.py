@@ -480,3 +480,65 @@ def test_cpu_fix_base_tokens_get_no_adapter() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_eviction_log_counts_real_evictions_only():
+    """The plugin's INFO lines about vLLM's LoRA caches, driven by vLLM's own AdapterLRUCache: a full CPU cache
+    and a full set of slots are evictions; vLLM clearing its warm-up dummy adapters at every start
+    (remove_all_adapters), an explicit unload (remove_adapter) and a slot freed because its adapter left the
+    CPU cache are not (lease 8's 64-adapter run logged 96 "evictions" at start-up, none of them real)."""
+    import logging
+
+    pytest.importorskip("vllm")
+    from vllm.lora.model_manager import AdapterLRUCache
+
+    from peftdeploy.vllm_plugin import _EvictionLog
+
+    handler = _EvictionLog()
+    lg = logging.getLogger("vllm.lora.model_manager")
+    old_level = lg.level
+    lg.setLevel(logging.DEBUG)
+    lg.addHandler(handler)
+    try:
+        active = AdapterLRUCache(2, lambda k: None)
+        active.deactivate_fn.__name__ = "_deactivate_adapter"
+
+        def deactivate_adapter(k):
+            if k in active:
+                active.pop(k)
+
+        cpu = AdapterLRUCache(3, deactivate_adapter)
+
+        def activate_adapter(k):  # vLLM's LRUCacheLoRAModelManager.activate_adapter on full slots
+            if k not in active and len(active) >= 2:
+                active.remove_oldest()
+            active[k] = k
+
+        def remove_oldest_adapter():  # the worker making room in a full CPU cache
+            cpu.remove_oldest()
+
+        def remove_adapter(k):  # an explicit unload
+            deactivate_adapter(k)
+            cpu.pop(k, None)
+
+        def remove_all_adapters():  # after the warm-up's dummy adapters, at every start
+            cpu.clear()
+            active.clear()
+
+        for k in (1, 2):
+            cpu[k] = k
+            activate_adapter(k)
+        remove_all_adapters()
+        assert handler.counts == {"cpu": 0, "gpu": 0}
+        for k in (1, 2, 3):
+            cpu[k] = k
+            activate_adapter(k)  # 3: slot pressure, 1 leaves the slots
+        assert handler.counts == {"cpu": 0, "gpu": 1}
+        remove_oldest_adapter()  # 1 leaves the CPU cache (not active any more)
+        remove_oldest_adapter()  # 2 leaves the CPU cache and, with it, its slot: one eviction, not two
+        assert handler.counts == {"cpu": 2, "gpu": 1}
+        remove_adapter(3)
+        assert handler.counts == {"cpu": 2, "gpu": 1}
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old_level)

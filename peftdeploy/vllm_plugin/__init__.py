@@ -147,6 +147,25 @@ def _is_api_process() -> bool:
 # --------------------------------------------------------------------------------------------
 # engine LoRA-cache evictions, made visible
 # --------------------------------------------------------------------------------------------
+def _eviction_kind(frames: list[tuple[str, str]]) -> str | None:
+    """Which eviction a "Removing adapter int id" record is, from the call chain that logged it (innermost
+    first: (function name, the deactivate_fn name of the AdapterLRUCache whose `_on_remove` it is, else "")).
+
+    "cpu": the CPU cache (deactivate_fn ``deactivate_adapter``) made room; "gpu": the active slots
+    (``_deactivate_adapter``) did. None for removals that are not evictions: vLLM clearing its warm-up dummy
+    adapters or resetting (``remove_all_adapters``: max_loras of each, twice, at every start), an explicit
+    unload (``remove_adapter``), and a slot freed because its adapter left the CPU cache (counted there)."""
+    names = [name for name, _ in frames]
+    if "remove_all_adapters" in names or "remove_adapter" in names:
+        return None
+    cache = next((fn for name, fn in frames if name == "_on_remove"), "")
+    if cache == "deactivate_adapter":
+        return "cpu"
+    if cache == "_deactivate_adapter":
+        return None if "deactivate_adapter" in names else "gpu"
+    return None
+
+
 class _EvictionLog(logging.Handler):
     """Turns vLLM's DEBUG "Removing adapter int id" records into one INFO line saying which cache."""
 
@@ -159,24 +178,24 @@ class _EvictionLog(logging.Handler):
             msg = record.getMessage()
             if not msg.startswith("Removing adapter int id"):
                 return
-            # Which AdapterLRUCache logged: the CPU cache (_registered_adapters, deactivate_fn
-            # deactivate_adapter) or the active slots (_active_adapters, deactivate_fn _deactivate_adapter).
-            which = "gpu"
+            # The CPU cache (_registered_adapters, deactivate_fn deactivate_adapter) or the active slots
+            # (_active_adapters, deactivate_fn _deactivate_adapter), and why: read from the call chain.
+            frames = []
             f = sys._getframe(0)
-            for _ in range(15):
+            for _ in range(20):
                 f = f.f_back
                 if f is None:
                     break
-                if f.f_code.co_name == "_on_remove":
-                    fn = getattr(f.f_locals.get("self"), "deactivate_fn", None)
-                    which = "cpu" if getattr(fn, "__name__", "") == "deactivate_adapter" else "gpu"
-                    break
+                fn = getattr(f.f_locals.get("self"), "deactivate_fn", None) if f.f_code.co_name == "_on_remove" else None
+                frames.append((f.f_code.co_name, getattr(fn, "__name__", "")))
+            which = _eviction_kind(frames)
+            if which is None:
+                return
+            self.counts[which] += 1
             if which == "cpu":
-                self.counts["cpu"] += 1
                 text = (f"peftdeploy: engine evicted LoRA int id {msg.rsplit(' ', 1)[-1]} from its CPU LoRA cache "
                         f"(max_cpu_loras full; {self.counts['cpu']} CPU evictions so far)")
             else:
-                self.counts["gpu"] += 1
                 text = (f"peftdeploy: engine swapped LoRA int id {msg.rsplit(' ', 1)[-1]} out of its active "
                         f"slots (max_loras full; {self.counts['gpu']} slot evictions so far)")
             _vllm_logger().info(text)
