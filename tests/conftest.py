@@ -45,6 +45,15 @@ if WORKERS > 1:
     _cores = _split(sorted(os.sched_getaffinity(0)), WORKER, WORKERS)
     if _cores:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, _cores)))
+    # torch/BLAS in a worker and in the processes it starts (PEFT references, merges, quantizers) use that
+    # worker's share of the cores: with as many OpenMP threads as the machine has cores, every parallel region
+    # waits for the thread the other worker's engine preempts (the PEFT reference of test_up_e2e: 65 s with 2
+    # threads beside a busy core, 29 s with 1; the tokens are the same).
+    _n = str(max(1, len(_cores)))
+    for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_k, _n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Tests of one module run on one worker (module fixtures start their servers once); modules that share a
 # session server are one group. Heaviest groups first, so the two workers finish together (measured

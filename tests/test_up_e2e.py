@@ -80,14 +80,14 @@ def _client(dep):
 
 # --------------------------------------------------------------------------------- references
 REF_SCRIPT = textwrap.dedent(r'''
-    import json, sys
+    import json, os, sys
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
 
     model_dir, adapters, prompts, chats, n = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \
         json.loads(sys.argv[4]), int(sys.argv[5])
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # one under xdist (conftest)
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = {}
     for name, path in [("__base__", None)] + list(adapters.items()):
