@@ -4,7 +4,7 @@ the outputs are exactly those of the PEFT/transformers reference (float32, greed
 Server starts (~1 min each here) are kept to three for the module:
   * serve:  recipes/demo.yaml with max_loras 1 (so more adapters are in flight than LoRA slots),
             started with `up --detach`; models, completions, chat, batching, status, port-in-use;
-  * merged: recipes/demo-merged.yaml (pirate merged) with `up --detach`;
+  * merged: recipes/demo-merged.yaml (pirate merged) with `up --detach`, vLLM eager (--enforce-eager);
   * Ctrl-C: a second, foreground `up` of the merge recipe: reports a merge cache hit, is ready, gets
             SIGINT, and leaves no process of its group behind.
 """
@@ -50,8 +50,8 @@ def recipes(tmp_path_factory, e2e_serve_recipe) -> dict[str, Path]:
         extends: {serve}
         name: e2e-merged
         policy: {{mode: merge, merge: {{adapters: [pirate]}}}}
-        serving: {{max_loras: auto}}
-        """))
+        serving: {{max_loras: auto, extra_args: {{enforce_eager: true}}}}
+        """))  # eager: the merged weights' tokens and the merge cache are the subject, not vLLM's compile (45-60 s)
     return {"serve": serve, "merged": merged}
 
 
