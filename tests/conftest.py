@@ -57,13 +57,13 @@ if WORKERS > 1:
 
 # Tests of one module run on one worker (module fixtures start their servers once); modules that share a
 # session server are one group. Heaviest groups first, so the two workers finish together (measured
-# durations, CI 2026-12-03); the rest keep their collection order (scripts/test.sh passes
+# durations, 2026-12-07); the rest keep their collection order (scripts/test.sh passes
 # --no-loadscope-reorder, else xdist orders groups by their number of tests). The groups are made by our
 # own scheduler, not by xdist_group marks: xdist 3.8 writes the group into `item._nodeid`, which pytest 9
 # no longer reads, so with pytest 9 `--dist loadgroup` spreads one module over both workers.
-SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve"}
-HEAVY_FIRST = ("e2e-serve", "test_fleet_e2e", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_quantize",
-               "test_plugin_e2e", "test_demo", "test_install", "test_bench", "test_guard")
+SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve", "test_bench": "e2e-serve"}
+HEAVY_FIRST = ("e2e-serve", "test_lora_kernels_cpu", "test_quantize", "test_fleet_e2e", "test_up_quantized_e2e",
+               "test_render_ray_e2e", "test_plugin_e2e", "test_demo", "test_install", "test_guard", "test_plan_vllm")
 
 
 def _group(nodeid: str) -> str:

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from peftdeploy.bench import report
-from tests.conftest import EAGER_LORA
 from peftdeploy.bench.client import RequestResult, RunResult, _Timer, completions_url
 from peftdeploy.bench.workload import (
     BASE,
@@ -201,35 +198,29 @@ def test_gpu_script_dry_run():
 
 
 # ------------------------------------------------------------------------------ end to end
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_bench_cli_against_demo_server(tmp_path):
-    """`peftdeploy bench` starts the demo recipe's server, sends a few requests, stops it."""
+def test_bench_cli_against_demo_server(tmp_path, e2e_serve):
+    """`peftdeploy bench --url` sends a few requests to a running deployment of the demo recipe: the session's
+    e2e-serve deployment (conftest; this module is in its xdist group), so no server of its own is started."""
     from peftdeploy.demo import demo_adapter_names
 
     names = [n for n in ("pirate", "json") if n in demo_adapter_names()]
     if not names:
         pytest.skip("no demo adapters in peftdeploy/data/adapters")
-    recipe = tmp_path / "bench.yaml"
+    assert set(names) <= set(e2e_serve.models)
+    recipe = tmp_path / "bench.yaml"  # the workload: adapters and traffic (the server is e2e-serve's)
     recipe.write_text(
         "apiVersion: peftdeploy/v1\nname: bench-e2e\nbackbone:\n  model: demo://smollm2-135m\n  dtype: float32\n"
         "  max_model_len: 1024\nadapters:\n" + "".join(f"  - name: {n}\n    source: demo://adapters/{n}\n" for n in names)
         + "policy:\n  mode: serve\n  traffic: {" + ", ".join(f"{n}: 0.4" for n in names) + ", base: 0.2}\n"
         "serving:\n  max_num_seqs: 8\n")
-    port = next((p for p in range(18240, 18250) if _free(p)), None)
-    if port is None:
-        pytest.skip("no free port in 18240-18249")
     out = tmp_path / "out"
     exe = shutil.which("peftdeploy", path=str(Path(sys.executable).parent)) or "peftdeploy"
     proc = subprocess.run(
-        [exe, "bench", str(recipe), "--port", str(port), "--concurrency", "4", "-n", "8", "--input-len", "16",
+        [exe, "bench", str(recipe), "--url", e2e_serve.base_url, "--concurrency", "4", "-n", "8", "--input-len", "16",
          "--output-len", "8", "--warmup", "2", "--out", str(out), "--json"],
-        capture_output=True, text=True, timeout=880, env={**os.environ, **EAGER_LORA},  # the client is the subject
+        capture_output=True, text=True, timeout=880,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout)
