@@ -90,11 +90,14 @@ def pytest_xdist_make_scheduler(config, log):
     return GroupScheduling(config, log)
 
 
-# Tests whose subject is not the served LoRA model's numerics or speed (the API-key guard, `bench`'s client, the
-# plugin's resolver, fleet routing, the demo's styles in vLLM) run it eagerly: with peftdeploy's CPU kernels the
-# LoRA model is compiled by default (lora_kernels/cpu_compile.py), about a minute per cold engine start on a loaded
-# CI core. The compiled path is what test_lora_kernels_cpu's e2e (against vLLM's kernels and PEFT), test_up_e2e's
-# e2e-serve (against PEFT) and test_hybrid (hybrid against e2e-serve) serve and check.
+# Tests whose subject is not the served LoRA model's numerics or speed (the API-key guard, the plugin's resolver,
+# fleet routing, the Ray Serve render) run it eagerly: with peftdeploy's CPU kernels the LoRA model is compiled by
+# default (lora_kernels/cpu_compile.py), about a minute per cold engine start on a loaded CI core. The compiled path
+# is what test_lora_kernels_cpu's e2e (against vLLM's kernels and PEFT; the demo's styles are read from its answers),
+# test_up_e2e's e2e-serve (against PEFT; `bench --url` runs on it too) and test_hybrid (hybrid against e2e-serve)
+# serve and check. Deployments without LoRA (merged, quantized, a fleet's merged engine) that vLLM would compile
+# itself run with serving.extra_args.enforce_eager where the compile is not the subject (test_up_e2e's merged,
+# test_up_quantized_e2e, test_fleet_e2e).
 EAGER_LORA = {"PEFTDEPLOY_LORA_COMPILE": "0"}
 
 

@@ -2,11 +2,11 @@
 engine of its own, json + shout on a multi-LoRA engine) behind vllm-router.
 
 The one test module that starts two vLLM engines at once (the product's behaviour: a fleet); both run the
-135M demo model with max_num_seqs 4. Every request through the router is answered by the engine of its
-model (each engine's own peftdeploy_requests_total says which one answered) with the greedy tokens of the
-PEFT/transformers reference; the router lists every model; `status` shows each group; a killed engine is
-reported by `status`, its models are refused by the router (an error, fast) while the others still answer;
-`down` leaves no process behind.
+135M demo model with max_num_seqs 4, vLLM-eager (serving.extra_args.enforce_eager added to the shipped
+recipe). Every request through the router is answered by the engine of its model (each engine's own
+peftdeploy_requests_total says which one answered) with the greedy tokens of the PEFT/transformers reference;
+the router lists every model; `status` shows each group; a killed engine is reported by `status`, its models
+are refused by the router (an error, fast) while the others still answer; `down` leaves no process behind.
 """
 from __future__ import annotations
 
@@ -69,13 +69,18 @@ def reference(demo_model_dir, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fleet(demo_model_dir):
+def fleet(demo_model_dir, tmp_path_factory):
+    # routing is the subject, not vLLM's compile: both engines eager (the merged pirate engine's compile is 25-60 s
+    # of the start here); the recipe is demo-fleet.yaml as shipped plus serving.extra_args.enforce_eager
+    recipe = tmp_path_factory.mktemp("fleet") / FLEET.name
+    recipe.write_text(f"apiVersion: peftdeploy/v1\nextends: {FLEET}\nserving: {{extra_args: {{enforce_eager: true}}}}\n")
     t0 = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # a test worker's own: the fleet binds its engines
+        for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            mp.delenv(k, raising=False)  # a test worker's own (conftest): the fleet binds its engines itself
         for k, v in EAGER_LORA.items():  # routing is the subject, not the LoRA model (conftest.EAGER_LORA)
             mp.setenv(k, v)
-        d = start_detached(FLEET, port=_free_run(), timeout=1200)
+        d = start_detached(recipe, port=_free_run(), timeout=1200)
     d.extra["up_seconds"] = time.monotonic() - t0
     yield d
     d.down()

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import EAGER_LORA
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +84,8 @@ def _run_smoke(smoke_dir: Path, *extra: str) -> tuple[dict, str, int]:
     """(report, log, exit code) of scripts/ray_serve_cpu_smoke.py; skips when it cannot run here."""
     report_path = smoke_dir / "report.json"
     cmd = [sys.executable, str(SCRIPT), "--json", str(report_path), "--work-dir", str(smoke_dir), *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **EAGER_LORA}  # the render under Ray Serve is the subject, not the LoRA model (conftest.EAGER_LORA)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
