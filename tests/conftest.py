@@ -62,8 +62,8 @@ if WORKERS > 1:
 # own scheduler, not by xdist_group marks: xdist 3.8 writes the group into `item._nodeid`, which pytest 9
 # no longer reads, so with pytest 9 `--dist loadgroup` spreads one module over both workers.
 SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve", "test_bench": "e2e-serve"}
-HEAVY_FIRST = ("e2e-serve", "test_lora_kernels_cpu", "test_quantize", "test_fleet_e2e", "test_up_quantized_e2e",
-               "test_render_ray_e2e", "test_plugin_e2e", "test_demo", "test_install", "test_guard", "test_plan_vllm")
+HEAVY_FIRST = ("e2e-serve", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_up_quantized_e2e", "test_quantize",
+               "test_plugin_e2e", "test_fleet_e2e", "test_guard", "test_plan_vllm", "test_install", "test_demo")
 
 
 def _group(nodeid: str) -> str:
