@@ -456,15 +456,13 @@ E2E_SCRIPT = textwrap.dedent(
         return out
 
 
-    def main():
+    def main():   # one engine: the kernels PEFTDEPLOY_LORA_KERNELS names (this process has it from the start)
         model, adapters, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \\
             int(sys.argv[4])
-        result = {}
-        for kernels in ("peftdeploy", "vllm"):   # the engine processes read it when they start
-            os.environ["PEFTDEPLOY_LORA_KERNELS"] = kernels
-            print(f"=== KERNELS {kernels}", flush=True)
-            result[kernels] = run(model, adapters, prompts, max_tokens)
-            print(f"=== END {kernels}", flush=True)
+        kernels = os.environ["PEFTDEPLOY_LORA_KERNELS"]
+        print(f"=== KERNELS {kernels}", flush=True)
+        result = {kernels: run(model, adapters, prompts, max_tokens)}
+        print(f"=== END {kernels}", flush=True)
         print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -487,12 +485,20 @@ def test_e2e_peftdeploy_kernels_equal_vllm_and_peft(tmp_path):
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(adapters),
-                           json.dumps(E2E_PROMPTS), str(E2E_MAX_TOKENS)],
-                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
-    log = proc.stdout + proc.stderr
-    res = next((json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert res is not None, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # one process per engine, the engine core inside it (VLLM_ENABLE_V1_MULTIPROCESSING=0: no engine-core and
+    # worker processes spawned, each importing vLLM again, ~25 s per engine here); `up` serves the compiled
+    # peftdeploy kernels with vLLM's processes in test_up_e2e (e2e-serve against PEFT)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    log, res = "", {}
+    for kernels in ("peftdeploy", "vllm"):
+        proc = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(adapters),
+                               json.dumps(E2E_PROMPTS), str(E2E_MAX_TOKENS)], cwd=str(tmp_path),
+                              env={**env, "PEFTDEPLOY_LORA_KERNELS": kernels}, capture_output=True, text=True,
+                              timeout=900)
+        log += proc.stdout + proc.stderr
+        r = next((json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert r is not None, f"{kernels}: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        res.update(r)
 
     # each engine says which kernels it runs: peftdeploy's by default, vLLM's with the env var
     ours, theirs = log.split("=== KERNELS vllm")[0], log.split("=== KERNELS vllm")[1]
