@@ -56,14 +56,17 @@ if WORKERS > 1:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Tests of one module run on one worker (module fixtures start their servers once); modules that share a
-# session server are one group. Heaviest groups first, so the two workers finish together (measured
-# durations, 2026-12-07); the rest keep their collection order (scripts/test.sh passes
-# --no-loadscope-reorder, else xdist orders groups by their number of tests). The groups are made by our
-# own scheduler, not by xdist_group marks: xdist 3.8 writes the group into `item._nodeid`, which pytest 9
-# no longer reads, so with pytest 9 `--dist loadgroup` spreads one module over both workers.
-SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve", "test_bench": "e2e-serve"}
-HEAVY_FIRST = ("e2e-serve", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_up_quantized_e2e", "test_quantize",
-               "test_plugin_e2e", "test_fleet_e2e", "test_guard", "test_plan_vllm", "test_install", "test_demo")
+# session server are one group (test_up_quantized_e2e too: its `up`s share the merged pirate cache entry with
+# test_up_e2e's merged deployments, and the Ctrl-C test's cache hit was once missed with them on two workers).
+# Heaviest groups first, so the two workers finish together (measured durations, 2026-12-07); the rest keep
+# their collection order (scripts/test.sh passes --no-loadscope-reorder, else xdist orders groups by their
+# number of tests). The groups are made by our own scheduler, not by xdist_group marks: xdist 3.8 writes the
+# group into `item._nodeid`, which pytest 9 no longer reads, so with pytest 9 `--dist loadgroup` spreads one
+# module over both workers.
+SHARED_GROUPS = {"test_up_e2e": "e2e-serve", "test_hybrid": "e2e-serve", "test_bench": "e2e-serve",
+                 "test_up_quantized_e2e": "e2e-serve"}
+HEAVY_FIRST = ("e2e-serve", "test_lora_kernels_cpu", "test_render_ray_e2e", "test_quantize", "test_plugin_e2e",
+               "test_fleet_e2e", "test_guard", "test_plan_vllm", "test_install", "test_demo")
 
 
 def _group(nodeid: str) -> str:
@@ -123,6 +126,25 @@ def free_e2e_port(exclude: set[int] = frozenset()) -> int:
         finally:
             s.close()
     raise RuntimeError(f"no free port in {E2E_PORTS.start}-{E2E_PORTS.stop - 1}")
+
+
+def free_e2e_port_run(n: int) -> int:
+    """A port p with p .. p+n-1 all free, in the e2e range (a fleet's router and engines take consecutive ports:
+    free_e2e_port alone may give a p whose p+1 is this worker's session server)."""
+    def free(q: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", q))
+                return True
+            except OSError:
+                return False
+
+    starts = list(range(E2E_PORTS.start, E2E_PORTS.stop - n + 1))
+    random.Random(os.getpid()).shuffle(starts)
+    for p in starts:
+        if all(free(q) for q in range(p, p + n)):
+            return p
+    raise RuntimeError(f"no {n} consecutive free ports in {E2E_PORTS.start}-{E2E_PORTS.stop - 1}")
 
 
 def peftdeploy_cmd(*args: str) -> list[str]:

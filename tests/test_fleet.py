@@ -279,7 +279,7 @@ def test_foreground_fleet_restarts_a_dead_engine(tmp_path, demo_model_dir, monke
 
     from peftdeploy.demo import demo_cache_dir
     from peftdeploy.launch import state as st
-    from tests.conftest import free_e2e_port
+    from tests.conftest import free_e2e_port_run
     from tests.test_launch import FAKE
 
     (tmp_path / "fake.py").write_text(FAKE)
@@ -287,7 +287,7 @@ def test_foreground_fleet_restarts_a_dead_engine(tmp_path, demo_model_dir, monke
     calls = tmp_path / "registered.jsonl"
     env = dict(os.environ, PYTHONPATH=str(ROOT), PEFTDEPLOY_DEMO_DIR=str(demo_cache_dir()))  # the built demo
     monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))  # the state files the driver writes
-    port = free_e2e_port()
+    port = free_e2e_port_run(3)  # the router and the two engines' ports
     up = subprocess.Popen([sys.executable, str(tmp_path / "up.py"), str(tmp_path / "fake.py"), str(calls),
                            str(DEMO_FLEET), str(port)], env={**env, "PEFTDEPLOY_CACHE": str(tmp_path / "cache")},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -357,7 +357,7 @@ def test_foreground_fleet_router_death_is_a_runtime_failure(tmp_path, demo_model
 
     from peftdeploy.demo import demo_cache_dir
     from peftdeploy.launch import state as st
-    from tests.conftest import free_e2e_port
+    from tests.conftest import free_e2e_port_run
     from tests.test_launch import FAKE
 
     (tmp_path / "fake.py").write_text(FAKE)
@@ -366,7 +366,7 @@ def test_foreground_fleet_router_death_is_a_runtime_failure(tmp_path, demo_model
                PEFTDEPLOY_CACHE=str(tmp_path / "cache"))
     monkeypatch.setenv("PEFTDEPLOY_CACHE", str(tmp_path / "cache"))
     up = subprocess.Popen([sys.executable, str(tmp_path / "up.py"), str(tmp_path / "fake.py"),
-                           str(tmp_path / "registered.jsonl"), str(DEMO_FLEET), str(free_e2e_port())], env=env,
+                           str(tmp_path / "registered.jsonl"), str(DEMO_FLEET), str(free_e2e_port_run(3))], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     s = None
     try:
