@@ -16,7 +16,7 @@ Fast (tiny random Llama, no vLLM):
 Slow (CPU vLLM with the demo assets, float32): `up --detach recipes/demo-hybrid.yaml` gives, for every
 model name, the greedy tokens of the plain unmerged deployment (the session's e2e serve deployment
 from conftest, shared with test_up_e2e.py). (`up --detach` of demo-int8 and demo-w4a16:
-tests/test_up_quantized_e2e.py, which needs no plain deployment and so runs on either xdist worker.)
+tests/test_up_quantized_e2e.py, the same xdist group.)
 """
 from __future__ import annotations
 

@@ -310,6 +310,8 @@ def test_second_up_cache_hit_and_ctrl_c(merged, recipes):
     rec = recipes["merged"].with_name("e2e-merged-2.yaml")
     rec.write_text(f"apiVersion: peftdeploy/v1\nextends: {recipes['merged']}\nname: e2e-merged-2\n")
     errf = rec.with_suffix(".err")
+    # a state file left by an earlier session killed mid-test would read as this `up` being ready: clear it
+    subprocess.run(peftdeploy_cmd("down", "e2e-merged-2"), env=cli_env(), capture_output=True, timeout=120)
     with open(errf, "w") as err:
         up = subprocess.Popen(peftdeploy_cmd("up", str(rec), "--port", str(port)), env=cli_env(),
                               stdout=subprocess.PIPE, stderr=err, text=True)

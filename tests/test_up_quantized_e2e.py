@@ -1,8 +1,8 @@
 """Slow (CPU vLLM with the demo assets): `up --detach` of the offline-quantized merge recipes (issue 6),
 demo-int8 and demo-w4a16, answers through the OpenAI API.
 
-Moved from tests/test_hybrid.py (same assertions): it needs no plain deployment, so it is a group of its
-own and runs on whichever xdist worker is free. Each recipe is served as the repo ships it, with
+Moved from tests/test_hybrid.py (same assertions); in the e2e-serve xdist group (conftest) like it, because
+its `up`s share the merged pirate cache entry with test_up_e2e's merged deployments. Each recipe is served as the repo ships it, with
 ``serving.extra_args: {enforce_eager: true}`` added: what is checked is that the quantized checkpoint
 `up` materializes serves and answers (and carries LoRA adapters for w4a16), not vLLM's compile of the
 model, which costs 45-90 s per start here (compiled serving: test_lora_kernels_cpu, e2e-serve, test_hybrid).
