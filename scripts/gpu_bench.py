@@ -562,16 +562,18 @@ def main() -> int:
     many_names = tuple(f"l{i}" for i in range(a.many))
     zm = f"{a.many} adapters Zipf({a.zipf:g})"
 
+    def with_flag(plan: str, flag: str, value: int, env: dict) -> LaunchSpec:
+        # the planner's spec for `plan` with one flag's value replaced, in `env`
+        sp = with_env(plans[plan]["spec"], **env)
+        return dataclasses.replace(sp, args=tuple((k, str(value) if k == flag else v) for k, v in sp.args))
+
     def many_ml8(env: dict) -> LaunchSpec:
         # the setting: all adapters listed, max_loras 8, max_cpu_loras 16
-        sp = plans["many_ml8"]["spec"]
-        sp = with_env(sp, **env)
-        return dataclasses.replace(sp, args=tuple((k, "16" if k == "--max-cpu-loras" else v) for k, v in sp.args))
+        return with_flag("many_ml8", "--max-cpu-loras", 16, env)
 
     def many_slots(n: int, env: dict) -> LaunchSpec:
         # all adapters listed, the planner's max_cpu_loras, max_loras n (fewer distinct adapters per step)
-        sp = with_env(plans["many_auto"]["spec"], **env)
-        return dataclasses.replace(sp, args=tuple((k, str(n) if k == "--max-loras" else v) for k, v in sp.args))
+        return with_flag("many_auto", "--max-loras", n, env)
 
     PDL = {"PEFTDEPLOY_LORA_PDL": "1"}
     catalog.update({
