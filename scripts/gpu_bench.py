@@ -388,12 +388,14 @@ def _stop_current(*_: object) -> None:
         sys.exit(143)
 
 
+FUSED_ENV = {"PEFTDEPLOY_LORA_ACT_FUSE": "1", "PEFTDEPLOY_LORA_NORM_FUSE": "1"}
 EST_S = {"graphs": 140, "agreement": 110, "profile": 170}  # start + measurements, for the deadline check
 DONE = Path("/tmp/gpu_bench_done.txt")  # servers measured by an earlier call on this (still warm) machine  # start + measurements, for the deadline check
 SERVERS = ("merged", "plain", "hybrid", "tuned", "hybrid_tuned", "ds", "sp", "ml4", "mnbt2k", "agreement",
            "profile", "plain_base", "plain_vllm", "plain_pd", "plain_pd_base", "many_ml8_vllm", "many_ml8_pd",
            "many_auto_pd", "many_auto_vllm", "profile_pd", "profile_vllm", "profile_merged", "kagree", "pd_mix",
-           "pd_ds", "plain_pd_pdl", "plain_pd_act", "kagree_act", "many_auto_pd_act", "many_ml16_pd", "many_ml24_pd", "many_ml32_pd")
+           "pd_ds", "plain_pd_pdl", "plain_pd_act", "plain_pd_fused", "kagree_fused",
+           "many_auto_pd_fused", "many_ml16_pd", "many_ml24_pd", "many_ml32_pd")
 
 
 def main() -> int:
@@ -588,6 +590,11 @@ def main() -> int:
                          lambda: with_env(plain, **PDK, PEFTDEPLOY_LORA_ACT_FUSE="1"), ml,
                          [(f"multi-LoRA, peftdeploy kernels + gate_up expand in the activation, {zl}", zipf)],
                          "graphs"),
+        "plain_pd_fused": (f"multi-LoRA, peftdeploy's kernels with PEFTDEPLOY_LORA_ACT_FUSE=1 and "
+                           f"PEFTDEPLOY_LORA_NORM_FUSE=1, max_loras {ml}",
+                           lambda: with_env(plain, **PDK, **FUSED_ENV), ml,
+                           [(f"multi-LoRA, peftdeploy kernels + expands in the activation and the norms, {zl}",
+                             zipf)], "graphs"),
         "plain_vllm": (f"multi-LoRA, vLLM's kernels (PEFTDEPLOY_LORA_KERNELS=vllm), max_loras {ml}",
                        lambda: with_env(plain, **VK), ml, [(f"multi-LoRA, vLLM kernels, {zl}", zipf)], "graphs"),
         "plain_pd": (f"multi-LoRA, peftdeploy's kernels (PEFTDEPLOY_LORA_KERNELS=peftdeploy), max_loras {ml}",
@@ -615,12 +622,14 @@ def main() -> int:
                            "profile"),
         "kagree": ("bf16 greedy agreement, 4-layer real-random-weights model, eager: vLLM vs peftdeploy kernels",
                    None, ml, [], "agreement"),
-        "kagree_act": ("bf16 greedy agreement as kagree, peftdeploy kernels with PEFTDEPLOY_LORA_ACT_FUSE=1",
-                       None, ml, [], "agreement"),
-        "many_auto_pd_act": (f"{a.many} adapters, planner auto sizing, peftdeploy kernels + PEFTDEPLOY_LORA_ACT_FUSE=1",
-                             lambda: with_env(plans["many_auto"]["spec"], **PDK, PEFTDEPLOY_LORA_ACT_FUSE="1"), None,
-                             [(f"{zm}, planner auto, peftdeploy kernels + gate_up expand in the activation",
-                               many_names)], "graphs"),
+        "kagree_fused": ("bf16 greedy agreement as kagree, peftdeploy kernels with the expands in the activation "
+                         "and the norms (PEFTDEPLOY_LORA_ACT_FUSE=1 PEFTDEPLOY_LORA_NORM_FUSE=1)", None, ml, [],
+                         "agreement"),
+        "many_auto_pd_fused": (f"{a.many} adapters, planner auto sizing, peftdeploy kernels + the expands in the "
+                               "activation and the norms",
+                               lambda: with_env(plans["many_auto"]["spec"], **PDK, **FUSED_ENV), None,
+                               [(f"{zm}, planner auto, peftdeploy kernels + expands in activation and norms",
+                                 many_names)], "graphs"),
         "pd_mix": (f"multi-LoRA, peftdeploy's kernels, max_loras {ml}: {zl}, then base traffic only on the same server",
                    lambda: with_env(plain, **PDK), ml,
                    [(f"multi-LoRA, peftdeploy kernels, {zl}", zipf),
@@ -684,9 +693,9 @@ def main() -> int:
                 t1 = time.time()
                 build_deltas(lora_dir, names, delta_dir)
                 log(f"delta adapters ready in {time.time() - t1:.0f} s")
-            if tag in ("kagree", "kagree_act"):
+            if tag in ("kagree", "kagree_fused"):
                 key = "kernel_agreement" + tag[len("kagree"):]
-                result[key] = run_kernel_agreement(a, exe, out, logs, act=tag == "kagree_act")
+                result[key] = run_kernel_agreement(a, exe, out, logs, fused=tag == "kagree_fused")
                 save()
                 pack_logs()
                 continue
@@ -1034,11 +1043,11 @@ def run_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: 
 
 
 def run_kernel_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path, logs: list[Path],
-                         act: bool = False) -> dict:
-    """bf16 greedy tokens of the same LoRA server with vLLM's kernels and with peftdeploy's (with `act`:
-    gate_up's expand inside the activation, PEFTDEPLOY_LORA_ACT_FUSE=1), for the bare backbone and every
-    adapter, 16 requests in flight, on the 4-layer real-random-weights model (eager); the noise floor is
-    vLLM's own server batched (16 in flight) vs alone (1 in flight)."""
+                         fused: bool = False) -> dict:
+    """bf16 greedy tokens of the same LoRA server with vLLM's kernels and with peftdeploy's (with `fused`:
+    the expands inside the activation and the norms, FUSED_ENV), for the bare backbone and every adapter,
+    16 requests in flight, on the 4-layer real-random-weights model (eager); the noise floor is vLLM's own
+    server batched (16 in flight) vs alone (1 in flight)."""
     t0 = time.time()
     assets = make_small_assets(Path("/tmp/agree"), a.n_loras, a.rank)
     names = [f"l{i}" for i in range(a.n_loras)]
@@ -1051,14 +1060,14 @@ def run_kernel_agreement(a: argparse.Namespace, exe: tuple[str, ...], out: Path,
             *((f"{n}={assets['loras'] / f'lora{i}'}", None) for i, n in enumerate(names)))
     outs: dict[str, dict[str, list]] = {}
     res: dict = {"prompts": len(prompts), "max_tokens": 48, "max_loras": 4, "adapters": len(names),
-                 "act_fuse": act, "note": "eager, bf16, greedy; 8 adapters over 4 slots + base, 16 in flight"}
+                 "fused": fused, "note": "eager, bf16, greedy; 8 adapters over 4 slots + base, 16 in flight"}
     for tag in ("vllm", "peftdeploy"):
         spec = LaunchSpec(recipe_name="kagree", recipe_hash="-", mode="serve", model=str(assets["model"]),
                           model_source="random", served_model_name="base", host="127.0.0.1", port=a.port,
                           device="cuda", args=args,
                           env=(("PEFTDEPLOY_LORA_KERNELS", tag),
-                               *((("PEFTDEPLOY_LORA_ACT_FUSE", "1"),) if act and tag == "peftdeploy" else ())))
-        srv = Server(spec, log_path=Path("/tmp") / f"vllm_kagree{'_act' if act else ''}_{tag}.log", executable=exe, ready_timeout_s=240)
+                               *(tuple(FUSED_ENV.items()) if fused and tag == "peftdeploy" else ())))
+        srv = Server(spec, log_path=Path("/tmp") / f"vllm_kagree{'_fused' if fused else ''}_{tag}.log", executable=exe, ready_timeout_s=240)
         logs.append(srv.log_path)
         _current[0] = srv
         try:

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from peftdeploy.vllm_plugin.lora_kernels import act_fused as AF  # noqa: E402
+from peftdeploy.vllm_plugin.lora_kernels import norm_fused as NF  # noqa: E402
 from peftdeploy.vllm_plugin.lora_kernels import triton_ops as O  # noqa: E402
 
 SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
@@ -378,6 +379,22 @@ def gemm_main(a: argparse.Namespace) -> int:
                        "finite": bool(torch.isfinite(act).all())}
                 res["check"].append(row)
                 log(f"check {row}")
+            if len(widths) == 1:  # o / down: the expand inside the residual add + RMSNorm after the layer
+                g = torch.Generator(device=dev).manual_seed(T)
+                resid = torch.randn(T, widths[0], generator=g, device=dev).to(dtype)
+                nw = (1 + 0.2 * torch.randn(widths[0], generator=g, device=dev)).to(dtype)
+                wide = torch.nn.functional.linear(x, ly.ext)
+                nout, _ = NF.lora_add_rms_norm(wide, resid, ly.B[0], nw, 1e-5, full.to(torch.int32),
+                                              torch.tensor([mapped], device=dev), R)
+                nref, _ = NF.reference(wide, resid, ly.B[0], nw, 1e-5, full)
+                nplain, _ = NF.reference(wide, resid, ly.B[0], nw, 1e-5, torch.full_like(full, -1))
+                nd = (nref - nplain)[~no].norm()
+                row = {"shape": name + "+add_rms_norm", "T": T, "pdl": False,
+                       "rel_err": float((nout.double() - nref)[~no].norm() / nd) if nd > 0 else 0.0,
+                       "base_rows_max_abs": float((nout.double()[no] - nref[no]).abs().max()) if no.any() else 0.0,
+                       "finite": bool(torch.isfinite(nout).all())}
+                res["check"].append(row)
+                log(f"check {row}")
     bad = [r for r in res["check"] if r["rel_err"] > 1e-2 or r["base_rows_max_abs"] > 0.1 or not r["finite"]]
     log(f"check: {len(res['check'])} cases, {len(bad)} bad")
     save()
@@ -457,6 +474,33 @@ def gemm_main(a: argparse.Namespace) -> int:
                     f"{_least(row['act_unfused_us'], row['act_unfused2_us']) - row['act_base_us']:.1f}, "
                     f"expand in the activation + "
                     f"{_least(row['act_fused_us'], row['act_fused2_us']) - row['act_base_us']:.1f}")
+            if len(widths) == 1:  # o / down + vLLM's fused_add_rms_norm after it (norm_fused.py)
+                H = widths[0]
+                resid = torch.randn(T, H, device=dev).to(dtype)
+                nw = torch.ones(H, device=dev, dtype=dtype)
+                tmap, cnt = slots.to(torch.int32), torch.tensor([T], device=dev)
+
+                def norm_base(y, x, ly):  # the merged model: GEMM, then the residual add + RMSNorm
+                    NF.lora_add_rms_norm(torch.nn.functional.linear(x, ly.W), resid, ly.B[0], nw, 1e-5, tmap, cnt, R,
+                                         no_lora=True)
+
+                def norm_unfused(y, x, ly):  # GEMM-fused LoRA, then the norm
+                    yy = O.lora_gemm(x, ly.ext, None, ly.n, ly.B, tiles, nl, L, R, 1.0)
+                    NF.lora_add_rms_norm(yy, resid, ly.B[0], nw, 1e-5, tmap, cnt, R, no_lora=True)
+
+                def norm_fused(y, x, ly):  # the wide GEMM output straight into the fused norm
+                    NF.lora_add_rms_norm(torch.nn.functional.linear(x, ly.ext), resid, ly.B[0], nw, 1e-5, tmap,
+                                         cnt, R)
+
+                row["norm_base_us"] = time_layers(norm_base, y, x, layers)
+                row["norm_unfused_us"] = time_layers(norm_unfused, y, x, layers)
+                row["norm_fused_us"] = time_layers(norm_fused, y, x, layers)
+                row["norm_fused2_us"] = time_layers(norm_fused, y, x, layers)
+                row["norm_unfused2_us"] = time_layers(norm_unfused, y, x, layers)
+                log(f"  {name} + add·RMSNorm T={T}: merged {row['norm_base_us']:.1f} µs; LoRA GEMM-fused + "
+                    f"{_least(row['norm_unfused_us'], row['norm_unfused2_us']) - row['norm_base_us']:.1f}, "
+                    f"expand in the norm + "
+                    f"{_least(row['norm_fused_us'], row['norm_fused2_us']) - row['norm_base_us']:.1f}")
             res["rows"].append(row)
             log(f"{name} T={T} slots={L}: base {row['base_us']:.1f} µs, +split {row['split_us'] - row['base_us']:.1f}, "
                 f"+fused {row.get('fused_us', float('nan')) - row['base_us']:.1f} (default config "

@@ -603,21 +603,250 @@ def test_mlps_that_keep_gate_ups_expand_say_why(AF):
     assert "activation GELU" in AF.why_not(LlamaMLP())
 
 
-def test_act_fusion_attaches_after_vllm_made_the_lora_layers_when_asked(AF, monkeypatch):
+def test_act_and_norm_fusion_attach_after_vllm_made_the_lora_layers_when_asked(AF, NF, monkeypatch):
     from vllm.lora.model_manager import LoRAModelManager
 
     made, attached = [], []
     monkeypatch.setattr(LoRAModelManager, "_create_lora_modules", lambda self: made.append(self), raising=False)
     monkeypatch.delattr(LoRAModelManager, "_pd_act_fused", raising=False)
-    monkeypatch.setattr(AF, "attach", lambda model: attached.append(model))
+    monkeypatch.setattr(AF, "attach", lambda model: attached.append(("act", model)))
+    monkeypatch.setattr(NF, "attach", lambda model: attached.append(("norm", model)))
     assert AF.install() and AF.install()  # idempotent
 
     class Manager:
         model = object()
 
-    for env, want in (("0", []), ("1", [Manager.model])):
-        monkeypatch.setenv(AF.ENV, env)
+    m = Manager.model
+    for act, norm, want in (("0", "0", []), ("1", "0", [("act", m)]), ("0", "1", [("norm", m)]),
+                            ("1", "1", [("act", m), ("norm", m)])):
+        monkeypatch.setenv(AF.ENV, act)
+        monkeypatch.setenv(NF.ENV, norm)
         attached.clear()
         LoRAModelManager._create_lora_modules(Manager())
         assert attached == want
-    assert len(made) == 2  # vLLM's own method ran first, each time
+    assert len(made) == 4  # vLLM's own method ran first, each time
+
+
+# ------------------------------------------------------------------ o / down's expand inside the next norm
+@pytest.fixture(scope="module")
+def NF(O):
+    from peftdeploy.vllm_plugin.lora_kernels import norm_fused
+
+    return norm_fused
+
+
+def _norm_case(O, *, T, K, H, R, L, mapped, seed):
+    x, W, _, ext, _, A, B, slots = _gemm_case(O, T=T, K=K, widths=(H,), R=R, L=L, mapped=mapped, bias=False,
+                                              seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    residual = torch.randn(T, H, generator=g).to(x.dtype)
+    weight = (1 + 0.2 * torch.randn(H, generator=g)).to(x.dtype)
+    stale = torch.randint(-1, L, (T - mapped,), generator=g, dtype=torch.int32)  # a padded graph's rows
+    mapping = torch.cat([slots.to(torch.int32), stale, torch.full((8,), 3, dtype=torch.int32)])
+    return x, W, ext, A, B, slots, residual, weight, mapping
+
+
+@pytest.mark.parametrize("shape", [(37, 64, 96, 16, 4, 33), (20, 48, 600, 32, 8, 20), (9, 32, 40, 8, 2, 5),
+                                   (3, 40, 64, 16, 1, 3)],
+                         ids=["padded", "h600-r32", "r8-padded", "one-slot"])
+@pytest.mark.parametrize("sms", [132, 8, 2], ids=["row-per-program", "rows-per-program", "16-rows-per-program"])
+def test_add_rms_norm_fused_matches_reference(O, NF, shape, sms, monkeypatch):
+    """vLLM's fused_add_rms_norm after a row-parallel layer, each token's LoRA added inside the norm's launch from
+    the layer's wide GEMM output: adapter tokens, base tokens, and CUDA-graph padding rows past the step's
+    mapping (stale slots there are ignored); one row per program (decode) or several rows of mixed adapters."""
+    monkeypatch.setattr(NF, "SMS", sms)
+    T, K, H, R, L, mapped = shape
+    assert NF.rows_per_program(T) == min(16, NF._pow2(max(1, T // sms)))
+    x, W, ext, A, B, slots, residual, weight, mapping = _norm_case(O, T=T, K=K, H=H, R=R, L=L, mapped=mapped,
+                                                                   seed=T + H)
+    wide = torch.nn.functional.linear(x, ext)
+    out, res = NF.lora_add_rms_norm(wide, residual, B[0], weight, 1e-5, mapping, torch.tensor([mapped]), R, 0.5)
+    full = torch.cat([slots, torch.full((T - mapped,), -1)])
+    ref, ref_res = NF.reference(wide, residual, B[0], weight, 1e-5, full, 0.5)
+    plain, _ = NF.reference(wide, residual, B[0], weight, 1e-5, torch.full((T,), -1), 0.5)
+    assert out.shape == res.shape == (T, H) and torch.isfinite(out).all() and torch.isfinite(res).all()
+    assert float((res.double() - ref_res).abs().max()) <= 2e-3 * float(ref_res.abs().max())
+    no = full < 0
+    assert float((out.double()[no] - ref[no]).abs().max()) < 2e-2
+    if (~no).any():
+        err = float((out.double()[~no] - ref[~no]).norm() / (ref - plain)[~no].norm())
+        assert err < 2e-2, err
+
+
+def test_add_rms_norm_fused_equals_the_unfused_layer_then_vllms_norm(O, NF):
+    """The same result as the GEMM-fused layer's output (lora_gemm) followed by vLLM's own RMSNorm with a
+    residual, to a unit in the last place; a step without adapter tokens is vLLM's norm of the wide output's
+    first H columns."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    with set_current_vllm_config(VllmConfig()):  # vLLM's CustomOps read it
+        T, K, H, R, L = 29, 64, 128, 16, 4
+        x, W, ext, A, B, slots, residual, weight, mapping = _norm_case(O, T=T, K=K, H=H, R=R, L=L, mapped=T,
+                                                                       seed=3)
+        tiles, nl = O.make_tiles(slots, L)
+        norm = RMSNorm(H, eps=1e-5)
+        norm.weight.data = weight.clone()
+        wide = torch.nn.functional.linear(x, ext)
+        y = O.lora_gemm(x, ext, None, H, B, tiles, nl, L, R, 1.0)
+        ref_out, ref_res = norm.forward_native(y.clone(), residual.clone())
+        out, res = NF.lora_add_rms_norm(wide, residual, B[0], weight, 1e-5, mapping, torch.tensor([T]), R, 1.0)
+        ulp = 2 ** -10  # float16
+        assert float((res.float() - ref_res.float()).abs().max()) <= ulp * float(ref_res.abs().max())
+        assert float((out.float() - ref_out.float()).abs().max()) <= 2 * ulp * float(ref_out.abs().max())
+        b_out, b_res = NF.lora_add_rms_norm(wide, residual, B[0], weight, 1e-5, mapping, torch.tensor([T]), R,
+                                            no_lora=True)
+        r_out, r_res = norm.forward_native(wide[:, :H].contiguous(), residual.clone())
+        assert torch.equal(b_res, r_res)
+        assert float((b_out.float() - r_out.float()).abs().max()) <= 2 * ulp * float(r_out.abs().max())
+
+
+@pytest.mark.parametrize("attach", [True, False], ids=["norm-fused", "gemm-fused"])
+def test_vllm_decoder_layers_run_o_and_down_expand_in_the_next_norm(O, NF, wrapper_cls, vllm_tp1, attach,
+                                                                    monkeypatch):
+    """Three decoder layers run by vLLM's own LlamaDecoderLayer.forward (attention and MLP reduced to their
+    o_proj / down_proj, real LoRA layers on peftdeploy's wrapper, vLLM's RMSNorms) and the model's final norm:
+    attach() gives each post-attention norm, each next layer's input norm and the final norm the fused launch
+    (o_proj / down_proj then return their GEMM's wide output), and the result equals the float64 reference
+    of base + each token's adapters; the first layer's input norm keeps vLLM's."""
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora import layers as LL
+    from vllm.lora.layers import LoRAMapping
+    from vllm.model_executor.layers.layernorm import RMSNorm
+    from vllm.model_executor.layers.linear import RowParallelLinear
+    from vllm.model_executor.models.llama import LlamaDecoderLayer as VllmDecoder
+
+    cls, _ = wrapper_cls
+    L, R, T, H, N = 4, 16, 21, 64, 3
+    monkeypatch.setattr(O, "GEMM_MAX_SHARE", 4.0)  # tiny layers
+    dt = torch.float16
+    g = torch.Generator().manual_seed(13)
+    w = _wrapper(cls, L, 64)
+
+    def row_lora():
+        torch.set_default_dtype(dt)
+        try:
+            base = RowParallelLinear(H, H, bias=False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(H, H, generator=g) / H ** 0.5)
+        layer = LL.RowParallelLinearWithLoRA(base)
+        layer.create_lora_weights(L, LoRAConfig(max_loras=L, max_lora_rank=R, lora_dtype=dt))
+        layer.set_mapping(w)
+        assert layer._pd_ext is not None
+        return layer
+
+    def rms():
+        n = RMSNorm(H, eps=1e-5).to(dt)
+        n.weight.data = (1 + 0.2 * torch.randn(H, generator=g)).to(dt)
+        return n
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.o_proj = row_lora()
+
+        def forward(self, positions, hidden_states):
+            out, _ = self.o_proj(hidden_states)
+            return out
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down_proj = row_lora()
+
+        def forward(self, x):
+            x, _ = self.down_proj(torch.nn.functional.silu(x))
+            return x
+
+    class LlamaDecoderLayer(torch.nn.Module):  # vLLM's forward, on these parts
+        forward = VllmDecoder.forward
+
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm, self.self_attn = rms(), Attn()
+            self.post_attention_layernorm, self.mlp = rms(), MLP()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(LlamaDecoderLayer() for _ in range(N))
+            self.norm = rms()
+
+        def forward(self, h):
+            residual = None
+            for layer in self.layers:
+                h, residual = layer(None, h, residual)
+            h, _ = self.norm(h, residual)
+            return h
+
+    model = Model()
+    adapters = {}
+    for layer in model.layers:
+        for prod in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            for slot in (1, 2):
+                a = (torch.randn(R, H, generator=g) / H ** 0.5).half()
+                b = (torch.randn(H, R, generator=g) / R ** 0.5).half()
+                prod.set_lora(slot, a, b)
+                adapters[(id(prod), slot)] = (a, b)
+    if attach:
+        assert NF.attach(model) == 2 * N
+        assert not isinstance(model.layers[0].input_layernorm, NF.LoRAAddRMSNorm)
+        assert all(isinstance(layer.post_attention_layernorm, NF.LoRAAddRMSNorm) for layer in model.layers)
+        assert all(isinstance(layer.input_layernorm, NF.LoRAAddRMSNorm) for layer in model.layers[1:])
+        assert isinstance(model.norm, NF.LoRAAddRMSNorm) and model.norm.weight is model.norm.norm.weight
+        assert not any("_producer" in n for n, _ in model.named_modules())
+    ids = [None, 11, 12, None]
+    index = [[11, 0, 12, 12, 11][t % 5] for t in range(T)]
+    w.update_metadata(LoRAMapping(tuple(index), tuple(index)), ids, L, 32000)
+    x = torch.randn(T, H, generator=g).half()
+    calls, orig = [], w.add_lora_rms_norm
+    w.add_lora_rms_norm = lambda *a, **k: calls.append(a[0].shape) or orig(*a, **k)
+    out = model(x)
+    assert calls == ([(T, H + L * R)] * (2 * N) if attach else [])
+
+    def ref_norm(v, n):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * n.weight.double()
+
+    def ref_lin(prod, v):
+        y = v @ prod.base_layer.weight.double().T
+        for t, i in enumerate(index):
+            if i:
+                a, b = adapters[(id(prod), ids.index(i))]
+                y[t] += (v[t] @ a.double().T) @ b.double().T
+        return y
+
+    h, residual = x.double(), x.double()
+    for i, layer in enumerate(model.layers):
+        n_in = layer.input_layernorm
+        n_in = n_in.norm if isinstance(n_in, NF.LoRAAddRMSNorm) else n_in
+        h = ref_norm(residual, n_in) if i else ref_norm(h, n_in)
+        residual = residual + ref_lin(layer.self_attn.o_proj, h)
+        pn = layer.post_attention_layernorm
+        h = ref_norm(residual, pn.norm if isinstance(pn, NF.LoRAAddRMSNorm) else pn)
+        residual = residual + ref_lin(layer.mlp.down_proj, torch.nn.functional.silu(h))
+    fn = model.norm.norm if isinstance(model.norm, NF.LoRAAddRMSNorm) else model.norm
+    ref = ref_norm(residual, fn)
+    assert out.shape == (T, H)
+    err = float((out.double() - ref).norm() / ref.norm())
+    assert err < 1e-2, err
+    w.update_metadata(LoRAMapping((0,) * T, (0,) * T), ids, L, 32000)  # a step without adapter tokens
+    w.token_mapping_meta.no_lora_flag_cpu.fill_(True)
+    assert torch.isfinite(model(x)).all()
+
+
+def test_norms_that_keep_the_expand_say_why(NF):
+    class Other(torch.nn.Module):
+        pass
+
+    assert "the norm after it is Other" in NF.why_not_norm(Other())
+    assert "split kernels" in NF.why_not_layer(Other())
+
+    class M(torch.nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.layers, self.norm = torch.nn.ModuleList([cls()]), Other()
+
+    assert NF.pairs(M(Other)) == ([], ["decoder class Other"])
+    assert NF.attach(M(Other)) == 0

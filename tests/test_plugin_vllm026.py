@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,37 @@ def test_gemm_fusion_hooks_exist_in_vllm_026(vllm026: Path) -> None:
     linear = (vllm026 / "vllm" / "model_executor" / "layers" / "linear.py").read_text()
     for cls in G.BASE_LAYERS:
         assert f"class {cls}(" in linear, cls
+
+
+def test_act_and_norm_fusion_shapes_hold_in_vllm_026(vllm026: Path) -> None:
+    """act_fused.py and norm_fused.py replace modules by name and rely on the forward of vLLM's Llama / Qwen2
+    decoders: gate_up → act_fn → down_proj in the MLP, o_proj's output straight into the post-attention norm,
+    a layer's output (down_proj's) straight into the next layer's input norm or the model's final norm, and
+    the hook after LoRAModelManager._create_lora_modules; read from vLLM 0.26's source that this is so."""
+    from peftdeploy.vllm_plugin.lora_kernels import act_fused as A
+    from peftdeploy.vllm_plugin.lora_kernels import norm_fused as N
+
+    models = vllm026 / "vllm" / "model_executor" / "models"
+    for file, prefix in (("llama.py", "Llama"), ("qwen2.py", "Qwen2")):
+        src = (models / file).read_text()
+        assert f"{prefix}MLP" in A.MLP_CLASSES and f"{prefix}DecoderLayer" in N.DECODER_CLASSES
+        mlp = src[src.index(f"class {prefix}MLP("):]
+        mlp = mlp[mlp.index("    def forward("):][:400]
+        assert re.search(r"(\w+), _ = self\.gate_up_proj\(x\)\n\s+x = self\.act_fn\(\1\)\n\s+x, _ = self\.down_proj\(x\)",
+                         mlp), (file, mlp)
+        dec = src[src.index(f"class {prefix}DecoderLayer("):]
+        dec = dec[dec.index("    def forward("):][:1200]
+        for line in ("hidden_states, residual = self.input_layernorm(hidden_states, residual)",
+                     "hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)",
+                     "hidden_states = self.mlp(hidden_states)\n        return hidden_states, residual"):
+            assert line in dec, (file, line)
+        assert "output, _ = self.o_proj(attn_output)\n        return output" in src, file
+        model = src[src.index(f"class {prefix}Model("):]
+        model = model[model.index("    def forward("):][:2500]
+        assert "hidden_states, _ = self.norm(hidden_states, residual)" in model, file
+        assert "islice(self.layers, self.start_layer, self.end_layer)" in model, file
+    norm = (vllm026 / "vllm" / "model_executor" / "layers" / "layernorm.py").read_text()
+    rms = norm[norm.index("class RMSNorm("):norm.index("class GemmaRMSNorm(")]
+    for attr in ("self.variance_epsilon = eps", "self.variance_size_override", "self.has_weight = has_weight"):
+        assert attr in rms, attr
+    assert "def _create_lora_modules(self)" in (vllm026 / "vllm" / "lora" / "model_manager.py").read_text()

@@ -174,7 +174,8 @@ def attach(model: torch.nn.Module) -> int:
 
 
 def install() -> bool:
-    """Attach the fused activation when vLLM has made a model's LoRA layers (LoRAModelManager). Idempotent."""
+    """Attach the fused activation (and norm_fused's norms) when vLLM has made a model's LoRA layers
+    (LoRAModelManager), each when its switch is on. Idempotent."""
     from vllm.lora.model_manager import LoRAModelManager
 
     if getattr(LoRAModelManager, "_pd_act_fused", False):
@@ -187,8 +188,12 @@ def install() -> bool:
 
     def _create_lora_modules(self: Any) -> None:
         orig(self)
+        from . import norm_fused
+
         if enabled():
             attach(self.model)
+        if norm_fused.enabled():
+            norm_fused.attach(self.model)
 
     LoRAModelManager._create_lora_modules = _create_lora_modules
     LoRAModelManager._pd_act_fused = True

@@ -84,25 +84,40 @@ def _silu_fake(wide: torch.Tensor, lora_b: list[torch.Tensor], tiles: list[torch
     return wide.new_empty((wide.shape[0], inter))
 
 
+def _norm_impl(wide: torch.Tensor, residual: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor,
+               mapping: torch.Tensor, mapped: torch.Tensor, no_lora: torch.Tensor, eps: float, rank: int,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .norm_fused import lora_add_rms_norm
+
+    return lora_add_rms_norm(wide, residual, lora_b, weight, eps, mapping, mapped, rank, scale,
+                             no_lora=bool(no_lora.item()))
+
+
+def _norm_fake(wide: torch.Tensor, residual: torch.Tensor, lora_b: torch.Tensor, weight: torch.Tensor,
+               mapping: torch.Tensor, mapped: torch.Tensor, no_lora: torch.Tensor, eps: float, rank: int,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(residual), torch.empty_like(residual)
+
+
+_OPS = (("lora_linear", _impl, _fake, ["y"]), ("lora_gemm", _gemm_impl, _gemm_fake, ()),
+        ("lora_silu_mul", _silu_impl, _silu_fake, ()), ("lora_add_rms_norm", _norm_impl, _norm_fake, ()))
+
+
 def register_op() -> Any:
     """Define ``torch.ops.peftdeploy.lora_linear`` (split kernels, in place), ``lora_gemm`` (the shrink in
-    the base GEMM, see gemm_fused.py) and ``lora_silu_mul`` (gate_up's expand in the activation, see
-    act_fused.py) once per process (CUDA and, for tests, CPU)."""
+    the base GEMM, see gemm_fused.py), ``lora_silu_mul`` (gate_up's expand in the activation, see
+    act_fused.py) and ``lora_add_rms_norm`` (o / down's expand in the next norm, see norm_fused.py) once
+    per process (CUDA and, for tests, CPU)."""
     global _LIB
     if _LIB is None:
         from torch.library import Library, infer_schema
 
         lib = Library("peftdeploy", "FRAGMENT")
-        lib.define("lora_linear" + infer_schema(_impl, mutates_args=["y"]))
-        lib.define("lora_gemm" + infer_schema(_gemm_impl, mutates_args=()))
-        lib.define("lora_silu_mul" + infer_schema(_silu_impl, mutates_args=()))
-        for dev in ("CUDA", "CPU"):
-            lib.impl("lora_linear", _impl, dev)
-            lib.impl("lora_gemm", _gemm_impl, dev)
-            lib.impl("lora_silu_mul", _silu_impl, dev)
-        torch.library.register_fake("peftdeploy::lora_linear", _fake, lib=lib)
-        torch.library.register_fake("peftdeploy::lora_gemm", _gemm_fake, lib=lib)
-        torch.library.register_fake("peftdeploy::lora_silu_mul", _silu_fake, lib=lib)
+        for name, impl, fake, mutates in _OPS:
+            lib.define(name + infer_schema(impl, mutates_args=mutates))
+            for dev in ("CUDA", "CPU"):
+                lib.impl(name, impl, dev)
+            torch.library.register_fake(f"peftdeploy::{name}", fake, lib=lib)
         _LIB = lib
     return torch.ops.peftdeploy.lora_linear
 
@@ -135,7 +150,7 @@ def _make_class() -> type:
             if self._pd_fuse_gemm:
                 from . import act_fused
 
-                act_fused.install()  # its MLPs are patched when PEFTDEPLOY_LORA_ACT_FUSE=1
+                act_fused.install()  # its MLPs / norms are patched when PEFTDEPLOY_LORA_{ACT,NORM}_FUSE=1
             self._pd_meta = StepMetadata(max_num_batched_tokens, self.max_loras, device,
                                          {"token": self.token_mapping_meta, "prompt": self.prompt_mapping_meta})
 
@@ -193,6 +208,15 @@ def _make_class() -> type:
                                                       self._pd_meta.layout.nl,
                                                       self.token_mapping_meta.no_lora_flag_cpu, inter, max_loras,
                                                       rank, 1.0)
+
+        def add_lora_rms_norm(self, wide: torch.Tensor, residual: torch.Tensor, lora_b: torch.Tensor,
+                              weight: torch.Tensor, eps: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """(normalised, residual) of vLLM's fused_add_rms_norm after a row-parallel layer that returned
+            its GEMM's wide output, its LoRA expand included (norm_fused.py)."""
+            return torch.ops.peftdeploy.lora_add_rms_norm(wide, residual, lora_b, weight,
+                                                          self.token_mapping_meta.token_lora_mapping,
+                                                          self._pd_meta.tiles[0][-1:],
+                                                          self.token_mapping_meta.no_lora_flag_cpu, eps, rank, 1.0)
 
     PunicaWrapperPeftdeployGPU.__module__ = __name__
     PunicaWrapperPeftdeployGPU.__qualname__ = "PunicaWrapperPeftdeployGPU"
